@@ -1,0 +1,82 @@
+r"""Pictures of a run: pseudo-label panels (image | static | dynamic | hybrid | ground truth) in the
+Cityscapes palette, and curves of target mIoU and pseudo-label coverage over training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Cityscapes train-id colours (cityscapesScripts); ignore (255) is black.
+PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+], dtype=np.uint8)
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 in the Cityscapes palette (ignore and unknown ids black)."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(PALETTE)] = PALETTE
+    return lut[np.asarray(labels).clip(0, 255).astype(np.uint8)]
+
+
+def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, *, min_height: int = 128) -> Path:
+    """Save a panel, one row per image: image | static | dynamic | hybrid | ground truth.
+
+    Each row is a dict with ``image`` (H, W, 3) uint8 and ``static``, ``dynamic``, ``hybrid``, ``gt``
+    (H, W) train ids. Small images are enlarged (nearest) to ``min_height`` so the labels stay readable.
+    """
+    titles = ("image", "static", "dynamic", "hybrid", "ground truth")
+    tiles = []
+    for row in rows:
+        cells = [row["image"]] + [colorize(row[k]) for k in ("static", "dynamic", "hybrid", "gt")]
+        tiles.append(np.concatenate([np.pad(c, ((0, 0), (0, 4), (0, 0)), constant_values=255) for c in cells], 1))
+    grid = np.concatenate([np.pad(t, ((0, 4), (0, 0), (0, 0)), constant_values=255) for t in tiles], 0)
+    scale = max(1, int(np.ceil(min_height / rows[0]["image"].shape[0])))
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    header = Image.new("RGB", (image.width, 14), "white")
+    draw = ImageDraw.Draw(header)
+    cell_w = (rows[0]["image"].shape[1] + 4) * scale
+    for i, title in enumerate(titles):
+        draw.text((i * cell_w + 2, 1), title, fill="black")
+    out = Image.new("RGB", (image.width, image.height + 14), "white")
+    out.paste(header, (0, 0))
+    out.paste(image, (0, 14))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return path
+
+
+def training_curves(history: dict[str, list], path: str | Path) -> Path:
+    """Plot target mIoU (per evaluation) and pseudo-label coverage (per logged step) against iterations.
+
+    ``history`` holds ``eval_iter``/``eval_miou`` and ``log_iter``/``coverage_static``/``coverage_hybrid``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(history.get("eval_iter", []), history.get("eval_miou", []), "o-")
+    ax1.set_xlabel("iteration (stage 1 + stage 2)")
+    ax1.set_ylabel("target val mIoU (%)")
+    ax1.grid(alpha=0.3)
+    for key, name in (("coverage_static", "static"), ("coverage_dynamic", "dynamic"), ("coverage_hybrid", "hybrid")):
+        if history.get(key):
+            ax2.plot(history["log_iter"], history[key], label=name)
+    ax2.set_xlabel("adaptation iteration")
+    ax2.set_ylabel("labelled target pixels (%)")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,272 @@
+r"""The orchestrator: one call per training step of bi-directional contrastive adaptation.
+
+:class:`BidirectionalContrast` runs the method's step (the protocl method spec, §3 "Orchestrator") in order:
+
+1. :math:`p_S` ← MAP(:math:`f_S, y_S`) per image;
+2. :math:`p_{S\to T}` ← calibrate(:math:`p_S, \mu_S, \mu_T`) with the EMAs of earlier steps;
+3. :math:`y_D` ← dynamic_pseudo_label(:math:`f_T, p_{S\to T}`);
+4. :math:`y_T` ← hybrid_fuse(:math:`y_F, y_D`);
+5. :math:`p_T` ← MAP(:math:`f_T, y_T`);
+6. loss = :math:`\lambda_{FCL}` fcl(:math:`f_T, p_S, y_T`) + :math:`\lambda_{BCL}` bcl(:math:`f_S, p_T, y_S`);
+7. :math:`\mu_S` ← EMA(:math:`p_S`), :math:`\mu_T` ← EMA(:math:`p_T`) (detached).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import (
+    IGNORE_INDEX,
+    check_choice,
+    check_dim_size,
+    check_ignore_index,
+    check_int,
+    check_label_values,
+    check_positive,
+    check_range,
+    check_real,
+    check_same_device,
+)
+from .calibration import domain_bias_calibrate
+from .contrastive import ABSENT_MODES, AT_MODES, EPS, _presence, contrastive_terms
+from .prototypes import PrototypeEMA, check_features_labels, divide_counts, pool_sums, resize_to_features
+from .pseudo_labels import FUSE_MODES, dynamic_pseudo_label, hybrid_fuse
+from .resize import RESIZE_MODES
+from ._reduction import reduce_loss
+
+__all__ = ["BidirectionalContrast", "StepOutput"]
+
+
+class StepOutput(NamedTuple):
+    """What :class:`BidirectionalContrast` returns for one step.
+
+    - ``loss``: :math:`\\lambda_{FCL}` FCL + :math:`\\lambda_{BCL}` BCL, a scalar in the graph.
+    - ``fcl``, ``bcl``: the two unweighted terms (in the graph).
+    - ``target_labels``: hybrid labels :math:`y_T` ``(B, H, W)`` at the static labels' size: use them for the
+      target cross-entropy.
+    - ``dynamic_labels``: :math:`y_D` ``(B, H, W)`` at the static labels' size (all ignore when dynamic labels
+      are off).
+    - ``stats``: detached scalar tensors (coverages, agreement, class counts); no host sync.
+    """
+
+    loss: Tensor
+    fcl: Tensor
+    bcl: Tensor
+    target_labels: Tensor
+    dynamic_labels: Tensor
+    stats: Dict[str, Tensor]
+
+
+class BidirectionalContrast(nn.Module):
+    r"""One training step of bi-directional prototype contrast (FCL + BCL) with hybrid target labels.
+
+    Holds the hyper-parameters and two :class:`~protocl.PrototypeEMA` (``source_ema``, ``target_ema``); its
+    ``forward`` runs the seven steps of the module docstring and returns a :class:`StepOutput`:
+
+    .. math::
+        \mathcal{L} = \lambda_{FCL}\, \ell(f_T, p_S, y_T) + \lambda_{BCL}\, \ell(f_S, p_T, y_S)
+
+    with :math:`\ell` = :func:`~protocl.pixel_prototype_contrastive_loss`, :math:`p_S, p_T` per-image prototypes,
+    :math:`y_T` = hybrid_fuse(:math:`y_F`, dynamic labels of :math:`f_T` against calibrated :math:`p_S`).
+
+    ``release_compatible=True`` reproduces the authors' loss numbers (the protocl method spec, §6): absent
+    prototypes at cosine −1 (``absent="min_similarity"``), loss at label resolution (``at="label"``), the FCL
+    class weight :func:`~protocl.overlap_class_weight`, and the batch loss as the mean over (source, target) pairs
+    of each pair's loss. It overrides ``absent`` and ``at``.
+
+    Args:
+        num_classes: K.
+        dim: D, channels of the contrast features.
+        fcl_weight: :math:`\lambda_{FCL}` (paper grid {0.1, 0.3, 0.5, 0.7}).
+        bcl_weight: :math:`\lambda_{BCL}`.
+        temperature: :math:`\tau` of both losses.
+        momentum: EMA momentum :math:`\lambda` of both prototype EMAs.
+        threshold: cosine threshold of the dynamic labels.
+        fuse: ``"fill"`` | ``"agree"`` | ``"dynamic_first"`` (:func:`~protocl.hybrid_fuse`).
+        absent: ``"mask"`` | ``"min_similarity"`` (see the loss).
+        at: ``"feature"`` | ``"label"`` (see the loss).
+        calibrate: shift source prototypes by the EMA domain bias before the dynamic labels (step 2).
+        dynamic: compute dynamic labels and fuse them (steps 2-4); False uses the static labels as :math:`y_T`.
+        ignore_index: the ignore label.
+        resize: label resize to the feature grid for pooling and ``at="feature"``: ``"nearest"`` | ``"purity"``.
+        sync: synchronise the EMAs across ranks when ``torch.distributed`` is initialised.
+        release_compatible: the authors' loss settings (above).
+        detach_prototypes: stop gradients into the prototypes of the loss (they flow by default, as in the
+            release).
+
+    Shape:
+        - source_features, target_features: :math:`(B, D, h, w)` (the two grids may differ)
+        - source_labels, static_labels: :math:`(B, H, W)` int64 (sizes may differ)
+
+    Example:
+        >>> step = BidirectionalContrast(num_classes=4, dim=8)
+        >>> f_s = torch.randn(2, 8, 6, 6, requires_grad=True); f_t = torch.randn(2, 8, 6, 6, requires_grad=True)
+        >>> y_s = torch.randint(0, 4, (2, 24, 24)); y_f = torch.randint(0, 4, (2, 24, 24))
+        >>> out = step(f_s, y_s, f_t, y_f)
+        >>> out.loss.backward()
+        >>> out.target_labels.shape, bool(step.source_ema.initialized.all())
+        (torch.Size([2, 24, 24]), True)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        fcl_weight: float = 0.1,
+        bcl_weight: float = 0.1,
+        temperature: float = 0.1,
+        momentum: float = 0.999,
+        threshold: float = 0.7,
+        fuse: str = "fill",
+        absent: str = "mask",
+        at: str = "feature",
+        calibrate: bool = True,
+        dynamic: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        resize: str = "nearest",
+        sync: bool = True,
+        release_compatible: bool = False,
+        detach_prototypes: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.dim = check_int(dim, "dim", 1)
+        self.fcl_weight = check_real(fcl_weight, "fcl_weight")
+        self.bcl_weight = check_real(bcl_weight, "bcl_weight")
+        for name, value in (("fcl_weight", self.fcl_weight), ("bcl_weight", self.bcl_weight)):
+            if value < 0:
+                raise ValueError(f"{name}: expected a weight >= 0, got {value}")
+        self.temperature = check_positive(temperature, "temperature")
+        self.threshold = check_range(threshold, "threshold", -1.0, 1.0)
+        self.fuse = check_choice(fuse, "fuse", FUSE_MODES)
+        self.absent = check_choice(absent, "absent", ABSENT_MODES)
+        self.at = check_choice(at, "at", AT_MODES)
+        for name, flag in (
+            ("calibrate", calibrate), ("dynamic", dynamic), ("release_compatible", release_compatible),
+            ("detach_prototypes", detach_prototypes), ("sync", sync),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        self.calibrate = calibrate
+        self.dynamic = dynamic
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.resize = check_choice(resize, "resize", RESIZE_MODES)
+        self.release_compatible = release_compatible
+        self.detach_prototypes = detach_prototypes
+        if release_compatible:
+            self.absent, self.at = "min_similarity", "label"
+        self.source_ema = PrototypeEMA(self.num_classes, self.dim, momentum, sync=sync)
+        self.target_ema = PrototypeEMA(self.num_classes, self.dim, momentum, sync=sync)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, fcl_weight={self.fcl_weight}, "
+            f"bcl_weight={self.bcl_weight}, temperature={self.temperature}, threshold={self.threshold}, "
+            f"fuse={self.fuse!r}, absent={self.absent!r}, at={self.at!r}, calibrate={self.calibrate}, "
+            f"dynamic={self.dynamic}, release_compatible={self.release_compatible}"
+        )
+
+    # ------------------------------------------------------------------------------------------- pieces
+
+    def _pool(self, features: Tensor, labels: Tensor):
+        y = resize_to_features(labels, features, self.num_classes, self.ignore_index, self.resize, 0.75)
+        sums, counts = pool_sums(features, y, self.num_classes, None)
+        return divide_counts(sums, counts), counts
+
+    def _contrast(self, features, prototypes, labels, valid, class_weight) -> Tensor:
+        loss, weight = contrastive_terms(
+            features, prototypes, labels, valid, self.temperature, class_weight, self.absent, self.at,
+            self.ignore_index, self.resize, EPS, per_pixel=False,
+        )
+        if not self.release_compatible:
+            return reduce_loss(loss, "mean", weight)
+        # the release: mean over (source, target) pairs of each pair's weighted mean; an empty pair counts 0
+        num = loss.flatten(1).sum(1)
+        den = weight.flatten(1).sum(1)
+        return (num / torch.where(den > 0, den, torch.ones_like(den))).mean()
+
+    def calibrated(self, source_prototypes: Tensor) -> Tensor:
+        """Step 2: source prototypes shifted by the current EMA domain bias (no gradient into the EMAs)."""
+        return domain_bias_calibrate(source_prototypes, self.source_ema, self.target_ema)
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def forward(
+        self,
+        source_features: Tensor,
+        source_labels: Tensor,
+        target_features: Tensor,
+        static_labels: Tensor,
+        *,
+        update: bool = True,
+    ) -> StepOutput:
+        """Run one step; ``update=False`` skips step 7 (the EMA updates), e.g. for evaluation."""
+        check_features_labels(source_features, source_labels, "source_features", "source_labels")
+        check_features_labels(target_features, static_labels, "target_features", "static_labels")
+        check_same_device("source_features", source_features, "target_features", target_features)
+        check_dim_size(source_features, 1, self.dim, "source_features", "D, the dim of this module")
+        check_dim_size(target_features, 1, self.dim, "target_features", "D, the dim of this module")
+        if target_features.shape[0] != source_features.shape[0]:
+            raise ValueError(
+                f"target_features: expected batch size {source_features.shape[0]} (one target image per source "
+                f"image), got shape {tuple(target_features.shape)}"
+            )
+        K, ignore = self.num_classes, self.ignore_index
+        check_label_values(source_labels, K, ignore, "source_labels")
+        check_label_values(static_labels, K, ignore, "static_labels")
+        y_s, y_f = source_labels.long(), static_labels.long()
+
+        p_s, n_s = self._pool(source_features, y_s)  # 1
+        valid_s = n_s > 0
+        if self.dynamic:
+            anchors = p_s.detach()
+            if self.calibrate:
+                anchors = self.calibrated(anchors)  # 2
+            y_d = dynamic_pseudo_label(
+                target_features, anchors, valid=valid_s, threshold=self.threshold, ignore_index=ignore,
+                size=tuple(y_f.shape[-2:]),
+            )  # 3
+            y_t = hybrid_fuse(y_f, y_d, mode=self.fuse, ignore_index=ignore)  # 4
+        else:
+            y_d = torch.full_like(y_f, ignore)
+            y_t = y_f
+        p_t, n_t = self._pool(target_features, y_t)  # 5
+        valid_t = n_t > 0
+
+        fcl_weight = None
+        if self.release_compatible:
+            grid_s, grid_t = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
+            both = _presence(y_s, grid_s, K, ignore) & _presence(y_t, grid_t, K, ignore)
+            fcl_weight = both.to(p_s.dtype)
+        proto_s = p_s.detach() if self.detach_prototypes else p_s
+        proto_t = p_t.detach() if self.detach_prototypes else p_t
+        fcl = self._contrast(target_features, proto_s, y_t, valid_s, fcl_weight)  # 6
+        bcl = self._contrast(source_features, proto_t, y_s, valid_t, None)
+        loss = self.fcl_weight * fcl + self.bcl_weight * bcl
+
+        if update:  # 7
+            self.source_ema.update_from(p_s.detach(), n_s)
+            self.target_ema.update_from(p_t.detach(), n_t)
+        stats = _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore)
+        return StepOutput(loss, fcl, bcl, y_t, y_d, stats)
+
+
+def _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore) -> Dict[str, Tensor]:
+    labelled_f, labelled_d = y_f != ignore, y_d != ignore
+    both = labelled_f & labelled_d
+    agree = (both & (y_f == y_d)).sum()
+    n_both = both.sum()
+    return {
+        "fcl": fcl.detach(),
+        "bcl": bcl.detach(),
+        "static_coverage": labelled_f.float().mean(),
+        "dynamic_coverage": labelled_d.float().mean(),
+        "hybrid_coverage": (y_t != ignore).float().mean(),
+        "dynamic_static_agreement": agree.float() / n_both.clamp_min(1).float(),
+        "source_classes": valid_s.sum(-1).float().mean(),
+        "target_classes": valid_t.sum(-1).float().mean(),
+    }

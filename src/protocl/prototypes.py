@@ -1,0 +1,298 @@
+"""Class prototypes: masked average pooling of pixel features, and their exponential moving average.
+
+Spec (the protocl method spec, §3): ``masked_average_pool`` and ``PrototypeEMA``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._validation import (
+    IGNORE_INDEX,
+    _value_checks_active,
+    check_bool_tensor,
+    check_choice,
+    check_dim_size,
+    check_float_tensor,
+    check_ignore_index,
+    check_int,
+    check_label_tensor,
+    check_label_values,
+    check_range,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+)
+from .distributed import all_reduce_sum_, is_distributed
+from .resize import RESIZE_MODES, _resize_labels
+
+__all__ = ["PooledPrototypes", "masked_average_pool", "PrototypeEMA"]
+
+
+class PooledPrototypes(NamedTuple):
+    """Output of :func:`masked_average_pool`: ``prototypes`` (B, K, D) or (K, D) and ``counts`` (B, K) or (K,).
+
+    ``counts > 0`` is the validity mask of the prototypes.
+    """
+
+    prototypes: Tensor
+    counts: Tensor
+
+
+def no_autocast(t: Tensor):
+    """Context that turns autocast off on ``t``'s device, so protocl's maths runs in fp32/fp64."""
+    if t.device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def check_features_labels(features: Tensor, labels: Tensor, fname: str = "features", lname: str = "labels"):
+    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
+    check_label_tensor(labels, lname, (3,), "(B, H, W)")
+    check_same_device(fname, features, lname, labels)
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{lname}: expected batch size {features.shape[0]} (the batch of {fname} {tuple(features.shape)}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+
+
+def resize_to_features(
+    labels: Tensor, features: Tensor, num_classes: int, ignore_index: int, resize: str, min_purity: float
+) -> Tensor:
+    """Labels ``(B, H, W)`` -> ``(B, h, w)`` int64 on the feature grid of ``features`` ``(B, D, h, w)``."""
+    return _resize_labels(labels.long(), tuple(features.shape[-2:]), resize, num_classes, ignore_index, min_purity)
+
+
+def pool_sums(
+    features: Tensor, labels_hw: Tensor, num_classes: int, weights: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    r"""Per-image class sums :math:`\sum_p [y=k] w f` ``(B, K, D)`` and counts ``(B, K)``, in fp32/fp64.
+
+    One batched matrix product of the (weighted) class indicator ``(B, K, N)`` with the features ``(B, D, N)``.
+    Ignored pixels match no class, so they vanish from both.
+    """
+    dtype = compute_dtype(features)
+    f = rearrange(features.to(dtype), "b d h w -> b d (h w)")
+    classes = torch.arange(num_classes, device=labels_hw.device)
+    member = (rearrange(labels_hw, "b h w -> b 1 (h w)") == classes[None, :, None]).to(dtype)  # b k n
+    if weights is not None:
+        member = member * rearrange(weights.detach().to(dtype), "b h w -> b 1 (h w)")
+    with no_autocast(features):
+        sums = torch.einsum("bkn,bdn->bkd", member, f)
+    return sums, member.sum(-1)
+
+
+def divide_counts(sums: Tensor, counts: Tensor) -> Tensor:
+    """``sums / counts`` per class, 0 where the count is 0 (branch-free)."""
+    present = counts > 0
+    safe = torch.where(present, counts, torch.ones_like(counts))
+    return torch.where(present[..., None], sums / safe[..., None], torch.zeros_like(sums))
+
+
+def masked_average_pool(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    per_image: bool = True,
+    weights: Optional[Tensor] = None,
+    resize: str = "nearest",
+    min_purity: float = 0.75,
+) -> PooledPrototypes:
+    r"""Class prototypes as the masked average of pixel features (masked average pooling, MAP).
+
+    Labels are resized to the feature grid (nearest, the ``F.interpolate`` rule; or ``"purity"``). With
+    :math:`y(b, p)` the resized label and :math:`w(b, p) \ge 0` an optional pixel weight (default 1):
+
+    .. math::
+        n_{b,k} = \sum_p [y(b,p)=k]\, w(b,p), \qquad
+        \mathbf{p}_{b,k} = \frac{\sum_p [y(b,p)=k]\, w(b,p)\, \mathbf{f}(b,:,p)}{n_{b,k}}
+        \quad (\mathbf{0} \text{ when } n_{b,k} = 0)
+
+    ``per_image=False`` sums over the batch too (one prototype per class). Gradients flow into ``features``
+    only. Cost: one batched matrix product; no ``(B, K, D, h, w)`` temporary.
+
+    Args:
+        features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are pooled in fp32; fp64 stays fp64).
+        labels: ``Tensor[B, H, W]`` int64 class ids in ``[0, K)`` or ``ignore_index``.
+        num_classes: K.
+        ignore_index: label id of pixels that belong to no class.
+        per_image: one prototype per (image, class) if True, per class over the batch if False.
+        weights: optional non-negative pixel weights ``Tensor[B, h, w]`` (feature grid) or ``Tensor[B, H, W]``
+            (label grid, nearest-resized with the labels). Not differentiated.
+        resize: ``"nearest"`` or ``"purity"`` (see :func:`protocl.resize_labels`).
+        min_purity: purity threshold for ``resize="purity"``.
+
+    Returns:
+        ``PooledPrototypes(prototypes, counts)``: ``(B, K, D)`` and ``(B, K)`` (or ``(K, D)`` and ``(K,)``), in
+        fp32 (fp64 for fp64 features). ``counts > 0`` marks valid prototypes.
+
+    Shape:
+        - features: :math:`(B, D, h, w)`
+        - labels: :math:`(B, H, W)`
+        - prototypes: :math:`(B, K, D)`, or :math:`(K, D)` with ``per_image=False``
+        - counts: :math:`(B, K)`, or :math:`(K,)`
+
+    Example:
+        >>> f = torch.randn(2, 8, 5, 5, requires_grad=True)
+        >>> y = torch.randint(0, 3, (2, 17, 17))
+        >>> protos, counts = masked_average_pool(f, y, num_classes=3)
+        >>> protos.shape, counts.shape
+        (torch.Size([2, 3, 8]), torch.Size([2, 3]))
+        >>> protos.sum().backward()
+    """
+    check_features_labels(features, labels)
+    num_classes = check_int(num_classes, "num_classes", 1)
+    ignore_index = check_ignore_index(ignore_index)
+    if not isinstance(per_image, bool):
+        raise TypeError(f"per_image: expected a bool, got {type(per_image).__name__}")
+    check_choice(resize, "resize", RESIZE_MODES)
+    check_range(min_purity, "min_purity", 0.0, 1.0)
+    check_label_values(labels, num_classes, ignore_index, "labels")
+    y = resize_to_features(labels, features, num_classes, ignore_index, resize, min_purity)
+    w = None
+    if weights is not None:
+        w = _weights_on_grid(weights, features, labels)
+    sums, counts = pool_sums(features, y, num_classes, w)
+    if not per_image:
+        sums, counts = sums.sum(0), counts.sum(0)
+    return PooledPrototypes(divide_counts(sums, counts), counts)
+
+
+def _weights_on_grid(weights: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+    check_float_tensor(weights, "weights", (3,), "(B, h, w) or (B, H, W)")
+    check_same_device("features", features, "weights", weights)
+    B, _, h, w = features.shape
+    shape = tuple(weights.shape)
+    if shape not in ((B, h, w), (B,) + tuple(labels.shape[-2:])):
+        raise ValueError(
+            f"weights: expected shape {(B, h, w)} (feature grid) or {(B,) + tuple(labels.shape[-2:])} "
+            f"(label grid), got {shape}"
+        )
+    if _value_checks_active(weights) and bool((weights < 0).any()):
+        raise ValueError("weights: expected non-negative pixel weights, got a negative value")
+    if shape != (B, h, w):
+        from .resize import nearest_source_index
+
+        rows = nearest_source_index(h, weights.shape[1], weights.device)
+        cols = nearest_source_index(w, weights.shape[2], weights.device)
+        weights = weights.index_select(1, rows).index_select(2, cols)
+    return weights
+
+
+class PrototypeEMA(nn.Module):
+    r"""Exponential moving average of class prototypes, synchronised across ranks.
+
+    State (registered buffers, so ``.to()``, ``state_dict()`` and DDP handle it): ``prototypes`` ``(K, D)``
+    fp32 and ``initialized`` ``(K,)`` bool. Each ``update`` pools the batch prototype :math:`m_k` over the whole
+    batch (and over all ranks when ``torch.distributed`` is initialised and ``sync=True``: per-class sums and
+    counts are all-reduced before dividing), then, for every class with a count > 0:
+
+    .. math::
+        \mu_k \leftarrow \begin{cases} m_k & \text{first time class } k \text{ is seen} \\
+        \lambda \mu_k + (1 - \lambda)\, m_k & \text{otherwise} \end{cases}
+
+    with :math:`\lambda` = ``momentum`` (a fixed rate: never count-weighted). Classes with count 0 are untouched.
+    State changes only inside the ``@torch.no_grad()`` update methods; ``forward()`` returns the prototypes.
+
+    Args:
+        num_classes: K.
+        dim: D, the feature channels.
+        momentum: :math:`\lambda \in [0, 1)`; the paper's grid is {0.99, 0.999, 0.9999}.
+        sync: all-reduce sums and counts across ranks when distributed.
+
+    Shape:
+        - prototypes: :math:`(K, D)`; initialized: :math:`(K,)`
+
+    Example:
+        >>> ema = PrototypeEMA(num_classes=3, dim=8, momentum=0.9)
+        >>> ema.update(torch.randn(2, 8, 5, 5), torch.randint(0, 3, (2, 10, 10)))
+        >>> ema.prototypes.shape, ema.initialized.tolist()
+        (torch.Size([3, 8]), [True, True, True])
+    """
+
+    prototypes: Tensor
+    initialized: Tensor
+
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.999, *, sync: bool = True) -> None:
+        super().__init__()
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.dim = check_int(dim, "dim", 1)
+        self.momentum = check_range(momentum, "momentum", 0.0, 1.0, high_inclusive=False)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync: expected a bool, got {type(sync).__name__}")
+        self.sync = sync
+        self.register_buffer("prototypes", torch.zeros(self.num_classes, self.dim, dtype=torch.float32))
+        self.register_buffer("initialized", torch.zeros(self.num_classes, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, sync={self.sync}"
+
+    def forward(self) -> Tensor:
+        """Return the current prototypes ``(K, D)`` (a pure read)."""
+        return self.prototypes
+
+    @torch.no_grad()
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        resize: str = "nearest",
+        weights: Optional[Tensor] = None,
+    ) -> None:
+        """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` (pooled over the batch)."""
+        check_features_labels(features, labels)
+        check_dim_size(features, 1, self.dim, "features", "D, the channels of the EMA")
+        ignore_index = check_ignore_index(ignore_index)
+        check_choice(resize, "resize", RESIZE_MODES)
+        check_label_values(labels, self.num_classes, ignore_index, "labels")
+        y = resize_to_features(labels, features, self.num_classes, ignore_index, resize, 0.75)
+        w = None if weights is None else _weights_on_grid(weights, features, labels)
+        sums, counts = pool_sums(features.detach(), y, self.num_classes, w)
+        self._update_sums(sums.sum(0), counts.sum(0))
+
+    @torch.no_grad()
+    def update_from(self, prototypes: Tensor, counts: Tensor) -> None:
+        """Update from :func:`masked_average_pool` output: ``(B, K, D)`` + ``(B, K)`` or ``(K, D)`` + ``(K,)``.
+
+        Per-image rows are pooled by their counts (the same batch prototype as :meth:`update`).
+        """
+        check_float_tensor(prototypes, "prototypes", (2, 3), "(B, K, D) or (K, D)")
+        check_tensor(counts, "counts")
+        if counts.dtype == torch.bool or counts.is_complex():
+            raise TypeError(f"counts: expected a real (float or int) tensor of shape (B, K) or (K,), got {counts.dtype}")
+        check_same_device("prototypes", prototypes, "counts", counts)
+        check_dim_size(prototypes, -2, self.num_classes, "prototypes", "K, the classes of the EMA")
+        check_dim_size(prototypes, -1, self.dim, "prototypes", "D, the channels of the EMA")
+        if counts.shape != prototypes.shape[:-1]:
+            raise ValueError(
+                f"counts: expected shape {tuple(prototypes.shape[:-1])} to match prototypes "
+                f"{tuple(prototypes.shape)}, got {tuple(counts.shape)}"
+            )
+        dtype = compute_dtype(prototypes, counts)
+        c = counts.detach().to(dtype)
+        sums = prototypes.detach().to(dtype) * c[..., None]
+        if sums.ndim == 3:
+            sums, c = sums.sum(0), c.sum(0)
+        self._update_sums(sums, c)
+
+    def _update_sums(self, sums: Tensor, counts: Tensor) -> None:
+        check_same_device("prototypes (EMA buffer)", self.prototypes, "features", sums)
+        if self.sync and is_distributed():
+            packed = all_reduce_sum_(torch.cat([sums, counts[:, None]], dim=1).contiguous())
+            sums, counts = packed[:, :-1], packed[:, -1]
+        batch = divide_counts(sums, counts).to(self.prototypes.dtype)
+        seen = counts > 0
+        lam = self.momentum
+        blended = torch.where(self.initialized[:, None], lam * self.prototypes + (1.0 - lam) * batch, batch)
+        self.prototypes.copy_(torch.where(seen[:, None], blended, self.prototypes))
+        self.initialized.logical_or_(seen)

@@ -1,0 +1,198 @@
+"""Label resizing between the label grid (H×W) and the feature grid (h×w).
+
+``"nearest"`` reproduces ``F.interpolate(mode="nearest")`` bit for bit. For output index ``i`` it reads input
+index ``min(floor(i · s), in - 1)`` with ``s = in / out`` computed in **float32**, as PyTorch's kernels do. This is
+the spec's ``floor(i · H / h)`` except for the size pairs where the float32 scale rounds down and an exact multiple
+lands just below an integer (92 → 730 is one): there protocl follows ``F.interpolate``, so labels resized here
+match labels resized by a trainer with ``F.interpolate``, and the authors' release is reproduced exactly.
+
+``"purity"`` gives each feature cell the majority label of the label pixels it covers (the pixels that nearest
+upsampling from the feature grid maps to that cell), or ``ignore_index`` when that majority is below
+``min_purity`` of the cell's pixels (ignored pixels count in the cell's size) or the cell covers no pixel.
+Ties go to the lowest class id.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ._validation import (
+    IGNORE_INDEX,
+    check_choice,
+    check_int,
+    check_label_tensor,
+    check_label_values,
+    check_range,
+    check_size2,
+)
+
+__all__ = ["resize_labels", "nearest_source_index", "label_histogram"]
+
+RESIZE_MODES = ("nearest", "purity")
+
+
+def nearest_source_index(out_size: int, in_size: int, device=None) -> Tensor:
+    r"""Input index read by each output index under ``F.interpolate(mode="nearest")``.
+
+    .. math::
+        \text{src}(i) = \min(\lfloor i \cdot \text{fl}_{32}(\text{in}/\text{out}) \rfloor, \text{in} - 1)
+
+    with the product and the scale in float32, exactly as PyTorch's CPU and CUDA kernels compute it.
+
+    Args:
+        out_size: length of the resized axis.
+        in_size: length of the original axis.
+        device: device of the returned tensor.
+
+    Returns:
+        ``Tensor[out_size]`` int64 of indices into the original axis.
+
+    Example:
+        >>> nearest_source_index(4, 8)
+        tensor([0, 2, 4, 6])
+        >>> nearest_source_index(5, 2)
+        tensor([0, 0, 0, 1, 1])
+    """
+    out_size = check_int(out_size, "out_size", 1)
+    in_size = check_int(in_size, "in_size", 1)
+    i = torch.arange(out_size, device=device)
+    if out_size == in_size:
+        return i
+    if out_size == 2 * in_size:
+        return i // 2
+    scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
+    src = (i.to(torch.float32) * scale).floor().to(torch.int64)
+    return src.clamp_max(in_size - 1)
+
+
+def _cell_index(label_size: Tuple[int, int], grid_size: Tuple[int, int], device) -> Tensor:
+    """For every label pixel, the flat index of the feature cell that nearest upsampling reads: ``(H, W)``."""
+    (H, W), (h, w) = label_size, grid_size
+    rows = nearest_source_index(H, h, device)  # label row -> feature row
+    cols = nearest_source_index(W, w, device)
+    return rows[:, None] * w + cols[None, :]
+
+
+def _coverage(src: Tensor, n: int) -> Tensor:
+    """How many label rows (or columns) each of ``n`` feature rows covers: ``Tensor[n]`` float32."""
+    ones = torch.ones(src.numel(), dtype=torch.float32, device=src.device)
+    return torch.zeros(n, dtype=torch.float32, device=src.device).index_add_(0, src, ones)
+
+
+def label_histogram(
+    labels: Tensor,
+    size: Tuple[int, int],
+    num_classes: int,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    r"""Per-cell class histogram: how many label pixels of each class each feature cell covers.
+
+    Label pixel :math:`(I, J)` belongs to the cell :math:`(\text{src}_h(I), \text{src}_w(J))` that nearest
+    upsampling of an ``(h, w)`` map to ``(H, W)`` would read (see :func:`nearest_source_index`); so a sum over
+    cells weighted by this histogram equals a sum over label pixels of nearest-upsampled values, without
+    materialising anything at ``(H, W)`` per class. Ignored pixels are not counted.
+
+    Args:
+        labels: ``Tensor[B, H, W]`` int64 class ids (``ignore_index`` allowed).
+        size: the feature grid ``(h, w)``.
+        num_classes: K.
+        ignore_index: label id that is not counted.
+
+    Returns:
+        ``Tensor[B, K, h, w]`` float32 counts.
+
+    Example:
+        >>> y = torch.tensor([[[0, 0, 1, 255]]])
+        >>> label_histogram(y, (1, 2), 2)[0, :, 0]
+        tensor([[2., 0.],
+                [0., 1.]])
+    """
+    check_label_tensor(labels, "labels", (3,), "(B, H, W)")
+    num_classes = check_int(num_classes, "num_classes", 1)
+    h, w = check_size2(size, "size")
+    check_label_values(labels, num_classes, ignore_index, "labels")
+    return _label_histogram(labels.long(), (h, w), num_classes, ignore_index)
+
+
+def _label_histogram(labels: Tensor, size: Tuple[int, int], num_classes: int, ignore_index: int) -> Tensor:
+    B, H, W = labels.shape
+    h, w = size
+    cell = _cell_index((H, W), (h, w), labels.device)  # (H, W)
+    cls = torch.where(labels == ignore_index, num_classes, labels)  # ignore -> extra bin K
+    # flat target index: b (K+1) h w  <-  b, class, cell
+    flat = (torch.arange(B, device=labels.device)[:, None, None] * (num_classes + 1) + cls) * (h * w) + cell
+    hist = torch.zeros(B * (num_classes + 1) * h * w, dtype=torch.float32, device=labels.device)
+    hist.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.float32, device=labels.device))
+    hist = rearrange(hist, "(b k h w) -> b k h w", b=B, k=num_classes + 1, h=h, w=w)
+    return hist[:, :num_classes]
+
+
+def resize_labels(
+    labels: Tensor,
+    size: Tuple[int, int],
+    *,
+    mode: str = "nearest",
+    num_classes: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    min_purity: float = 0.75,
+) -> Tensor:
+    r"""Resize a label map to ``size`` by nearest neighbour (``F.interpolate`` rule) or by cell purity.
+
+    Args:
+        labels: ``Tensor[B, H, W]`` integer class ids.
+        size: target ``(h, w)``.
+        mode: ``"nearest"`` or ``"purity"`` (see the module docstring).
+        num_classes: K; required by ``"purity"``.
+        ignore_index: label id of ignored pixels.
+        min_purity: for ``"purity"``, the share of a cell's pixels the majority class needs, in ``[0, 1]``.
+
+    Returns:
+        ``Tensor[B, h, w]`` int64.
+
+    Shape:
+        - labels: :math:`(B, H, W)`
+        - output: :math:`(B, h, w)`
+
+    Example:
+        >>> y = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 255]]])
+        >>> resize_labels(y, (1, 2))
+        tensor([[[0, 1]]])
+        >>> resize_labels(y, (1, 2), mode="purity", num_classes=2, min_purity=0.9)
+        tensor([[[  0, 255]]])
+    """
+    check_label_tensor(labels, "labels", (3,), "(B, H, W)")
+    size = check_size2(size, "size")
+    check_choice(mode, "mode", RESIZE_MODES)
+    if mode == "purity":
+        if num_classes is None:
+            raise ValueError("num_classes: expected an int >= 1 for mode='purity', got None")
+        check_int(num_classes, "num_classes", 1)
+        check_range(min_purity, "min_purity", 0.0, 1.0)
+        check_label_values(labels, num_classes, ignore_index, "labels")
+    return _resize_labels(labels.long(), size, mode, num_classes, ignore_index, min_purity)
+
+
+def _resize_labels(
+    labels: Tensor, size: Tuple[int, int], mode: str, num_classes, ignore_index: int, min_purity: float
+) -> Tensor:
+    B, H, W = labels.shape
+    h, w = size
+    if mode == "nearest":
+        if (H, W) == (h, w):
+            return labels
+        rows = nearest_source_index(h, H, labels.device)
+        cols = nearest_source_index(w, W, labels.device)
+        return labels.index_select(1, rows).index_select(2, cols)
+    hist = _label_histogram(labels, (h, w), num_classes, ignore_index)  # (B, K, h, w)
+    # pixels per cell, ignored ones included: separable product of row and column coverage
+    rows = _coverage(nearest_source_index(H, h, labels.device), h)
+    cols = _coverage(nearest_source_index(W, w, labels.device), w)
+    cell_size = rows[:, None] * cols[None, :]  # (h, w)
+    top, arg = hist.max(dim=1)  # (B, h, w)
+    pure = (top > 0) & (top >= min_purity * cell_size)
+    return torch.where(pure, arg, torch.full_like(arg, ignore_index))

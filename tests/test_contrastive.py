@@ -1,0 +1,329 @@
+r"""Pixel-prototype contrastive loss (spec section 3) against the float64 loop reference."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import reference as ref
+from protocl import (
+    PixelPrototypeContrastiveLoss,
+    bcl_loss,
+    fcl_loss,
+    masked_average_pool,
+    overlap_class_weight,
+    pixel_prototype_contrastive_loss,
+)
+
+B, K, D = 2, 5, 3
+GRID, LABEL = (3, 4), (7, 9)  # non-integer ratios both ways
+
+
+def _inputs(b_n=B, k_n=K, dim=D, grid=GRID, label=LABEL, dtype=torch.float64, present=None):
+    feats = torch.randn(b_n, dim, *grid, dtype=dtype)
+    protos = torch.randn(b_n, k_n, dim, dtype=dtype)
+    labels = ref.random_labels(b_n, *label, k_n, present=present)
+    return feats, protos, labels
+
+
+def _close(got, expected, rtol=1e-9, atol=1e-11):
+    expected = torch.as_tensor(np.asarray(expected), dtype=torch.float64)
+    torch.testing.assert_close(got.detach().cpu().double(), expected, rtol=rtol, atol=atol)
+
+
+def _configs():
+    r"""(prototype layout, valid layout, class_weight layout) combinations, all of them."""
+    return list(itertools.product(["batch", "shared"], [None, "k", "bk"], [None, "k", "bk"]))
+
+
+def _make(layout, feats, protos, gen):
+    proto, valid, weight = layout
+    p = protos if proto == "batch" else protos[0]
+    v = None
+    if valid == "k":
+        v = torch.rand(K, generator=gen) > 0.3
+        v[1] = False
+    elif valid == "bk":
+        v = torch.rand(B, K, generator=gen) > 0.3
+        v[:, 2] = False
+    w = None
+    if weight == "k":
+        w = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    elif weight == "bk":
+        w = torch.rand(B, K, generator=gen, dtype=torch.float64)
+        w[0, 0] = 0.0
+    return p, v, w
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("at", ["feature", "label"])
+@pytest.mark.parametrize("absent", ["mask", "min_similarity"])
+def test_matches_reference(absent, at, reduction, device):
+    gen = torch.Generator().manual_seed(1)
+    feats, protos, labels = _inputs()
+    for layout in _configs():
+        p, v, w = _make(layout, feats, protos, gen)
+        kw = dict(valid=v, class_weight=w, temperature=0.2, absent=absent, at=at, reduction=reduction)
+        dev = {k: (x.to(device) if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
+        got = pixel_prototype_contrastive_loss(feats.to(device), p.to(device), labels.to(device), **dev)
+        expected = ref.contrastive_loss(feats, p, labels, **kw)
+        if reduction == "none":
+            assert got.shape == ((B, *GRID) if at == "feature" else (B, *LABEL)), layout
+        else:
+            assert got.shape == (), layout
+        assert got.dtype == torch.float64
+        _close(got, expected)
+
+
+@pytest.mark.parametrize("at", ["feature", "label"])
+def test_downsampled_and_upsampled_labels(at):
+    for grid, label in [((6, 5), (3, 2)), ((4, 4), (16, 16)), ((5, 7), (5, 7)), ((2, 9), (13, 4))]:
+        feats, protos, labels = _inputs(grid=grid, label=label)
+        got = pixel_prototype_contrastive_loss(feats, protos, labels, at=at, absent="min_similarity")
+        _close(got, ref.contrastive_loss(feats, protos, labels, at=at, absent="min_similarity"))
+
+
+def test_purity_resize_matches_reference():
+    feats, protos, _ = _inputs(grid=(4, 4))
+    labels = ref.blocky_labels(B, 12, 12, K, block=3)
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, resize="purity")
+    _close(got, ref.contrastive_loss(feats, protos, labels, resize="purity"))
+
+
+def test_label_equals_feature_when_sizes_match():
+    feats, protos, labels = _inputs(grid=(5, 6), label=(5, 6))
+    for absent in ("mask", "min_similarity"):
+        a = pixel_prototype_contrastive_loss(feats, protos, labels, at="feature", absent=absent, reduction="none")
+        b = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent=absent, reduction="none")
+        torch.testing.assert_close(a, b)
+
+
+def test_fcl_and_bcl_are_the_named_directions():
+    feats, protos, labels = _inputs()
+    valid = torch.tensor([True, False, True, True, False])
+    weight = torch.rand(K, dtype=torch.float64)
+    kw = dict(valid=valid, class_weight=weight, temperature=0.3, absent="min_similarity", at="label")
+    general = pixel_prototype_contrastive_loss(feats, protos, labels, **kw)
+    torch.testing.assert_close(fcl_loss(feats, protos, labels, **kw), general)
+    torch.testing.assert_close(bcl_loss(feats, protos, labels, **kw), general)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_module_equals_function(reduction):
+    feats, protos, labels = _inputs()
+    valid = torch.rand(B, K) > 0.4
+    weight = torch.rand(B, K, dtype=torch.float64)
+    kw = dict(temperature=0.5, absent="min_similarity", at="label", reduction=reduction)
+    crit = PixelPrototypeContrastiveLoss(**kw)
+    torch.testing.assert_close(crit(feats, protos, labels, valid=valid, class_weight=weight),
+                               pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid,
+                                                                class_weight=weight, **kw))
+
+
+@pytest.mark.parametrize("at", ["feature", "label"])
+@pytest.mark.parametrize("case", ["all_ignored", "no_valid_prototype", "zero_class_weight"])
+def test_empty_mean_is_zero_with_zero_grads(case, at):
+    feats, protos, labels = _inputs()
+    feats.requires_grad_(True)
+    protos.requires_grad_(True)
+    kw = dict(at=at)
+    if case == "all_ignored":
+        labels = torch.full_like(labels, 255)
+    elif case == "no_valid_prototype":
+        kw["valid"] = torch.zeros(K, dtype=torch.bool)
+    else:
+        kw["class_weight"] = torch.zeros(K, dtype=torch.float64)
+    loss = pixel_prototype_contrastive_loss(feats, protos, labels, **kw)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert torch.all(feats.grad == 0) and torch.all(protos.grad == 0)
+
+
+def test_all_ignored_none_and_sum_are_zero():
+    feats, protos, labels = _inputs()
+    labels = torch.full_like(labels, 255)
+    assert torch.all(pixel_prototype_contrastive_loss(feats, protos, labels, reduction="none") == 0)
+    assert pixel_prototype_contrastive_loss(feats, protos, labels, reduction="sum").item() == 0.0
+
+
+def test_mean_is_class_weighted_mean():
+    # F.cross_entropy semantics: mean = sum(w_y l) / sum(w_y); scaling all class weights leaves it unchanged
+    feats, protos, labels = _inputs()
+    weight = torch.rand(K, dtype=torch.float64) + 0.1
+    m1 = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=weight)
+    m3 = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=3 * weight)
+    s1 = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=weight, reduction="sum")
+    s3 = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=3 * weight, reduction="sum")
+    torch.testing.assert_close(m1, m3)
+    torch.testing.assert_close(s3, 3 * s1)
+
+
+def test_mean_over_feature_cells_matches_cross_entropy():
+    # at="feature", sizes equal: the loss is F.cross_entropy of the cosine logits (independent formulation)
+    feats, protos, labels = _inputs(grid=(4, 5), label=(4, 5))
+    weight = torch.rand(K, dtype=torch.float64)
+    cos = torch.einsum("bdhw,bkd->bkhw", torch.nn.functional.normalize(feats, dim=1),
+                       torch.nn.functional.normalize(protos, dim=2))
+    expected = torch.nn.functional.cross_entropy(cos / 0.1, labels, weight=weight, ignore_index=255)
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=weight)
+    torch.testing.assert_close(got, expected)
+
+
+def test_one_class_only_and_class_zero():
+    feats, protos, _ = _inputs()
+    labels = torch.zeros(B, *LABEL, dtype=torch.int64)
+    for absent in ("mask", "min_similarity"):
+        got = pixel_prototype_contrastive_loss(feats, protos, labels, absent=absent)
+        assert got.item() > 0  # class 0 pixels do contribute
+        _close(got, ref.contrastive_loss(feats, protos, labels, absent=absent))
+    # a single valid prototype under "mask": the softmax has one entry, the loss is exactly 0
+    valid = torch.zeros(K, dtype=torch.bool)
+    valid[0] = True
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid)
+    assert abs(got.item()) < 1e-12
+
+
+def test_single_class_model():
+    feats, protos, _ = _inputs(k_n=1)
+    labels = torch.zeros(B, *LABEL, dtype=torch.int64)
+    got = pixel_prototype_contrastive_loss(feats, protos, labels)
+    assert abs(got.item()) < 1e-12
+
+
+def test_absent_modes_differ_as_specified():
+    feats, protos, labels = _inputs(present=[0, 1, 2])
+    valid = torch.tensor([True, True, False, False, False])
+    mask = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, reduction="none")
+    minsim = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, absent="min_similarity",
+                                              reduction="none")
+    y = torch.from_numpy(ref.resize_nearest(labels, GRID))
+    assert torch.all(mask[y == 2] == 0)  # class without prototype: no contribution under "mask"
+    assert torch.all(minsim[y == 2] > 0)  # ... but contributes under "min_similarity"
+
+
+def test_min_similarity_equals_cosine_minus_one():
+    # an invalid prototype behaves as a prototype at cosine exactly -1 from every pixel
+    feats, protos, labels = _inputs(k_n=3, present=[0, 1])
+    valid = torch.tensor([True, True, False])
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, absent="min_similarity",
+                                           reduction="none")
+    cos = torch.einsum("bdhw,bkd->bkhw", torch.nn.functional.normalize(feats, dim=1),
+                       torch.nn.functional.normalize(protos, dim=2))
+    cos[:, 2] = -1.0
+    y = torch.from_numpy(ref.resize_nearest(labels, GRID))
+    expected = torch.nn.functional.cross_entropy(cos / 0.1, y, ignore_index=255, reduction="none")
+    torch.testing.assert_close(got, expected)
+
+
+def test_non_contiguous_inputs():
+    feats = torch.randn(B, 4, 3, D, dtype=torch.float64).permute(0, 3, 2, 1)  # (B, D, 3, 4)
+    protos = torch.randn(D, K, B, dtype=torch.float64).permute(2, 1, 0)  # (B, K, D)
+    labels = ref.random_labels(B, 9, 7, K).transpose(1, 2)  # (B, 7, 9)
+    valid = (torch.rand(K, B) > 0.3).t()
+    for at in ("feature", "label"):
+        got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, at=at)
+        _close(got, ref.contrastive_loss(feats, protos, labels, valid=valid, at=at))
+
+
+def test_no_nan_with_tiny_temperature_and_zero_vectors():
+    # peer mistakes: softmax().log() and log(0); zero features/prototypes must not produce NaN
+    feats, protos, labels = _inputs()
+    feats[:, :, 0, 0] = 0.0
+    protos[:, 0] = 0.0
+    feats.requires_grad_(True)
+    protos.requires_grad_(True)
+    for absent, at in itertools.product(("mask", "min_similarity"), ("feature", "label")):
+        loss = pixel_prototype_contrastive_loss(feats, protos, labels, temperature=1e-3, absent=absent, at=at)
+        assert torch.isfinite(loss)
+        grads = torch.autograd.grad(loss, (feats, protos))
+        assert all(torch.all(torch.isfinite(g)) for g in grads)
+        _close(loss, ref.contrastive_loss(feats, protos, labels, temperature=1e-3, absent=absent, at=at),
+               rtol=1e-7)
+
+
+@pytest.mark.parametrize("at", ["feature", "label"])
+@pytest.mark.parametrize("absent", ["mask", "min_similarity"])
+def test_gradcheck(absent, at):
+    feats, protos, labels = _inputs(b_n=2, k_n=3, dim=2, grid=(2, 3), label=(5, 4))
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    weight = torch.rand(2, 3, dtype=torch.float64)
+    feats.requires_grad_(True)
+    protos.requires_grad_(True)
+
+    def fn(f, p):
+        return pixel_prototype_contrastive_loss(f, p, labels, valid=valid, class_weight=weight, absent=absent,
+                                                at=at, temperature=0.5)
+
+    assert torch.autograd.gradcheck(fn, (feats, protos), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("at", ["feature", "label"])
+def test_half_inputs_close_to_fp32(dtype, at):
+    feats, protos, labels = _inputs(dtype=torch.float32, grid=(6, 6), label=(13, 11))
+    feats, protos = feats.to(dtype), protos.to(dtype)
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, at=at, absent="min_similarity")
+    expected = pixel_prototype_contrastive_loss(feats.float(), protos.float(), labels, at=at,
+                                                absent="min_similarity")
+    assert got.dtype in (torch.float32, dtype)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_fp32_matches_float64_reference():
+    feats, protos, labels = _inputs(dtype=torch.float32)
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, at="label")
+    assert got.dtype == torch.float32
+    _close(got, ref.contrastive_loss(feats, protos, labels, at="label"), rtol=1e-5, atol=1e-6)
+
+
+class _LargestFloat(TorchDispatchMode):
+    r"""Records the largest floating-point tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_label_level_loss_never_materialises_label_resolution_logits():
+    b_n, k_n, dim, grid, label = 2, 8, 4, (4, 4), (64, 64)
+    feats = torch.randn(b_n, dim, *grid, requires_grad=True)
+    protos = torch.randn(b_n, k_n, dim, requires_grad=True)
+    labels = ref.random_labels(b_n, *label, k_n)
+    with _LargestFloat() as probe:
+        loss = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent="min_similarity")
+        loss.backward()
+    # (B, K, H, W) logits would be 65536 floats; per-pixel maps (B, H, W) are 8192
+    assert probe.largest < b_n * k_n * label[0] * label[1] // 2
+
+
+def test_overlap_class_weight_matches_reference():
+    ys = ref.random_labels(3, 9, 7, 6)
+    yt = ref.random_labels(3, 5, 11, 6)
+    for size in [(3, 4), (9, 7), (5, 11), (2, 2)]:
+        got = overlap_class_weight(ys, yt, 6, size=size)
+        assert got.shape == (3, 6) and got.is_floating_point()
+        _close(got, ref.overlap_class_weight(ys, yt, 6, size))
+
+
+def test_contrastive_with_map_prototypes_end_to_end_gradients():
+    # typical use: prototypes from masked_average_pool of the other domain, gradients into both features
+    fs, _, ys = _inputs()
+    ft, _, yt = _inputs()
+    fs.requires_grad_(True)
+    ft.requires_grad_(True)
+    protos, counts = masked_average_pool(fs, ys, K)
+    loss = fcl_loss(ft, protos, yt, valid=counts > 0)
+    loss.backward()
+    assert fs.grad.abs().sum() > 0 and ft.grad.abs().sum() > 0
+    exp_p, exp_c = ref.masked_average_pool(fs, ys, K)
+    _close(loss, ref.contrastive_loss(ft, exp_p, yt, valid=exp_c > 0))
