@@ -205,11 +205,11 @@ def protocl_losses(source_features, source_labels, target_features, target_label
             source_labels, target_labels, num_classes, size=tuple(source_features.shape[-2:])
         )
         opts = {"absent": "min_similarity", "at": "label"}
-        fcl = protocl.fcl_loss(target_features, source.prototypes, target_labels, class_weight=weight, **opts)
-        bcl = protocl.bcl_loss(source_features, target.prototypes, source_labels, **opts)
     else:
-        fcl = protocl.fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0)
-        bcl = protocl.bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0)
+        weight, opts = None, {}
+    fcl = protocl.fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0,
+                           class_weight=weight, **opts)
+    bcl = protocl.bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0, **opts)
     return fcl_weight * fcl + bcl_weight * bcl
 
 
@@ -352,7 +352,7 @@ def measure_memory(case: Case, impl: Impl, device: str) -> dict:
 def memory_in_subprocess(case: Case, impl_name: str, device: str, compile: bool) -> dict:
     r"""Run :func:`measure_memory` in a fresh interpreter so that earlier cases do not pollute the peak."""
     payload = json.dumps({"case": dataclasses.asdict(case), "impl": impl_name, "device": device,
-                          "compile": compile})
+                          "compile": compile, "threads": torch.get_num_threads()})
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", payload],
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -364,7 +364,7 @@ def _memory_worker(payload: str) -> None:
     spec = json.loads(payload)
     case = Case(**spec["case"])
     impl = {i.name: i for i in implementations(compile=spec["compile"])}[spec["impl"]]
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(spec["threads"])
     print(json.dumps(measure_memory(case, impl, spec["device"])))
 
 
@@ -624,6 +624,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-static", action="store_true", help="skip the static-label section")
     p.add_argument("--static-images", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's default); 1 is steadier on a shared CPU")
     p.add_argument("--formats", default="json,md,png", help="outputs to write, among json, md, png")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--static-memory-worker", default=None, help=argparse.SUPPRESS)
@@ -632,6 +634,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     device = args.device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("expected a CUDA device for --device cuda, got torch.cuda.is_available() == False")
     cases = quick_cases() if args.quick else release_cases()

@@ -236,6 +236,7 @@ def release_pair_losses(
         source_prototypes = release_prototypes(source_features, source_small, num_classes, ignore_index=ignore_index)
     target_prototypes = release_prototypes(target_features, target_small, num_classes, ignore_index=ignore_index)
     weight = release_overlap_weight(source_small, target_small, num_classes, ignore_index=ignore_index)
+    weight = weight.to(target_features.dtype)
     fcl = release_pair_ce(
         target_features, source_prototypes, target_labels,
         temperature=temperature, class_weight=weight, ignore_index=ignore_index,

@@ -64,7 +64,9 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_labels(classes: tuple[int, ...], batch: int, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+def make_labels(
+    classes: tuple[int, ...], batch: int, size: tuple[int, int], gen: torch.Generator
+) -> torch.Tensor:
     """Labels ``(B, H, W)`` int64 drawn from ``classes`` plus ~25% ignore pixels (all ignore if no class)."""
     if not classes:
         return torch.full((batch, *size), IGNORE, dtype=torch.int64)
@@ -122,7 +124,7 @@ def thr_logits(step: int, rank: int, scenario: int = 1) -> torch.Tensor:
 # BidirectionalContrast data: K = 4, D = 8, clustered features (class centre + noise), half-ignored static labels.
 # ---------------------------------------------------------------------------------------------------------------
 BC_K, BC_D, BC_STEPS, BC_BATCH = 4, 8, 3, (2, 1)
-BC_KWARGS = dict(momentum=0.5, threshold=0.3)
+BC_KWARGS = {"momentum": 0.5, "threshold": 0.3}
 
 
 def bc_batch(step: int, rank: int, scenario: int = 2) -> tuple[torch.Tensor, ...]:
@@ -154,7 +156,14 @@ def _clustered(labels: torch.Tensor, centres: torch.Tensor, gen: torch.Generator
 class CollectiveCounter:
     """Counts calls of ``torch.distributed`` collectives while installed (a wrapper around each)."""
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast", "all_reduce_coalesced")
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter",
+        "broadcast",
+        "all_reduce_coalesced",
+    )
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -249,14 +258,18 @@ def main(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
     )
     counter = CollectiveCounter()
     results: dict[str, object] = {}
     for name, scenario in SCENARIOS.items():
         try:
             results[name] = scenario(rank, counter)
-        except Exception:  # reported by the test that reads this scenario
+        except Exception:  # noqa: BLE001 - any failure is reported by the test that reads this scenario
             results[name] = traceback.format_exc()
         counter.take()
     torch.save(results, f"{out_dir}/rank{rank}.pt")

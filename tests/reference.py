@@ -426,11 +426,13 @@ class StepRef:
 
     def __init__(self, num_classes, dim, *, fcl_weight=0.1, bcl_weight=0.1, temperature=0.1, momentum=0.999,
                  threshold=0.7, fuse="fill", absent="mask", at="feature", calibrate=True, dynamic=True,
-                 ignore_index=IGNORE):
+                 ignore_index=IGNORE, release_compatible=False):
         self.k_n = num_classes
+        if release_compatible:
+            absent, at = "min_similarity", "label"
         self.cfg = dict(fcl_weight=fcl_weight, bcl_weight=bcl_weight, temperature=temperature,
                         threshold=threshold, fuse=fuse, absent=absent, at=at, calibrate=calibrate,
-                        dynamic=dynamic, ignore_index=ignore_index)
+                        dynamic=dynamic, ignore_index=ignore_index, release=release_compatible)
         self.source_ema = EMARef(num_classes, dim, momentum)
         self.target_ema = EMARef(num_classes, dim, momentum)
 
@@ -449,8 +451,20 @@ class StepRef:
         y_t = hybrid_fuse(yf_np, y_d, mode=c["fuse"], ignore_index=ign) if c["dynamic"] else yf_np
         p_t, n_t = masked_average_pool(ft, y_t, self.k_n, ignore_index=ign)
         kw = dict(temperature=c["temperature"], absent=c["absent"], at=c["at"], ignore_index=ign)
-        fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
-        bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, **kw)
+        if c["release"]:  # mean over pairs of each pair's loss; FCL weighted by the class overlap
+            ys_np, feat_s, feat_t = as_np(ys, np.int64), as_np(fs), as_np(ft)
+            fcl = bcl = 0.0
+            b_n = feat_s.shape[0]
+            for b in range(b_n):
+                pair = slice(b, b + 1)
+                both = (overlap_class_weight(ys_np[pair], ys_np[pair], self.k_n, feat_s.shape[2:], ign)
+                        * overlap_class_weight(y_t[pair], y_t[pair], self.k_n, feat_t.shape[2:], ign))
+                fcl += contrastive_loss(feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0,
+                                        class_weight=both, **kw) / b_n
+                bcl += contrastive_loss(feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, **kw) / b_n
+        else:
+            fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
+            bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, **kw)
         if update:
             self.source_ema.update_from(p_s, n_s)
             self.target_ema.update_from(p_t, n_t)
@@ -484,3 +498,31 @@ def blocky_labels(b_n, height, width, num_classes, *, block=3, ignore_frac=0.1, 
                           generator=generator, ignore_index=ignore_index)
     big = small.repeat_interleave(block, 1).repeat_interleave(block, 2)
     return big[:, :height, :width].contiguous()
+
+
+class LargestFloatProbe:
+    r"""Context manager recording the largest floating-point tensor any aten op produces inside it (used to
+    check that no ``(B, K, H, W)`` / ``(B, K, D, h, w)`` temporary is materialised)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        probe = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        probe.largest = max(probe.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -5,7 +5,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import reference as ref
 from protocl import (
@@ -279,27 +278,12 @@ def test_fp32_matches_float64_reference():
     _close(got, ref.contrastive_loss(feats, protos, labels, at="label"), rtol=1e-5, atol=1e-6)
 
 
-class _LargestFloat(TorchDispatchMode):
-    r"""Records the largest floating-point tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_label_level_loss_never_materialises_label_resolution_logits():
     b_n, k_n, dim, grid, label = 2, 8, 4, (4, 4), (64, 64)
     feats = torch.randn(b_n, dim, *grid, requires_grad=True)
     protos = torch.randn(b_n, k_n, dim, requires_grad=True)
     labels = ref.random_labels(b_n, *label, k_n)
-    with _LargestFloat() as probe:
+    with ref.LargestFloatProbe() as probe:
         loss = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent="min_similarity")
         loss.backward()
     # (B, K, H, W) logits would be 65536 floats; per-pixel maps (B, H, W) are 8192
@@ -327,3 +311,22 @@ def test_contrastive_with_map_prototypes_end_to_end_gradients():
     assert fs.grad.abs().sum() > 0 and ft.grad.abs().sum() > 0
     exp_p, exp_c = ref.masked_average_pool(fs, ys, K)
     _close(loss, ref.contrastive_loss(ft, exp_p, yt, valid=exp_c > 0))
+
+
+def test_cosine_logits_have_no_feature_channel_temporary():
+    b_n, k_n, dim, grid = 2, 8, 16, (16, 16)
+    feats = torch.randn(b_n, dim, *grid, requires_grad=True)
+    protos = torch.randn(b_n, k_n, dim, requires_grad=True)
+    labels = ref.random_labels(b_n, *grid, k_n)
+    with ref.LargestFloatProbe() as probe:
+        pixel_prototype_contrastive_loss(feats, protos, labels).backward()
+    assert probe.largest < b_n * k_n * dim * grid[0] * grid[1] // 4  # no (B, K, D, h, w)
+
+
+def test_no_hard_coded_sizes():
+    # K = 23, D = 300 (> 256 channels), B = 3, odd grids: nothing specialised to 19 / 256 / batch 2
+    feats, protos, labels = _inputs(b_n=3, k_n=23, dim=300, grid=(3, 5), label=(7, 4))
+    valid = torch.rand(3, 23) > 0.3
+    for at in ("feature", "label"):
+        got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, at=at, reduction="none")
+        _close(got, ref.contrastive_loss(feats, protos, labels, valid=valid, at=at, reduction="none"))

@@ -51,20 +51,24 @@ def ranks(tmp_path_factory) -> list[dict]:
     package_root = str(Path(protocl.__file__).resolve().parents[1])  # the same protocl as this process
     python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER_PATH), str(rank), str(WORLD_SIZE), init_method, str(out_dir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    logs = []
+    logs = [
+        out_dir / f"rank{rank}.log" for rank in range(WORLD_SIZE)
+    ]  # files: a full pipe cannot block a rank
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as stream:
+            command = [
+                sys.executable,
+                str(WORKER_PATH),
+                str(rank),
+                str(WORLD_SIZE),
+                init_method,
+                str(out_dir),
+            ]
+            procs.append(subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT))
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=JOB_TIMEOUT_S)[0])
+            proc.wait(timeout=JOB_TIMEOUT_S)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -72,7 +76,8 @@ def ranks(tmp_path_factory) -> list[dict]:
                 proc.wait()
     for rank, proc in enumerate(procs):
         if proc.returncode != 0:
-            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n" + "\n".join(logs))
+            output = "\n".join(f"--- rank {r} ---\n{log.read_text()}" for r, log in enumerate(logs))
+            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n{output}")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
@@ -86,8 +91,8 @@ def _scenario(ranks: list[dict], name: str) -> list[dict]:
 
 
 def _assert_identical(a: dict, b: dict, what: str) -> None:
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{what}: {key!r} differs between ranks:\n{a[key]}\n{b[key]}"
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), f"{what}: {key!r} differs:\n{value}\n{b[key]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +131,9 @@ def _naive_union_ema() -> list[tuple[torch.Tensor, torch.Tensor]]:
             if len(pixels) == 0:
                 continue
             mean = pixels.mean(0)
-            prototypes[k] = W.EMA_MOMENTUM * prototypes[k] + (1 - W.EMA_MOMENTUM) * mean if initialized[k] else mean
+            prototypes[k] = (
+                W.EMA_MOMENTUM * prototypes[k] + (1 - W.EMA_MOMENTUM) * mean if initialized[k] else mean
+            )
             initialized[k] = True
         snapshots.append((prototypes.clone(), initialized.clone()))
     return snapshots
@@ -142,7 +149,10 @@ def _thresholds_replay(logits_per_step) -> list[dict]:
 
 
 def _union_logits() -> list[torch.Tensor]:
-    return [torch.cat([W.thr_logits(step, rank) for rank in range(WORLD_SIZE)]) for step in range(len(W.THR_STEPS))]
+    return [
+        torch.cat([W.thr_logits(step, rank) for rank in range(WORLD_SIZE)])
+        for step in range(len(W.THR_STEPS))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +238,9 @@ def test_thresholds_union_match_exact_quantiles(ranks):
             assert got[k] == float("inf"), f"class {k} never predicted: expected +inf, got {got[k]}"
             continue
         exact = values[max(1, int(W.THR_PROPORTION * len(values))) - 1]
-        assert abs(float(got[k]) - float(exact)) <= 1e-3, f"class {k}: expected {float(exact)}, got {float(got[k])}"
+        assert abs(float(got[k]) - float(exact)) <= 1e-3, (
+            f"class {k}: expected {float(exact)}, got {float(got[k])}"
+        )
     assert torch.isfinite(got[[0, 1, 2, 4]]).all() and got[3] == float("inf")  # 1 and 2 live on one rank each
 
 
@@ -257,7 +269,9 @@ def test_bidirectional_emas_identical_across_ranks(ranks):
     rank0, rank1 = _scenario(ranks, "bidirectional")
     for step, (a, b) in enumerate(zip(rank0["snapshots"], rank1["snapshots"])):
         state = ("source", "source_initialized", "target", "target_initialized")
-        _assert_identical({k: a[k] for k in state}, {k: b[k] for k in state}, f"BidirectionalContrast step {step}")
+        _assert_identical(
+            {k: a[k] for k in state}, {k: b[k] for k in state}, f"BidirectionalContrast step {step}"
+        )
 
 
 def test_bidirectional_equals_single_process_over_union(ranks):
@@ -284,7 +298,9 @@ def test_bidirectional_equals_single_process_over_union(ranks):
 def test_distributed_helpers_inside_process_group(ranks):
     for rank, result in enumerate(_scenario(ranks, "helpers")):
         assert result["is_distributed"] is True, f"rank {rank}"
-        torch.testing.assert_close(result["value"], torch.tensor([3.0, 10.0], dtype=torch.float64), rtol=0, atol=0)
+        torch.testing.assert_close(
+            result["value"], torch.tensor([3.0, 10.0], dtype=torch.float64), rtol=0, atol=0
+        )
 
 
 def test_distributed_helpers_without_process_group():
@@ -324,3 +340,9 @@ def test_no_collective_without_process_group(forbid_collectives):
         thresholds.update(logits)
     assert torch.equal(synced.histogram, local.histogram)
     assert torch.equal(synced.compute(), local.compute())
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_bidirectional_passes_sync_to_both_emas(sync):
+    module = BidirectionalContrast(W.BC_K, W.BC_D, sync=sync)
+    assert module.source_ema.sync is sync and module.target_ema.sync is sync

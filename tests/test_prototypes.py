@@ -164,6 +164,15 @@ def test_map_half_inputs_accumulate_in_fp32():
     assert counts.float().item() == 4096
 
 
+def test_map_has_no_feature_times_class_temporary():
+    b_n, k_n, dim, grid = 2, 8, 16, (16, 16)
+    feats = torch.randn(b_n, dim, *grid, requires_grad=True)
+    labels = ref.random_labels(b_n, 32, 32, k_n)
+    with ref.LargestFloatProbe() as probe:
+        masked_average_pool(feats, labels, k_n).prototypes.sum().backward()
+    assert probe.largest < b_n * k_n * dim * grid[0] * grid[1] // 4  # (B, K, D, h, w) would be 65536
+
+
 def test_map_returns_named_tuple():
     out = masked_average_pool(torch.randn(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.int64), 2)
     protos, counts = out

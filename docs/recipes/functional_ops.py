@@ -16,6 +16,7 @@ from torch import nn
 
 from protocl import (
     IGNORE_INDEX,
+    BidirectionalContrast,
     ClassBalancedThresholds,
     PrototypeEMA,
     bcl_loss,
@@ -136,18 +137,36 @@ def main() -> None:
     target = masked_average_pool(target_features, target_labels, K)
     weight = overlap_class_weight(source_labels, target_labels, K, size=(h, w))  # (B, K)
     release = dict(absent="min_similarity", at="label", temperature=0.1)
-    fcl_release = fcl_loss(
-        target_features,
-        source.prototypes,
-        target_labels,
-        valid=source.counts > 0,
-        class_weight=weight,
-        **release,
-    )
-    bcl_release = bcl_loss(
-        source_features, target.prototypes, source_labels, valid=target.counts > 0, **release
-    )
+    # The release averages each (source, target) pair's loss, then the pairs: one call per pair.
+    # (BidirectionalContrast(release_compatible=True) does the same without the Python loop.)
+    fcl_pairs, bcl_pairs = [], []
+    for b in range(B):
+        pair = slice(b, b + 1)
+        fcl_pairs.append(
+            fcl_loss(
+                target_features[pair],
+                source.prototypes[pair],
+                target_labels[pair],
+                valid=source.counts[pair] > 0,
+                class_weight=weight[pair],
+                **release,
+            )
+        )
+        bcl_pairs.append(
+            bcl_loss(
+                source_features[pair],
+                target.prototypes[pair],
+                source_labels[pair],
+                valid=target.counts[pair] > 0,
+                **release,
+            )
+        )
+    fcl_release, bcl_release = torch.stack(fcl_pairs).mean(), torch.stack(bcl_pairs).mean()
     assert torch.isfinite(fcl_release) and torch.isfinite(bcl_release)
+    # The same numbers from the orchestrator (dynamic=False: the hybrid labels are the labels given).
+    step = BidirectionalContrast(K, D, release_compatible=True, dynamic=False)
+    out = step(source_features, source_labels, target_features, target_labels, update=False)
+    assert torch.allclose(out.fcl, fcl_release, atol=1e-5) and torch.allclose(out.bcl, bcl_release, atol=1e-5)
     print(f"release-compatible setting: fcl {fcl_release.item():.3f} bcl {bcl_release.item():.3f}")
 
     # Per-pixel losses: (B, h, w) on the feature grid (at="feature"), (B, H, W) on the label grid ("label").

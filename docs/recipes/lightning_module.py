@@ -59,7 +59,7 @@ class _MiniLightningModule(nn.Module):
         return next(self.parameters()).device
 
     def log(self, name: str, value: torch.Tensor | float, **kwargs: object) -> None:
-        self.logged[name] = float(value)
+        self.logged[name] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
     def log_dict(self, values: dict[str, torch.Tensor], **kwargs: object) -> None:
         for name, value in values.items():
@@ -175,16 +175,16 @@ class ProtoCLModule(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         source_images, source_labels, target_images, target_index = batch
         source_features, source_logits = self.model(source_images)
-        loss = cross_entropy(source_logits, source_labels)
+        source_ce = cross_entropy(source_logits, source_labels)
+        self.log("train/source_ce", source_ce.detach())
         if self.current_epoch < self.source_only_epochs:
-            self.log("train/source_ce", loss)
-            return loss
+            return source_ce
 
         target_features, target_logits = self.model(target_images)
         out = self.contrast(source_features, source_labels, target_features, self.static_labels[target_index])
         target_ce = cross_entropy(target_logits, out.target_labels)
         entropy = entropy_loss(source_logits) + 0.3 * entropy_loss(target_logits)
-        loss = loss + 0.3 * target_ce + 0.4 * entropy + out.loss
+        loss = source_ce + 0.3 * target_ce + 0.4 * entropy + out.loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss at epoch {self.current_epoch}, batch {batch_idx}")
         self.log_dict(

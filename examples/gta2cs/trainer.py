@@ -111,7 +111,8 @@ class Trainer:
                                  init=args.init).to(self.device)
         if args.arch == "deeplabv2" and args.init is None:
             self.log("warning: --init not given, DeepLab-V2 starts from random weights (expect poor results)")
-        self.ddp = (DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
+        self.ddp = (DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu" else [self.device],
+                                            find_unused_parameters=args.features == "layer4")
                     if self.world > 1 else self.model)
         self.contrast = protocl.BidirectionalContrast(
             self.num_classes, self.model.feature_dim,
@@ -217,7 +218,15 @@ class Trainer:
             if self._stop_requested():
                 return False
             if s.iteration % a.ckpt_every == 0 and s.iteration < a.source_iters:
+                if a.stage1_best_on_target_val:
+                    self._keep_if_best()
                 self.save()
+        if a.stage1_best_on_target_val:
+            self._keep_if_best()
+            best = checkpoint.load(self.out / "source_best.pt")
+            self.model.load_state_dict(best["model"])
+            self.log(f"stage 1: using the checkpoint of iteration {best['iteration']} (best target-val mIoU "
+                     f"{best['miou']:.2f}; this selection reads target labels)")
         if self.rank == 0:
             checkpoint.save_atomic({"model": self.model.state_dict(), "config": vars(a).copy()},
                                    self.out / "source_only.pt")
@@ -226,6 +235,17 @@ class Trainer:
         self.optimizer = self._new_optimizer(a.lr)
         self.save()
         return True
+
+    def _keep_if_best(self) -> None:
+        """``--stage1-best-on-target-val``: keep the stage-1 weights with the best target-val mIoU."""
+        result = self._evaluate(f"stage 1 it {self.state.iteration} (checkpoint selection on target val)")
+        best = self.state.metrics.get("stage1_best_miou", -1.0)
+        if result["miou"] > best:
+            self.state.metrics["stage1_best_miou"] = result["miou"]
+            if self.rank == 0:
+                checkpoint.save_atomic({"model": self.model.state_dict(), "iteration": self.state.iteration,
+                                        "miou": result["miou"]}, self.out / "source_best.pt")
+            dist.barrier()
 
     # ------------------------------------------------------------------ static labels
     def _pseudo_dir(self, round_index: int) -> Path:

@@ -288,7 +288,9 @@ class PrototypeEMA(nn.Module):
     def _update_sums(self, sums: Tensor, counts: Tensor) -> None:
         check_same_device("prototypes (EMA buffer)", self.prototypes, "features", sums)
         if self.sync and is_distributed():
-            packed = all_reduce_sum_(torch.cat([sums, counts[:, None]], dim=1).contiguous())
+            # always float64 on the wire: ranks feeding different dtypes still match, and sums stay exact longer
+            packed = torch.cat([sums, counts[:, None]], dim=1).to(torch.float64).contiguous()
+            packed = all_reduce_sum_(packed)
             sums, counts = packed[:, :-1], packed[:, -1]
         batch = divide_counts(sums, counts).to(self.prototypes.dtype)
         seen = counts > 0

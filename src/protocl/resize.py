@@ -123,7 +123,8 @@ def _label_histogram(labels: Tensor, size: Tuple[int, int], num_classes: int, ig
     B, H, W = labels.shape
     h, w = size
     cell = _cell_index((H, W), (h, w), labels.device)  # (H, W)
-    cls = torch.where(labels == ignore_index, num_classes, labels)  # ignore -> extra bin K
+    known = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    cls = torch.where(known, labels, num_classes)  # ignore (and, with value checks off, bad ids) -> extra bin K
     # flat target index: b (K+1) h w  <-  b, class, cell
     flat = (torch.arange(B, device=labels.device)[:, None, None] * (num_classes + 1) + cls) * (h * w) + cell
     hist = torch.zeros(B * (num_classes + 1) * h * w, dtype=torch.float32, device=labels.device)

@@ -1,0 +1,308 @@
+"""Tests of the reference pipeline examples/train_gta2cs.py on a tiny fixture in the real dataset layouts."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import train_gta2cs  # noqa: E402
+from gta2cs import data, evaluate, figures, model, synthetic  # noqa: E402
+
+# spec §4, written out here independently of the code under test
+SPEC_ID_TO_TRAIN_ID = [(7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8), (22, 9),
+                       (23, 10), (24, 11), (25, 12), (26, 13), (27, 14), (28, 15), (31, 16), (32, 17), (33, 18)]
+
+TINY_RUN = ["--source-iters", "6", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
+            "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
+            "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def fixture_roots(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny dataset in the GTA5 / Cityscapes layouts (the demo generator at a small size)."""
+    root = tmp_path_factory.mktemp("fixture")
+    return synthetic.write_demo_dataset(root, seed=3, source_images=6, target_train=6, target_val=3,
+                                        source_size=(72, 40), target_size=(64, 32))
+
+
+def run_cli(args: list[str], capsys) -> list[str]:
+    code = train_gta2cs.main(args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 or "--stop-after" in args
+    return lines
+
+
+@pytest.fixture(scope="module")
+def full_run(fixture_roots, tmp_path_factory):
+    gta, cs = fixture_roots
+    out = tmp_path_factory.mktemp("full")
+    code = train_gta2cs.main(["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny",
+                              "--out", str(out), *TINY_RUN])
+    assert code == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_label_ids_map_to_train_ids(tmp_path):
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(ids).save(tmp_path / "l.png")
+    got = data.read_label(tmp_path / "l.png", (16, 16)).reshape(-1)
+    expected = np.full(256, 255)
+    for label_id, train_id in SPEC_ID_TO_TRAIN_ID:
+        expected[label_id] = train_id
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_palette_mode_label_and_size_mismatch(tmp_path):
+    """GTA5 labels are palette PNGs, a few of another size than their image: indices are ids, resized nearest."""
+    label = Image.fromarray(np.array([[7, 26], [24, 0]], dtype=np.uint8), mode="L").convert("P")
+    label.putpalette([v for i in range(256) for v in (i, 255 - i, 0)])
+    label.save(tmp_path / "p.png")
+    got = data.read_label(tmp_path / "p.png", (4, 4))
+    np.testing.assert_array_equal(got, [[0, 0, 13, 13], [0, 0, 13, 13], [11, 11, 255, 255], [11, 11, 255, 255]])
+
+
+def test_missing_or_empty_roots_name_path_and_layout(tmp_path):
+    with pytest.raises(ValueError, match=r"gta5-root.*images/\*\.png.*nowhere"):
+        data.gta5_files(tmp_path / "nowhere")
+    (tmp_path / "gta").mkdir()
+    with pytest.raises(ValueError, match=r"images.*GTA5 layout"):
+        data.gta5_files(tmp_path / "gta")
+    with pytest.raises(ValueError, match=r"cityscapes-root.*leftImg8bit"):
+        data.cityscapes_files(tmp_path / "nowhere", "train")
+    (tmp_path / "cs" / "leftImg8bit" / "val" / "x").mkdir(parents=True)
+    Image.new("RGB", (4, 2)).save(tmp_path / "cs" / "leftImg8bit" / "val" / "x" / "x_0_0_leftImg8bit.png")
+    with pytest.raises(ValueError, match=r"gtFine_labelIds\.png"):
+        data.cityscapes_files(tmp_path / "cs", "val")
+    assert data.cityscapes_files(tmp_path / "cs", "val", require_labels=False)[0].label is None
+
+
+def test_train_crops_are_deterministic_and_aligned(fixture_roots):
+    gta, _ = fixture_roots
+    samples = data.gta5_files(gta)
+    ds = data.TrainSet(samples, resize=40, crop=24, scales=(0.8, 1.0, 1.2))
+    a, b = ds[(1, 123)], ds[(1, 123)]
+    assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.uint8
+    assert a["label"].shape == (24, 24) and a["label"].dtype == torch.int64
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    # the crop window of image and label agree: sky (10) pixels are the bluest in the flat source rendering
+    sky = a["label"] == 10
+    if sky.any() and (~sky & (a["label"] != 255)).any():
+        blue = a["image"][2].float() - a["image"][0].float()
+        assert blue[sky].mean() > blue[~sky & (a["label"] != 255)].mean()
+
+
+def test_batch_stream_resumes_and_ignores_worker_count(fixture_roots):
+    gta, _ = fixture_roots
+    ds = data.TrainSet(data.gta5_files(gta), resize=32, crop=16)
+    ref = data.BatchStream(ds, 2, seed=5, stream=0, workers=0)
+    batches = [next(ref)["image"] for _ in range(7)]  # crosses an epoch boundary (3 batches per epoch)
+    other = data.BatchStream(ds, 2, seed=5, stream=0, workers=2)
+    assert all(torch.equal(next(other)["image"], x) for x in batches[:4])
+    resumed = data.BatchStream(ds, 2, seed=5, stream=0, workers=0)
+    resumed.load_state_dict(other.state_dict())
+    assert all(torch.equal(next(resumed)["image"], x) for x in batches[4:])
+
+
+def test_shards_partition_each_epoch():
+    full = [i for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=0, world=1) for i, _ in b]
+    parts = [i for r in range(2) for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=r, world=2)
+             for i, _ in b]
+    assert sorted(full) == sorted(parts) == list(range(12))
+    other_epoch = [i for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=4, rank=0, world=1) for i, _ in b]
+    assert other_epoch != full
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_deeplab_v2_resnet101_shapes_and_frozen_bn():
+    net = model.DeepLabV2(19).eval()
+    n_conv = sum(1 for m in net.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert n_conv == 104  # ResNet-101: 1 stem + 33 blocks x 3 + 4 downsample convs
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert all(not n.startswith("backbone") or "bn" not in n for n, _ in net.named_parameters())
+    with torch.no_grad():
+        logits, features = net(torch.rand(1, 3, 64, 96) * 255)
+    # output stride 8 with DeepLab's ceil-mode max-pool: 64 -> 32 -> 17 -> 9 (730 -> 365 -> 184 -> 92)
+    assert logits.shape == (1, 19, 9, 13) and features.shape == (1, 76, 9, 13)
+    assert torch.allclose(sum(features.split(19, dim=1)), logits, atol=1e-5)  # branches summed = logits
+    dilations = [c.dilation[0] for c in net.classifier.branches]
+    assert dilations == [6, 12, 18, 24]
+
+
+def test_deeplab_layer4_projection_option():
+    net = model.DeepLabV2(5, features="layer4", proj_dim=32, blocks=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        logits, features = net(torch.rand(2, 3, 40, 40) * 255)
+    assert logits.shape == (2, 5, 6, 6) and features.shape == (2, 32, 6, 6) and net.feature_dim == 32
+
+
+def test_frozen_batchnorm_matches_eval_batchnorm():
+    bn = torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    frozen = model.FrozenBatchNorm2d(6)
+    frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is dropped
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(frozen(x), bn(x))
+
+
+def _torchvision_like_state(net: model.DeepLabV2) -> dict:
+    state = {k: v.clone() + 0.5 for k, v in net.backbone.state_dict().items()}
+    state.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(7)
+                  for k in list(state) if k.endswith("running_var")})
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    return state
+
+
+def test_init_torchvision_and_deeplab_layouts(tmp_path):
+    blocks = (1, 1, 1, 1)
+    net = model.DeepLabV2(19, blocks=blocks)
+    state = _torchvision_like_state(net)
+    torch.save(state, tmp_path / "tv.pth")
+    loaded, layout = model.read_init(tmp_path / "tv.pth")
+    assert layout == "torchvision"
+    model.load_backbone(net, loaded, layout)
+    assert torch.equal(net.backbone.layer4[0].conv3.weight, state["layer4.0.conv3.weight"])
+    assert not bool(net.bgr)
+
+    deeplab = {f"Scale.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    deeplab["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(19, 2048, 3, 3)
+    torch.save(deeplab, tmp_path / "dl.pth")
+    loaded, layout = model.read_init(tmp_path / "dl.pth")
+    assert layout == "deeplab"
+    net2 = model.DeepLabV2(19, blocks=blocks, stride_in_1x1=True)
+    model.load_backbone(net2, loaded, layout)
+    assert torch.equal(net2.backbone.conv1.weight, state["conv1.weight"]) and bool(net2.bgr)
+    assert net2.backbone.layer2[0].conv1.stride == (2, 2)  # caffe layout: stride in the first 1x1
+
+
+def test_init_errors_name_missing_and_unexpected_keys(tmp_path):
+    net = model.DeepLabV2(19, blocks=(1, 1, 1, 1))
+    state = _torchvision_like_state(net)
+    del state["layer3.0.conv2.weight"]
+    state["layer9.bogus"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['layer3\.0\.conv2\.weight'\].*unexpected keys "
+                                         r"\(1\): \['layer9\.bogus'\]"):
+        model.load_backbone(net, state, "torchvision")
+    with pytest.raises(ValueError, match="not a file"):
+        model.read_init(tmp_path / "absent.pth")
+    torch.save({"weird.key": torch.zeros(1), "other.key": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="torchvision ResNet-101 layout"):
+        model.read_init(tmp_path / "bad.pth")
+
+
+def test_tiny_has_the_same_interface():
+    net = model.TinySegNet(19)
+    logits, features = net(torch.rand(2, 3, 32, 48) * 255)
+    assert logits.shape == (2, 19, 8, 12) and features.shape == (2, net.feature_dim, 8, 12)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def test_confusion_matrix_and_iou_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 4, (2, 9, 7), generator=g)
+    target = torch.randint(0, 5, (2, 9, 7), generator=g)
+    target[target == 4] = 255
+    cm = evaluate.confusion_matrix(pred, target, 4)
+    ref = torch.zeros(4, 4, dtype=torch.int64)
+    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist()):
+        if t != 255:
+            ref[t, p] += 1
+    assert torch.equal(cm, ref)
+    iou = evaluate.iou_from_confusion(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    assert iou[0] == pytest.approx(75.0) and iou[1] == pytest.approx(200 / 3) and math.isnan(iou[2])
+    assert evaluate.mean_iou(iou) == pytest.approx((75.0 + 200 / 3) / 2)
+
+
+def test_colorize_uses_cityscapes_palette():
+    img = figures.colorize(np.array([[0, 10, 255]]))
+    assert img[0, 0].tolist() == [128, 64, 128] and img[0, 1].tolist() == [70, 130, 180]
+    assert img[0, 2].tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def test_pipeline_outputs(full_run, fixture_roots):
+    out = full_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("source_only", "adapted"):
+        assert len(metrics[key]["iou"]) == 19 and 0 <= metrics[key]["miou"] <= 100
+    assert metrics["config"]["rounds"] == 2 and len(metrics["rounds"]) == 2
+    for r in range(2):
+        panel = out / "figures" / f"pseudo_labels_round_{r:02d}.png"
+        assert panel.is_file() and Image.open(panel).width > 5 * 64
+        labels = sorted((out / "pseudo_labels" / f"round_{r:02d}").glob("*.png"))
+        assert len(labels) == 6  # one static label map per target train image
+        assert set(np.unique(np.asarray(Image.open(labels[0])))) <= set(range(19)) | {255}
+    assert (out / "figures" / "training_curves.png").is_file()
+    for name in ("checkpoint.pt", "source_only.pt", "adapted.pt", "log.txt"):
+        assert (out / name).is_file()
+    assert not list(out.glob("*.tmp"))
+    log = (out / "log.txt").read_text().strip().splitlines()
+    assert any("it/s" in line and "eta" in line and "coverage" in line for line in log)
+    so, ad = metrics["source_only"]["miou"], metrics["adapted"]["miou"]
+    assert log[-1] == f"target mIoU: source-only {so:.2f} -> adapted {ad:.2f}"
+
+
+def test_last_printed_line(fixture_roots, tmp_path, capsys):
+    gta, cs = fixture_roots
+    lines = run_cli(["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--out", str(tmp_path),
+                     *TINY_RUN, "--rounds", "1", "--no-dynamic", "--no-calibration", "--no-contrastive"], capsys)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert lines[-1] == (f"target mIoU: source-only {metrics['source_only']['miou']:.2f} -> adapted "
+                         f"{metrics['adapted']['miou']:.2f}")
+
+
+def _final_state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_resume_is_exact(full_run, fixture_roots, tmp_path, capsys):
+    """Crash in stage 1 and again in round 1 of stage 2, resume from the last periodic checkpoint each time."""
+    gta, cs = fixture_roots
+    base = ["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny", "--out", str(tmp_path), *TINY_RUN]
+    assert train_gta2cs.main(base + ["--stop-after", "5"]) == 1  # last checkpoint: iteration 4 of stage 1
+    ckpt = _final_state(tmp_path)
+    assert ckpt["state"]["stage"] == "source" and ckpt["state"]["iteration"] == 4
+    resume = ["--resume", str(tmp_path / "checkpoint.pt")]
+    assert train_gta2cs.main(base + resume + ["--stop-after", "13"]) == 1  # last: round 1, its iteration 2
+    ckpt = _final_state(tmp_path)
+    assert (ckpt["state"]["stage"], ckpt["state"]["round"], ckpt["state"]["iteration"]) == ("adapt", 1, 2)
+    assert train_gta2cs.main(base + resume) == 0
+    capsys.readouterr()
+    a, b = _final_state(full_run), _final_state(tmp_path)
+    for key in ("model", "contrast"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert json.dumps(a["state"]["metrics"]) == json.dumps(b["state"]["metrics"])  # (NaN for absent classes)
+    assert a["state"]["thresholds"] == b["state"]["thresholds"]
+    assert a["streams"] == b["streams"]
+
+
+def test_demo_dataset_is_deterministic_and_shifted(tmp_path):
+    a = synthetic.write_demo_dataset(tmp_path / "a", seed=1, source_images=2, target_train=2, target_val=1)
+    b = synthetic.write_demo_dataset(tmp_path / "b", seed=1, source_images=2, target_train=2, target_val=1)
+    for rel in ("gta5/images/00001.png", "cityscapes/leftImg8bit/train/demotrain/demotrain_000001_000019_leftImg8bit.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
+    src = data.gta5_files(a[0])
+    tgt = data.cityscapes_files(a[1], "train")
+    # flat source (low within-class variation) vs textured, noisy target
+    def within_class_std(sample):
+        img = np.asarray(Image.open(sample.image)).astype(float)
+        lab = data.read_label(sample.label, Image.open(sample.image).size)
+        return np.mean([img[lab == k].std(0).mean() for k in np.unique(lab) if k != 255 and (lab == k).sum() > 50])
+    assert within_class_std(tgt[0]) > 2 * within_class_std(src[0])
+    assert set(np.unique(data.read_label(src[0].label, (128, 72)))) <= set(synthetic.DEMO_CLASSES) | {255}

@@ -1,0 +1,65 @@
+"""examples/train_gta2cs.py under torchrun: 2 CPU processes (gloo) on the fixture data, then resumed in 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from gta2cs import synthetic  # noqa: E402
+
+SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
+RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
+       "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
+       "--threads", "1"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_two_ranks_then_resume_in_one_process(tmp_path):
+    gta, cs = synthetic.write_demo_dataset(tmp_path / "data", seed=4, source_images=8, target_train=7,
+                                           target_val=3, source_size=(72, 40), target_size=(64, 32))
+    out = tmp_path / "out"
+    data_args = ["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny", "--out", str(out)]
+    # 2 ranks: stage 1, sharded eval, sharded static labels (7 images: uneven shards), round 0, then a "crash"
+    # in round 1 after its iteration 3 (last checkpoint: round 1, iteration 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           *data_args, *RUN, "--stop-after", "11"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log, done.stdout + done.stderr
+    assert "eval adapted round 0" in log, done.stdout + done.stderr
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["world_size"] == 2
+    assert (ckpt["state"]["stage"], ckpt["state"]["round"], ckpt["state"]["iteration"]) == ("adapt", 1, 2)
+    # both ranks wrote their shard of static labels into one directory
+    for r in range(2):
+        labels = sorted((out / "pseudo_labels" / f"round_{r:02d}").glob("*.png"))
+        assert len(labels) == 7
+        assert set(np.unique(np.asarray(Image.open(labels[-1])))) <= set(range(19)) | {255}
+    assert (out / "figures" / "pseudo_labels_round_00.png").is_file()
+    assert bool(ckpt["contrast"]["source_ema.initialized"].any())
+
+    # the 2-rank checkpoint resumes in one process and finishes
+    resumed = subprocess.run([sys.executable, SCRIPT, *data_args, *RUN, "--resume", str(out / "checkpoint.pt")],
+                             env=_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = resumed.stdout.strip().splitlines()[-1]
+    assert last == (f"target mIoU: source-only {metrics['source_only']['miou']:.2f} -> adapted "
+                    f"{metrics['adapted']['miou']:.2f}")
+    assert "checkpoint from 2 ranks resumed on 1" in resumed.stdout
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1]

@@ -1,0 +1,236 @@
+r"""Malformed calls raise ValueError/TypeError naming the argument (spec section 2), and the value-check switch."""
+
+import re
+
+import pytest
+import torch
+
+import protocl
+from protocl import (
+    BidirectionalContrast,
+    ClassBalancedThresholds,
+    EntropyLoss,
+    PixelPrototypeContrastiveLoss,
+    PrototypeEMA,
+    bcl_loss,
+    domain_bias_calibrate,
+    dynamic_pseudo_label,
+    entropy_loss,
+    fcl_loss,
+    hybrid_fuse,
+    masked_average_pool,
+    overlap_class_weight,
+    pixel_prototype_contrastive_loss,
+    resize_labels,
+    static_pseudo_label,
+)
+
+B, K, D = 2, 5, 3
+F4 = torch.randn(B, D, 4, 4)
+Y = torch.randint(0, K, (B, 8, 8))
+P = torch.randn(B, K, D)
+Z = torch.randn(B, K, 8, 8)
+
+
+def _ema():
+    return PrototypeEMA(K, D)
+
+
+def _step():
+    return BidirectionalContrast(K, D)
+
+
+# (argument the message must name, call)
+MALFORMED = [
+    # masked_average_pool
+    ("features", lambda: masked_average_pool(torch.randn(D, 4, 4), Y, K)),
+    ("features", lambda: masked_average_pool(F4.numpy(), Y, K)),
+    ("features", lambda: masked_average_pool(F4.long(), Y, K)),
+    ("labels", lambda: masked_average_pool(F4, Y.float(), K)),
+    ("labels", lambda: masked_average_pool(F4, Y[:1], K)),
+    ("labels", lambda: masked_average_pool(F4, Y[:, None], K)),
+    ("num_classes", lambda: masked_average_pool(F4, Y, 0)),
+    ("resize", lambda: masked_average_pool(F4, Y, K, resize="bilinear")),
+    ("weights", lambda: masked_average_pool(F4, Y, K, weights=torch.rand(B, 3, 3))),
+    ("per_image", lambda: masked_average_pool(F4, Y, K, per_image="yes")),
+    ("min_purity", lambda: masked_average_pool(F4, Y, K, resize="purity", min_purity=1.5)),
+    # contrastive loss
+    ("temperature", lambda: pixel_prototype_contrastive_loss(F4, P, Y, temperature=0.0)),
+    ("temperature", lambda: pixel_prototype_contrastive_loss(F4, P, Y, temperature=-0.1)),
+    ("temperature", lambda: pixel_prototype_contrastive_loss(F4, P, Y, temperature="0.1")),
+    ("absent", lambda: pixel_prototype_contrastive_loss(F4, P, Y, absent="zero")),
+    ("at", lambda: pixel_prototype_contrastive_loss(F4, P, Y, at="pixel")),
+    ("reduction", lambda: pixel_prototype_contrastive_loss(F4, P, Y, reduction="avg")),
+    ("reduction", lambda: pixel_prototype_contrastive_loss(F4, P, Y, reduction=None)),
+    ("prototypes", lambda: pixel_prototype_contrastive_loss(F4, torch.randn(B, K, D + 1), Y)),
+    ("prototypes", lambda: pixel_prototype_contrastive_loss(F4, torch.randn(B + 1, K, D), Y)),
+    ("prototypes", lambda: pixel_prototype_contrastive_loss(F4, torch.randn(D), Y)),
+    ("valid", lambda: pixel_prototype_contrastive_loss(F4, P, Y, valid=torch.ones(K + 1, dtype=torch.bool))),
+    ("valid", lambda: pixel_prototype_contrastive_loss(F4, P, Y, valid=torch.ones(B, K))),
+    ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K - 1))),
+    ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(B, K, 1))),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:, None])),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), K))),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), -3))),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:1])),
+    ("features", lambda: pixel_prototype_contrastive_loss(F4[0], P, Y)),
+    ("target_features", lambda: fcl_loss(F4[0], P, Y)),
+    ("source_labels", lambda: bcl_loss(F4, P, Y.float())),
+    ("temperature", lambda: PixelPrototypeContrastiveLoss(temperature=0)),
+    ("reduction", lambda: PixelPrototypeContrastiveLoss(reduction="batchwise_mean")),
+    ("target_labels", lambda: overlap_class_weight(Y, Y[:1], K, size=(4, 4))),
+    ("size", lambda: overlap_class_weight(Y, Y, K, size=(0, 4))),
+    # PrototypeEMA
+    ("momentum", lambda: PrototypeEMA(K, D, momentum=1.0)),
+    ("momentum", lambda: PrototypeEMA(K, D, momentum=-0.1)),
+    ("dim", lambda: PrototypeEMA(K, 0)),
+    ("num_classes", lambda: PrototypeEMA(0, D)),
+    ("features", lambda: _ema().update(torch.randn(B, D + 1, 4, 4), Y)),
+    ("labels", lambda: _ema().update(F4, Y.float())),
+    ("counts", lambda: _ema().update_from(torch.randn(B, K, D), torch.ones(B, K + 1))),
+    ("prototypes", lambda: _ema().update_from(torch.randn(B, K + 1, D), torch.ones(B, K + 1))),
+    # calibration
+    ("source_ema", lambda: domain_bias_calibrate(P, torch.randn(K + 1, D), torch.randn(K, D))),
+    ("target_ema", lambda: domain_bias_calibrate(P, torch.randn(K, D), torch.randn(K, D + 1))),
+    ("source_initialized", lambda: domain_bias_calibrate(P, torch.randn(K, D), torch.randn(K, D),
+                                                         source_initialized=torch.ones(K + 1, dtype=torch.bool))),
+    ("source_prototypes", lambda: domain_bias_calibrate(torch.randn(D), torch.randn(K, D), torch.randn(K, D))),
+    # dynamic / hybrid / static pseudo labels
+    ("threshold", lambda: dynamic_pseudo_label(F4, P, threshold=1.5)),
+    ("threshold", lambda: dynamic_pseudo_label(F4, P, threshold=-1.01)),
+    ("prototypes", lambda: dynamic_pseudo_label(F4, torch.randn(K, D + 2))),
+    ("target_features", lambda: dynamic_pseudo_label(F4.long(), P)),
+    ("valid", lambda: dynamic_pseudo_label(F4, P, valid=torch.ones(3, K, dtype=torch.bool))),
+    ("size", lambda: dynamic_pseudo_label(F4, P, size=(8,))),
+    ("mode", lambda: hybrid_fuse(Y, Y, mode="union")),
+    ("dynamic_labels", lambda: hybrid_fuse(Y, Y[:1])),
+    ("static_labels", lambda: hybrid_fuse(Y.float(), Y)),
+    ("proportion", lambda: static_pseudo_label(Z, proportion=1.5)),
+    ("proportion", lambda: static_pseudo_label(Z, proportion=-0.1)),
+    ("class_thresholds", lambda: static_pseudo_label(Z, class_thresholds=torch.ones(K + 1))),
+    ("logits", lambda: static_pseudo_label(Z[0])),
+    ("proportion", lambda: ClassBalancedThresholds(K, proportion=2.0)),
+    ("bins", lambda: ClassBalancedThresholds(K, bins=0)),
+    ("num_classes", lambda: ClassBalancedThresholds(0)),
+    ("logits", lambda: ClassBalancedThresholds(K).update(torch.randn(B, K + 1, 4, 4))),
+    # entropy
+    ("reduction", lambda: entropy_loss(Z, reduction="elementwise")),
+    ("logits", lambda: entropy_loss(Z.long())),
+    ("logits", lambda: entropy_loss(Z[0])),
+    ("reduction", lambda: EntropyLoss(reduction="avg")),
+    # resize
+    ("size", lambda: resize_labels(Y, (0, 3))),
+    ("mode", lambda: resize_labels(Y, (4, 4), mode="bilinear")),
+    ("num_classes", lambda: resize_labels(Y, (4, 4), mode="purity")),
+    ("labels", lambda: resize_labels(Y.float(), (4, 4))),
+    # orchestrator
+    ("fuse", lambda: BidirectionalContrast(K, D, fuse="union")),
+    ("momentum", lambda: BidirectionalContrast(K, D, momentum=1.0)),
+    ("threshold", lambda: BidirectionalContrast(K, D, threshold=2.0)),
+    ("temperature", lambda: BidirectionalContrast(K, D, temperature=0.0)),
+    ("absent", lambda: BidirectionalContrast(K, D, absent="drop")),
+    ("at", lambda: BidirectionalContrast(K, D, at="both")),
+    ("fcl_weight", lambda: BidirectionalContrast(K, D, fcl_weight=-0.1)),
+    ("source_features", lambda: _step()(torch.randn(B, D + 1, 4, 4), Y, F4, Y)),
+    ("target_features", lambda: _step()(F4, Y, torch.randn(B + 1, D, 4, 4), torch.randint(0, K, (B + 1, 8, 8)))),
+    ("static_labels", lambda: _step()(F4, Y, F4, torch.full((B, 8, 8), 33))),
+    ("source_labels", lambda: _step()(F4, Y.float(), F4, Y)),
+    # device mismatch, testable without a GPU: the "meta" device is another device that holds no data
+    ("prototypes", lambda: pixel_prototype_contrastive_loss(F4, P.to("meta"), Y)),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y.to("meta"))),
+    ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K, device="meta"))),
+    ("weights", lambda: masked_average_pool(F4, Y, K, weights=torch.rand(B, 4, 4, device="meta"))),
+    ("labels", lambda: masked_average_pool(F4, Y.to("meta"), K)),
+    ("dynamic_labels", lambda: hybrid_fuse(Y, Y.to("meta"))),
+    ("counts", lambda: _ema().update_from(P, torch.ones(B, K, device="meta"))),
+    ("target_ema", lambda: domain_bias_calibrate(P, torch.randn(K, D), torch.randn(K, D, device="meta"))),
+    ("class_thresholds", lambda: static_pseudo_label(Z, class_thresholds=torch.ones(K, device="meta"))),
+    ("logits", lambda: ClassBalancedThresholds(K).update(torch.randn(B, K, 4, 4, device="meta"))),
+    ("valid", lambda: dynamic_pseudo_label(F4, P, valid=torch.ones(K, dtype=torch.bool, device="meta"))),
+    ("target_features", lambda: _step()(F4, Y, F4.to("meta"), Y.to("meta"))),
+    # the switch itself
+    ("enabled", lambda: protocl.set_value_checks(1)),
+]
+
+
+@pytest.mark.parametrize(("argname", "call"), MALFORMED, ids=[f"{i:02d}-{a}" for i, (a, _) in enumerate(MALFORMED)])
+def test_malformed_call_names_the_argument(argname, call):
+    with pytest.raises((ValueError, TypeError), match=rf"\b{re.escape(argname)}\b") as info:
+        call()
+    assert "expected" in str(info.value).lower(), str(info.value)
+
+
+def test_at_least_thirty_malformed_calls():
+    assert len(MALFORMED) >= 30
+
+
+# --------------------------------------------------------------------------------------- value checks
+RAW_ID_CALLS = [
+    ("labels", lambda y: masked_average_pool(F4, y, 19)),
+    ("labels", lambda y: pixel_prototype_contrastive_loss(F4, torch.randn(19, D), y)),
+    ("labels", lambda y: pixel_prototype_contrastive_loss(F4, torch.randn(19, D), y, at="label")),
+    ("labels", lambda y: PrototypeEMA(19, D).update(F4, y)),
+    ("source_labels", lambda y: BidirectionalContrast(19, D)(F4, y, F4, torch.zeros_like(y))),
+    ("static_labels", lambda y: BidirectionalContrast(19, D)(F4, torch.zeros_like(y), F4, y)),
+]
+
+
+def _raw_ids():
+    y = torch.randint(0, 19, (B, 8, 8))
+    y[1, 3, 4] = 33  # a raw Cityscapes id (bicycle) passed instead of the train id 18
+    return y
+
+
+@pytest.mark.parametrize(("argname", "call"), RAW_ID_CALLS, ids=[str(i) for i in range(len(RAW_ID_CALLS))])
+def test_raw_label_ids_raise_in_eager(argname, call):
+    assert protocl.value_checks_enabled()
+    with pytest.raises(ValueError, match=rf"\b{argname}\b.*33|33.*\b{argname}\b"):
+        call(_raw_ids())
+
+
+@pytest.mark.parametrize(("argname", "call"), RAW_ID_CALLS, ids=[str(i) for i in range(len(RAW_ID_CALLS))])
+def test_value_checks_switch_off(argname, call):
+    protocl.set_value_checks(False)
+    assert not protocl.value_checks_enabled()
+    call(_raw_ids())  # no ValueError: the check is skipped
+    protocl.set_value_checks(True)
+    with pytest.raises(ValueError):
+        call(_raw_ids())
+
+
+def test_value_checks_are_skipped_while_compiling():
+    def fn(f, p, y):
+        return pixel_prototype_contrastive_loss(f, p, y, at="label")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    protos = torch.randn(19, D)
+    raw = _raw_ids()
+    expected = fn(F4, protos, torch.where(raw == 33, 255, raw))
+    got = compiled(F4, protos, raw)  # would raise in eager mode
+    assert torch.isfinite(got)
+    with pytest.raises(ValueError):
+        fn(F4, protos, raw)
+    torch.testing.assert_close(got, expected)
+
+
+def test_checks_off_bad_ids_do_not_touch_other_pixels():
+    # with checks off an out-of-range id must not crash nor leak into other images' terms
+    protocl.set_value_checks(False)
+    f = torch.randn(B, D, 4, 4, dtype=torch.float64)
+    y_bad = _raw_ids()
+    y_bad[0, 0, 0] = 33
+    y_ign = torch.where(y_bad == 33, 255, y_bad)
+    protos = torch.randn(B, 19, D, dtype=torch.float64)
+    for at in ("feature", "label"):
+        a = pixel_prototype_contrastive_loss(f, protos, y_bad, at=at, reduction="sum")
+        b = pixel_prototype_contrastive_loss(f, protos, y_ign, at=at, reduction="sum")
+        torch.testing.assert_close(a, b)
+    step_a, step_b = BidirectionalContrast(19, D, at="label").double(), BidirectionalContrast(19, D, at="label").double()
+    y_t = torch.randint(0, 19, (B, 8, 8))  # (bad static ids would be kept by the "fill" fusion, by design)
+    torch.testing.assert_close(step_a(f, y_bad, f, y_t).loss, step_b(f, y_ign, f, y_t).loss)
+
+
+def test_no_assert_statements_reach_the_user():
+    # validation uses built-in exceptions: python -O must not change behaviour
+    with pytest.raises(ValueError):
+        masked_average_pool(F4, Y, K, resize="nope")
