@@ -66,6 +66,7 @@ class Case:
     feature_size: int
     label_size: int
     num_classes: int = 19
+    heavy: bool = False  # the baseline takes seconds per call on a small CPU: fewer repeats there
 
     @property
     def feature_pixels(self) -> int:
@@ -85,9 +86,9 @@ def release_cases() -> list[Case]:
     r"""The release's shapes, D=2048, and a pixel sweep (features x2 per side, labels in proportion)."""
     return [
         Case("release", 2, 76, 92, 730),
-        Case("d2048", 2, 2048, 92, 730),
+        Case("d2048", 2, 2048, 92, 730, heavy=True),
         Case("sweep-46", 2, 76, 46, 365),
-        Case("sweep-184", 2, 76, 184, 1460),
+        Case("sweep-184", 2, 76, 184, 1460, heavy=True),
     ]
 
 
@@ -489,8 +490,9 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def speedups(timing: dict[str, dict]) -> dict[str, float]:
-    r"""Baseline median / implementation median, step variants against ``release_step``, loss against loss."""
+def speedups(timing: dict[str, dict], stat: str = "median_ms") -> dict[str, float]:
+    r"""Baseline time / implementation time (``stat``: median or min), steps against ``release_step``, losses
+    against ``release_loss``."""
     out = {}
     for name, res in timing.items():
         if name.startswith("release"):
@@ -498,34 +500,33 @@ def speedups(timing: dict[str, dict]) -> dict[str, float]:
         family = "step" if name.startswith("protocl_step") else "loss"
         base = timing.get(f"release_{family}")
         if base is not None:
-            out[name] = base["median_ms"] / res["median_ms"]
+            out[name] = base[stat] / res[stat]
     return out
 
 
 def goals(report: dict) -> dict:
     r"""The issue's CPU goals evaluated on the measured medians (value checks on: the default user setting)."""
-    cases = {c["case"]["name"]: c for c in report["cases"]}
     out = {}
     main = next((c for c in report["cases"] if c["case"]["dim"] == 76 and c["case"]["feature_size"] == 92), None)
     wide = next((c for c in report["cases"] if c["case"]["dim"] == 2048), None)
     for checks in ("checks", "nochecks"):
-        if main is not None:
-            out[f"default_step_speedup_d76_{checks}"] = main["speedup"].get(f"protocl_step-{checks}")
-            out[f"rc_step_speedup_d76_{checks}"] = main["speedup"].get(f"protocl_step_rc-{checks}")
-        if wide is not None:
-            out[f"default_step_speedup_d2048_{checks}"] = wide["speedup"].get(f"protocl_step-{checks}")
-            out[f"rc_step_speedup_d2048_{checks}"] = wide["speedup"].get(f"protocl_step_rc-{checks}")
+        for stat, key in (("median", "speedup"), ("min", "speedup_min")):
+            for label, entry in (("d76", main), ("d2048", wide)):
+                if entry is None:
+                    continue
+                out[f"default_step_speedup_{label}_{checks}_{stat}"] = entry[key].get(f"protocl_step-{checks}")
+                out[f"rc_step_speedup_{label}_{checks}_{stat}"] = entry[key].get(f"protocl_step_rc-{checks}")
     sweep = sorted((c for c in report["cases"] if c["case"]["dim"] == report["sweep_dim"]),
                    key=lambda c: c["case"]["feature_size"])
-    ratios = {}
-    for small, big in zip(sweep, sweep[1:]):
-        if big["case"]["feature_size"] != 2 * small["case"]["feature_size"]:
-            continue
-        for name in big["timing"]:
-            key = f"{name}:{small['case']['name']}->{big['case']['name']}"
-            ratios[key] = big["timing"][name]["median_ms"] / small["timing"][name]["median_ms"]
-    out["time_ratio_for_4x_pixels"] = ratios
-    del cases
+    for stat, key in (("median_ms", "time_ratio_for_4x_pixels"), ("min_ms", "time_ratio_for_4x_pixels_min")):
+        ratios = {}
+        for small, big in zip(sweep, sweep[1:]):
+            if big["case"]["feature_size"] != 2 * small["case"]["feature_size"]:
+                continue
+            for name in big["timing"]:
+                ratio_key = f"{name}:{small['case']['name']}->{big['case']['name']}"
+                ratios[ratio_key] = big["timing"][name][stat] / small["timing"][name][stat]
+        out[key] = ratios
     return out
 
 
@@ -546,14 +547,15 @@ def markdown(report: dict) -> str:
                      f"labels {case['label_size']}², K={case['num_classes']} "
                      f"(feature tensors {c['feature_mb']:.1f} MiB)")
         lines.append("")
-        lines.append("| implementation | median ms | min ms | speed-up | peak extra MiB |")
-        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        lines.append("| implementation | median ms | min ms | speed-up (median) | speed-up (min) | peak extra MiB |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, res in c["timing"].items():
-            sp = c["speedup"].get(name)
+            sp, sp_min = c["speedup"].get(name), c.get("speedup_min", {}).get(name)
             mem = c.get("memory", {}).get(name, {})
             peak = f"{mem['peak_extra_mb']:.1f}" if "peak_extra_mb" in mem else mem.get("error", "-")
             lines.append(f"| {name} | {res['median_ms']:.2f} | {res['min_ms']:.2f} | "
-                         f"{'-' if sp is None else f'{sp:.1f}x'} | {peak} |")
+                         f"{'-' if sp is None else f'{sp:.1f}x'} | {'-' if sp_min is None else f'{sp_min:.1f}x'} "
+                         f"| {peak} |")
         lines.append("")
     lines.append("## Goals")
     lines.append("")
@@ -654,11 +656,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     }
     for case in cases:
         # slow baselines at large shapes get fewer repeats only through --repeats; keep all equal by default
-        timing = time_case(case, impls, device, warmup=warmup, repeats=repeats)
+        light = case.heavy and device == "cpu" and args.repeats is None
+        timing = time_case(case, impls, device, warmup=1 if light else warmup,
+                           repeats=max(3, repeats // 2) if light else repeats)
         entry = {"case": {**dataclasses.asdict(case), "feature_pixels": case.feature_pixels,
                           "label_pixels": case.label_pixels},
-                 "feature_mb": case.feature_mb, "timing": timing, "speedup": speedups(timing)}
-        if not args.no_memory:
+                 "feature_mb": case.feature_mb, "timing": timing, "speedup": speedups(timing),
+                 "speedup_min": speedups(timing, "min_ms")}
+        if not args.no_memory and (device == "cuda" or not case.name.startswith("sweep")):
             entry["memory"] = {
                 impl.name: (measure_memory(case, impl, device) if device == "cuda"
                             else memory_in_subprocess(case, impl.name, device, args.compile))

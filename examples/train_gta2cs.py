@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # paper settings for DeepLab-V2 (spec §4); the tiny demo's own budget
 DEFAULTS = {
-    "deeplabv2": dict(source_iters=20000, rounds=10, round_iters=10000, batch_size=2, crop=730, resize=850,
-                      eval_size=(1460, 730), lr=7.5e-5, source_lr=2.5e-4, ema_momentum=0.999, workers=4,
-                      log_every=50, ckpt_every=1000, threshold=0.7),
-    "tiny": dict(source_iters=500, rounds=3, round_iters=200, batch_size=4, crop=48, resize=64,
-                 eval_size=(128, 64), lr=2e-3, source_lr=5e-3, ema_momentum=0.99, workers=0,
-                 log_every=50, ckpt_every=200, threshold=0.9),
+    "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
+                  "resize": 850, "eval_size": (1460, 730), "lr": 7.5e-5, "source_lr": 2.5e-4, "ema_momentum": 0.999,
+                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7},
+    "tiny": {"source_iters": 500, "rounds": 3, "round_iters": 200, "batch_size": 4, "crop": 48, "resize": 64,
+             "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
+             "log_every": 50, "ckpt_every": 200, "threshold": 0.9},
 }
 
 

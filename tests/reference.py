@@ -100,8 +100,17 @@ def resize_labels(labels, size, *, mode="nearest", num_classes=None, ignore_inde
 
 
 # ------------------------------------------------------------------------------------------- prototypes
-def masked_average_pool(features, labels, num_classes, *, ignore_index=IGNORE, per_image=True, weights=None,
-                        resize="nearest", min_purity=0.75):
+def masked_average_pool(
+    features,
+    labels,
+    num_classes,
+    *,
+    ignore_index=IGNORE,
+    per_image=True,
+    weights=None,
+    resize="nearest",
+    min_purity=0.75,
+):
     r"""``count[b,k] = sum_p [y=k] w``, ``proto[b,k] = sum_p [y=k] w f / count`` (0 when count is 0).
 
     ``weights`` are per pixel on the feature grid ``(B, h, w)``. Returns ``(prototypes, counts)``:
@@ -109,8 +118,9 @@ def masked_average_pool(features, labels, num_classes, *, ignore_index=IGNORE, p
     """
     feat = as_np(features)
     b_n, dim, h, w = feat.shape
-    y = resize_labels(labels, (h, w), mode=resize, num_classes=num_classes, ignore_index=ignore_index,
-                      min_purity=min_purity)
+    y = resize_labels(
+        labels, (h, w), mode=resize, num_classes=num_classes, ignore_index=ignore_index, min_purity=min_purity
+    )
     wt = np.ones((b_n, h, w)) if weights is None else as_np(weights)
     if wt.shape != (b_n, h, w):  # weights on the label grid: nearest-resized like the labels
         rows, cols = nearest_index(h, wt.shape[1]), nearest_index(w, wt.shape[2])
@@ -186,7 +196,7 @@ def _neg_log_softmax(row, target) -> float:
 
 
 def _reduce(values, weights, reduction):
-    r"""``none``: per-pixel ``w * l`` map; ``sum``: ``sum w l``; ``mean``: ``sum w l / sum w`` (0 if empty)."""
+    r"""``none``: per-pixel ``w * l``; ``sum``: ``sum w l``; ``mean``: ``sum w l / sum w`` (0 if empty)."""
     if reduction == "none":
         return values * weights
     total = float((values * weights).sum())
@@ -196,9 +206,22 @@ def _reduce(values, weights, reduction):
     return total / denom if denom > 0 else 0.0
 
 
-def contrastive_loss(features, prototypes, labels, *, valid=None, temperature=0.1, class_weight=None,
-                     absent="mask", at="feature", ignore_index=IGNORE, reduction="mean", resize="nearest",
-                     min_purity=0.75, eps=EPS):
+def contrastive_loss(
+    features,
+    prototypes,
+    labels,
+    *,
+    valid=None,
+    temperature=0.1,
+    class_weight=None,
+    absent="mask",
+    at="feature",
+    ignore_index=IGNORE,
+    reduction="mean",
+    resize="nearest",
+    min_purity=0.75,
+    eps=EPS,
+):
     r"""Pixel-prototype contrastive loss, ``l = -log softmax_k(z)[y]``, one pixel at a time.
 
     ``at="feature"`` resizes the labels to the feature grid; ``at="label"`` materialises the logits
@@ -214,8 +237,9 @@ def contrastive_loss(features, prototypes, labels, *, valid=None, temperature=0.
     else:
         cw = _per_image(as_np(class_weight), b_n, 1)
     if at == "feature":
-        y = resize_labels(lab, (h, w), mode=resize, num_classes=k_n, ignore_index=ignore_index,
-                          min_purity=min_purity)
+        y = resize_labels(
+            lab, (h, w), mode=resize, num_classes=k_n, ignore_index=ignore_index, min_purity=min_purity
+        )
         rows, cols = list(range(h)), list(range(w))
     else:
         y = lab
@@ -274,14 +298,16 @@ class EMARef:
 
     def update(self, features, labels, ignore_index=IGNORE):
         r"""Batch masked average of ``features`` under ``labels``, then :meth:`update_from`."""
-        protos, counts = masked_average_pool(features, labels, self.prototypes.shape[0],
-                                             ignore_index=ignore_index, per_image=False)
+        protos, counts = masked_average_pool(
+            features, labels, self.prototypes.shape[0], ignore_index=ignore_index, per_image=False
+        )
         self.update_from(protos, counts)
 
 
 # ---------------------------------------------------------------------------------------- calibration
-def domain_bias_calibrate(source_prototypes, source_ema, target_ema, source_initialized=None,
-                          target_initialized=None) -> np.ndarray:
+def domain_bias_calibrate(
+    source_prototypes, source_ema, target_ema, source_initialized=None, target_initialized=None
+) -> np.ndarray:
     r"""``p + (mu_T - mu_S)`` per class, the bias being 0 where either EMA is not initialised."""
     p = as_np(source_prototypes)
     mu_s, mu_t = as_np(source_ema), as_np(target_ema)
@@ -298,8 +324,9 @@ def domain_bias_calibrate(source_prototypes, source_ema, target_ema, source_init
 
 
 # ------------------------------------------------------------------------------------- pseudo labels
-def dynamic_pseudo_label(features, prototypes, *, valid=None, threshold=0.7, ignore_index=IGNORE, size=None,
-                         eps=EPS) -> np.ndarray:
+def dynamic_pseudo_label(
+    features, prototypes, *, valid=None, threshold=0.7, ignore_index=IGNORE, size=None, eps=EPS
+) -> np.ndarray:
     r"""``argmax_k cos(f, P_k)`` over valid classes when the max cosine is ``> threshold``, else ignore."""
     feat = as_np(features)
     b_n, _, h, w = feat.shape
@@ -424,15 +451,42 @@ def entropy(logits, reduction="mean"):
 class StepRef:
     r"""One orchestrator step (spec section 3, steps 1-7) built from the references above."""
 
-    def __init__(self, num_classes, dim, *, fcl_weight=0.1, bcl_weight=0.1, temperature=0.1, momentum=0.999,
-                 threshold=0.7, fuse="fill", absent="mask", at="feature", calibrate=True, dynamic=True,
-                 ignore_index=IGNORE, release_compatible=False):
+    def __init__(
+        self,
+        num_classes,
+        dim,
+        *,
+        fcl_weight=0.1,
+        bcl_weight=0.1,
+        temperature=0.1,
+        momentum=0.999,
+        threshold=0.7,
+        fuse="fill",
+        absent="mask",
+        at="feature",
+        calibrate=True,
+        dynamic=True,
+        ignore_index=IGNORE,
+        release_compatible=False,
+        resize="nearest",
+    ):
         self.k_n = num_classes
+        self.resize = resize
         if release_compatible:
             absent, at = "min_similarity", "label"
-        self.cfg = dict(fcl_weight=fcl_weight, bcl_weight=bcl_weight, temperature=temperature,
-                        threshold=threshold, fuse=fuse, absent=absent, at=at, calibrate=calibrate,
-                        dynamic=dynamic, ignore_index=ignore_index, release=release_compatible)
+        self.cfg = {
+            "fcl_weight": fcl_weight,
+            "bcl_weight": bcl_weight,
+            "temperature": temperature,
+            "threshold": threshold,
+            "fuse": fuse,
+            "absent": absent,
+            "at": at,
+            "calibrate": calibrate,
+            "dynamic": dynamic,
+            "ignore_index": ignore_index,
+            "release": release_compatible,
+        }
         self.source_ema = EMARef(num_classes, dim, momentum)
         self.target_ema = EMARef(num_classes, dim, momentum)
 
@@ -440,27 +494,44 @@ class StepRef:
         r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs."""
         c = self.cfg
         ign = c["ignore_index"]
-        p_s, n_s = masked_average_pool(fs, ys, self.k_n, ignore_index=ign)
+        p_s, n_s = masked_average_pool(fs, ys, self.k_n, ignore_index=ign, resize=self.resize)
         p_st = p_s
         if c["calibrate"]:
-            p_st = domain_bias_calibrate(p_s, self.source_ema.prototypes, self.target_ema.prototypes,
-                                         self.source_ema.initialized, self.target_ema.initialized)
+            p_st = domain_bias_calibrate(
+                p_s,
+                self.source_ema.prototypes,
+                self.target_ema.prototypes,
+                self.source_ema.initialized,
+                self.target_ema.initialized,
+            )
         yf_np = as_np(yf, np.int64)
-        y_d = dynamic_pseudo_label(ft, p_st, valid=n_s > 0, threshold=c["threshold"], ignore_index=ign,
-                                   size=yf_np.shape[1:])
+        y_d = dynamic_pseudo_label(
+            ft, p_st, valid=n_s > 0, threshold=c["threshold"], ignore_index=ign, size=yf_np.shape[1:]
+        )
         y_t = hybrid_fuse(yf_np, y_d, mode=c["fuse"], ignore_index=ign) if c["dynamic"] else yf_np
-        p_t, n_t = masked_average_pool(ft, y_t, self.k_n, ignore_index=ign)
-        kw = dict(temperature=c["temperature"], absent=c["absent"], at=c["at"], ignore_index=ign)
+        p_t, n_t = masked_average_pool(ft, y_t, self.k_n, ignore_index=ign, resize=self.resize)
+        kw = {
+            "temperature": c["temperature"],
+            "absent": c["absent"],
+            "at": c["at"],
+            "ignore_index": ign,
+            "resize": self.resize,
+        }
         if c["release"]:  # mean over pairs of each pair's loss; FCL weighted by the class overlap
             ys_np, feat_s, feat_t = as_np(ys, np.int64), as_np(fs), as_np(ft)
             fcl = bcl = 0.0
             b_n = feat_s.shape[0]
             for b in range(b_n):
                 pair = slice(b, b + 1)
-                both = (overlap_class_weight(ys_np[pair], ys_np[pair], self.k_n, feat_s.shape[2:], ign)
-                        * overlap_class_weight(y_t[pair], y_t[pair], self.k_n, feat_t.shape[2:], ign))
-                fcl += contrastive_loss(feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0,
-                                        class_weight=both, **kw) / b_n
+                both = overlap_class_weight(
+                    ys_np[pair], ys_np[pair], self.k_n, feat_s.shape[2:], ign
+                ) * overlap_class_weight(y_t[pair], y_t[pair], self.k_n, feat_t.shape[2:], ign)
+                fcl += (
+                    contrastive_loss(
+                        feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0, class_weight=both, **kw
+                    )
+                    / b_n
+                )
                 bcl += contrastive_loss(feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, **kw) / b_n
         else:
             fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
@@ -468,13 +539,19 @@ class StepRef:
         if update:
             self.source_ema.update_from(p_s, n_s)
             self.target_ema.update_from(p_t, n_t)
-        return dict(loss=c["fcl_weight"] * fcl + c["bcl_weight"] * bcl, fcl=fcl, bcl=bcl, target_labels=y_t,
-                    dynamic_labels=y_d)
+        return {
+            "loss": c["fcl_weight"] * fcl + c["bcl_weight"] * bcl,
+            "fcl": fcl,
+            "bcl": bcl,
+            "target_labels": y_t,
+            "dynamic_labels": y_d,
+        }
 
 
 # ------------------------------------------------------------------------------------- random inputs
-def random_labels(b_n, height, width, num_classes, *, ignore_frac=0.2, present=None, generator=None,
-                  ignore_index=IGNORE) -> torch.Tensor:
+def random_labels(
+    b_n, height, width, num_classes, *, ignore_frac=0.2, present=None, generator=None, ignore_index=IGNORE
+) -> torch.Tensor:
     r"""``(B, H, W)`` int64 labels drawn from ``present`` classes (default: a random half of the classes
     per image, so some classes are absent), with about ``ignore_frac`` ignore pixels."""
     out = torch.empty(b_n, height, width, dtype=torch.int64)
@@ -491,11 +568,19 @@ def random_labels(b_n, height, width, num_classes, *, ignore_frac=0.2, present=N
     return out
 
 
-def blocky_labels(b_n, height, width, num_classes, *, block=3, ignore_frac=0.1, generator=None,
-                  ignore_index=IGNORE) -> torch.Tensor:
+def blocky_labels(
+    b_n, height, width, num_classes, *, block=3, ignore_frac=0.1, generator=None, ignore_index=IGNORE
+) -> torch.Tensor:
     r"""Labels made of ``block``-sized constant patches (so purity resizing has pure cells to find)."""
-    small = random_labels(b_n, -(-height // block), -(-width // block), num_classes, ignore_frac=ignore_frac,
-                          generator=generator, ignore_index=ignore_index)
+    small = random_labels(
+        b_n,
+        -(-height // block),
+        -(-width // block),
+        num_classes,
+        ignore_frac=ignore_frac,
+        generator=generator,
+        ignore_index=ignore_index,
+    )
     big = small.repeat_interleave(block, 1).repeat_interleave(block, 2)
     return big[:, :height, :width].contiguous()
 

@@ -1,10 +1,9 @@
 r"""The orchestrator (spec section 3, steps 1-7) against a reference step built from the loop references."""
 
-import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import BidirectionalContrast
 
 K, D = 5, 4
@@ -32,34 +31,48 @@ def _steps(n, b_n=2, grid_s=(4, 5), grid_t=(5, 4), label_s=(9, 11), label_t=(10,
 
 
 def _check(out, expected, model, reference):
-    torch.testing.assert_close(out.fcl.detach().double(), torch.tensor(expected["fcl"], dtype=torch.float64),
-                               rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(out.bcl.detach().double(), torch.tensor(expected["bcl"], dtype=torch.float64),
-                               rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(out.loss.detach().double(), torch.tensor(expected["loss"], dtype=torch.float64),
-                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        out.fcl.detach().double(), torch.tensor(expected["fcl"], dtype=torch.float64), rtol=1e-6, atol=1e-8
+    )
+    torch.testing.assert_close(
+        out.bcl.detach().double(), torch.tensor(expected["bcl"], dtype=torch.float64), rtol=1e-6, atol=1e-8
+    )
+    torch.testing.assert_close(
+        out.loss.detach().double(), torch.tensor(expected["loss"], dtype=torch.float64), rtol=1e-6, atol=1e-8
+    )
     assert torch.equal(out.target_labels, torch.from_numpy(expected["target_labels"]))
     if reference.cfg["dynamic"]:
         assert torch.equal(out.dynamic_labels, torch.from_numpy(expected["dynamic_labels"]))
     for ema, ref_ema in ((model.source_ema, reference.source_ema), (model.target_ema, reference.target_ema)):
         assert ema.initialized.tolist() == ref_ema.initialized.tolist()
-        torch.testing.assert_close(ema.prototypes.double(), torch.from_numpy(ref_ema.prototypes), rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            ema.prototypes.double(), torch.from_numpy(ref_ema.prototypes), rtol=1e-5, atol=1e-6
+        )
 
 
 CONFIGS = [
-    dict(),
-    dict(threshold=0.3, momentum=0.5),
-    dict(threshold=0.3, momentum=0.5, calibrate=False),
-    dict(threshold=0.3, momentum=0.5, dynamic=False),
-    dict(threshold=0.3, momentum=0.0, fuse="agree", absent="min_similarity"),
-    dict(threshold=0.2, momentum=0.9, fuse="dynamic_first", at="label", fcl_weight=0.3, bcl_weight=0.7),
-    dict(threshold=0.3, momentum=0.5, fcl_weight=0.0, temperature=0.5),
-    dict(threshold=0.3, momentum=0.5, release_compatible=True),
+    {},
+    {"threshold": 0.3, "momentum": 0.5},
+    {"threshold": 0.3, "momentum": 0.5, "calibrate": False},
+    {"threshold": 0.3, "momentum": 0.5, "dynamic": False},
+    {"threshold": 0.3, "momentum": 0.0, "fuse": "agree", "absent": "min_similarity"},
+    {
+        "threshold": 0.2,
+        "momentum": 0.9,
+        "fuse": "dynamic_first",
+        "at": "label",
+        "fcl_weight": 0.3,
+        "bcl_weight": 0.7,
+    },
+    {"threshold": 0.3, "momentum": 0.5, "fcl_weight": 0.0, "temperature": 0.5},
+    {"threshold": 0.3, "momentum": 0.5, "release_compatible": True},
+    {"threshold": 0.3, "momentum": 0.5, "resize": "purity"},
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default"
+)
 def test_step_sequence_matches_reference(config):
     model = BidirectionalContrast(K, D, **config)
     reference = ref.StepRef(K, D, **config)
@@ -81,7 +94,7 @@ def test_update_false_leaves_emas_untouched():
 
 def test_first_step_calibration_is_identity_and_step_uses_previous_emas():
     # before any update the EMAs are not initialised: calibrated == uncalibrated prototypes
-    (fs, ys, ft, static), = _steps(1)
+    ((fs, ys, ft, static),) = _steps(1)
     a = BidirectionalContrast(K, D, threshold=0.3)
     b = BidirectionalContrast(K, D, threshold=0.3, calibrate=False)
     out_a, out_b = a(fs, ys, ft, static), b(fs, ys, ft, static)
@@ -90,7 +103,7 @@ def test_first_step_calibration_is_identity_and_step_uses_previous_emas():
 
 
 def test_gradients_reach_both_feature_maps_and_stats_are_detached():
-    (fs, ys, ft, static), = _steps(1)
+    ((fs, ys, ft, static),) = _steps(1)
     fs.requires_grad_(True)
     ft.requires_grad_(True)
     out = BidirectionalContrast(K, D, threshold=0.3)(fs, ys, ft, static)
@@ -102,7 +115,7 @@ def test_gradients_reach_both_feature_maps_and_stats_are_detached():
 
 
 def test_fill_keeps_every_static_label():
-    (fs, ys, ft, static), = _steps(1)
+    ((fs, ys, ft, static),) = _steps(1)
     out = BidirectionalContrast(K, D, threshold=-1.0)(fs, ys, ft, static)
     labelled = static != 255
     assert torch.equal(out.target_labels[labelled], static[labelled])
@@ -110,9 +123,11 @@ def test_fill_keeps_every_static_label():
 
 
 def test_empty_batch_gives_zero_loss_not_nan():
-    (fs, ys, ft, static), = _steps(1)
+    ((fs, ys, ft, static),) = _steps(1)
     fs.requires_grad_(True)
-    out = BidirectionalContrast(K, D, dynamic=False)(fs, torch.full_like(ys, 255), ft, torch.full_like(static, 255))
+    out = BidirectionalContrast(K, D, dynamic=False)(
+        fs, torch.full_like(ys, 255), ft, torch.full_like(static, 255)
+    )
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert torch.all(fs.grad == 0)
@@ -131,7 +146,7 @@ def test_state_dict_round_trip_continues_identically():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_features_close_to_fp32(dtype):
-    (fs, ys, ft, static), = _steps(1)
+    ((fs, ys, ft, static),) = _steps(1)
     fs, ft = fs.float().to(dtype), ft.float().to(dtype)
     half = BidirectionalContrast(K, D, dynamic=False)(fs, ys, ft, static)
     full = BidirectionalContrast(K, D, dynamic=False)(fs.float(), ys, ft.float(), static)
@@ -142,7 +157,10 @@ def test_half_features_close_to_fp32(dtype):
 def test_no_hard_coded_sizes():
     # K = 23, D = 260 channels, B = 3, different grids and label sizes per domain
     k_n, dim, b_n = 23, 260, 3
-    fs, ft = torch.randn(b_n, dim, 3, 5, dtype=torch.float64), torch.randn(b_n, dim, 4, 2, dtype=torch.float64)
+    fs, ft = (
+        torch.randn(b_n, dim, 3, 5, dtype=torch.float64),
+        torch.randn(b_n, dim, 4, 2, dtype=torch.float64),
+    )
     ys = ref.random_labels(b_n, 7, 9, k_n)
     yf = ref.random_labels(b_n, 5, 6, k_n, ignore_frac=0.6)
     model = BidirectionalContrast(k_n, dim, threshold=0.0, momentum=0.5)

@@ -2,17 +2,20 @@ r"""Class-wise domain-bias calibration (spec section 3) against the float64 loop
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import PrototypeEMA, domain_bias_calibrate
 
 K, D = 5, 4
 
 
 def _close(got, expected, **tol):
-    torch.testing.assert_close(got.detach().double(), torch.as_tensor(np.asarray(expected), dtype=torch.float64),
-                               **(tol or dict(rtol=1e-12, atol=1e-12)))
+    torch.testing.assert_close(
+        got.detach().double(),
+        torch.as_tensor(np.asarray(expected), dtype=torch.float64),
+        **(tol or {"rtol": 1e-12, "atol": 1e-12}),
+    )
 
 
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
@@ -38,7 +41,9 @@ def test_accepts_prototype_ema_modules():
     tgt.update_from(torch.randn(K, D), torch.tensor([1.0, 0.0, 3.0, 1.0, 0.0]))
     protos = torch.randn(3, K, D)
     got = domain_bias_calibrate(protos, src, tgt)
-    expected = ref.domain_bias_calibrate(protos, src.prototypes, tgt.prototypes, src.initialized, tgt.initialized)
+    expected = ref.domain_bias_calibrate(
+        protos, src.prototypes, tgt.prototypes, src.initialized, tgt.initialized
+    )
     _close(got, expected, rtol=1e-6, atol=1e-6)
     # only classes 0 and 3 are initialised in both
     assert torch.equal(got[:, [1, 2, 4]], protos[:, [1, 2, 4]])

@@ -1,13 +1,14 @@
-r"""Every training-path function compiles with ``torch.compile(fullgraph=True)`` and matches eager (spec section 2).
+r"""Every training-path function compiles with ``torch.compile(fullgraph=True)`` and matches eager
+(spec section 2).
 
-``backend="eager"`` runs Dynamo's tracing (where graph breaks and host syncs are found) without Inductor's code
-generation, so the whole file stays fast on CPU.
+``backend="eager"`` runs Dynamo's tracing (where graph breaks and host syncs are found) without
+Inductor's code generation, so the whole file stays fast on CPU.
 """
 
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import (
     BidirectionalContrast,
     ClassBalancedThresholds,
@@ -28,7 +29,7 @@ SHAPES = [(2, (6, 5), (13, 11)), (3, (4, 4), (9, 10))]  # (B, feature grid, labe
 
 
 def _shapes(dynamic):
-    r"""Two calls with different shapes when shapes are dynamic; one call otherwise (a second would recompile)."""
+    r"""Two calls with different shapes when shapes are dynamic; one otherwise (a second recompiles)."""
     return SHAPES if dynamic else SHAPES[:1]
 
 
@@ -67,17 +68,22 @@ def _grads(out, inputs):
 LOSS_CASES = {
     "contrastive-mask-feature": lambda f, y, p: pixel_prototype_contrastive_loss(f, p, y),
     "contrastive-min_similarity-label": lambda f, y, p: pixel_prototype_contrastive_loss(
-        f, p, y, absent="min_similarity", at="label", valid=torch.arange(K) != 2),
+        f, p, y, absent="min_similarity", at="label", valid=torch.arange(K) != 2
+    ),
     "contrastive-mask-label-none": lambda f, y, p: pixel_prototype_contrastive_loss(
-        f, p, y, at="label", reduction="none", class_weight=torch.linspace(0.5, 1.5, K)).sum(),
-    "contrastive-purity-sum": lambda f, y, p: pixel_prototype_contrastive_loss(f, p, y, resize="purity",
-                                                                               reduction="sum"),
+        f, p, y, at="label", reduction="none", class_weight=torch.linspace(0.5, 1.5, K)
+    ).sum(),
+    "contrastive-purity-sum": lambda f, y, p: pixel_prototype_contrastive_loss(
+        f, p, y, resize="purity", reduction="sum"
+    ),
     "fcl-shared-prototypes": lambda f, y, p: fcl_loss(f, p[0], y, absent="min_similarity"),
     "map-per-image": lambda f, y, p: masked_average_pool(f, y, K).prototypes.square().sum(),
     "map-batch-weights": lambda f, y, p: masked_average_pool(
-        f, y, K, per_image=False, weights=torch.ones_like(f[:, 0])).prototypes.sum(),
-    "calibrate": lambda f, y, p: domain_bias_calibrate(p, torch.ones(K, D), torch.zeros(K, D),
-                                                       source_initialized=torch.arange(K) > 1).sum(),
+        f, y, K, per_image=False, weights=torch.ones_like(f[:, 0])
+    ).prototypes.sum(),
+    "calibrate": lambda f, y, p: domain_bias_calibrate(
+        p, torch.ones(K, D), torch.zeros(K, D), source_initialized=torch.arange(K) > 1
+    ).sum(),
     "entropy": lambda f, y, p: entropy_loss(torch.einsum("bdhw,bkd->bkhw", f, p)),
 }
 
@@ -96,11 +102,14 @@ def test_differentiable_ops_compile_and_match(case, dynamic):
 
 
 LABEL_CASES = {
-    "dynamic": lambda f, y, p, z: dynamic_pseudo_label(f, p, threshold=0.2, valid=torch.arange(K) != 0,
-                                                       size=tuple(y.shape[-2:])),
+    "dynamic": lambda f, y, p, z: dynamic_pseudo_label(
+        f, p, threshold=0.2, valid=torch.arange(K) != 0, size=tuple(y.shape[-2:])
+    ),
     "fuse-fill": lambda f, y, p, z: hybrid_fuse(y, dynamic_pseudo_label(f, p, threshold=0.2)),
     "fuse-agree": lambda f, y, p, z: hybrid_fuse(y, y.flip(-1), mode="agree"),
-    "static": lambda f, y, p, z: static_pseudo_label(z, class_thresholds=torch.full((K,), 0.6), proportion=0.2),
+    "static": lambda f, y, p, z: static_pseudo_label(
+        z, class_thresholds=torch.full((K,), 0.6), proportion=0.2
+    ),
     "resize-nearest": lambda f, y, p, z: resize_labels(y, (3, 7)),
     "resize-purity": lambda f, y, p, z: resize_labels(y, (3, 7), mode="purity", num_classes=K),
 }
@@ -137,7 +146,7 @@ def test_stateful_updates_compile_and_match(dynamic):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("config", [dict(threshold=0.2, momentum=0.5), dict(release_compatible=True)])
+@pytest.mark.parametrize("config", [{"threshold": 0.2, "momentum": 0.5}, {"release_compatible": True}])
 def test_orchestrator_step_compiles_and_matches(config, dynamic):
     eager, model = BidirectionalContrast(K, D, **config), BidirectionalContrast(K, D, **config)
     compiled = _compiled(model, dynamic)

@@ -4,9 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import (
     PixelPrototypeContrastiveLoss,
     bcl_loss,
@@ -64,7 +64,14 @@ def test_matches_reference(absent, at, reduction, device):
     feats, protos, labels = _inputs()
     for layout in _configs():
         p, v, w = _make(layout, feats, protos, gen)
-        kw = dict(valid=v, class_weight=w, temperature=0.2, absent=absent, at=at, reduction=reduction)
+        kw = {
+            "valid": v,
+            "class_weight": w,
+            "temperature": 0.2,
+            "absent": absent,
+            "at": at,
+            "reduction": reduction,
+        }
         dev = {k: (x.to(device) if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
         got = pixel_prototype_contrastive_loss(feats.to(device), p.to(device), labels.to(device), **dev)
         expected = ref.contrastive_loss(feats, p, labels, **kw)
@@ -94,8 +101,12 @@ def test_purity_resize_matches_reference():
 def test_label_equals_feature_when_sizes_match():
     feats, protos, labels = _inputs(grid=(5, 6), label=(5, 6))
     for absent in ("mask", "min_similarity"):
-        a = pixel_prototype_contrastive_loss(feats, protos, labels, at="feature", absent=absent, reduction="none")
-        b = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent=absent, reduction="none")
+        a = pixel_prototype_contrastive_loss(
+            feats, protos, labels, at="feature", absent=absent, reduction="none"
+        )
+        b = pixel_prototype_contrastive_loss(
+            feats, protos, labels, at="label", absent=absent, reduction="none"
+        )
         torch.testing.assert_close(a, b)
 
 
@@ -103,7 +114,13 @@ def test_fcl_and_bcl_are_the_named_directions():
     feats, protos, labels = _inputs()
     valid = torch.tensor([True, False, True, True, False])
     weight = torch.rand(K, dtype=torch.float64)
-    kw = dict(valid=valid, class_weight=weight, temperature=0.3, absent="min_similarity", at="label")
+    kw = {
+        "valid": valid,
+        "class_weight": weight,
+        "temperature": 0.3,
+        "absent": "min_similarity",
+        "at": "label",
+    }
     general = pixel_prototype_contrastive_loss(feats, protos, labels, **kw)
     torch.testing.assert_close(fcl_loss(feats, protos, labels, **kw), general)
     torch.testing.assert_close(bcl_loss(feats, protos, labels, **kw), general)
@@ -114,11 +131,12 @@ def test_module_equals_function(reduction):
     feats, protos, labels = _inputs()
     valid = torch.rand(B, K) > 0.4
     weight = torch.rand(B, K, dtype=torch.float64)
-    kw = dict(temperature=0.5, absent="min_similarity", at="label", reduction=reduction)
+    kw = {"temperature": 0.5, "absent": "min_similarity", "at": "label", "reduction": reduction}
     crit = PixelPrototypeContrastiveLoss(**kw)
-    torch.testing.assert_close(crit(feats, protos, labels, valid=valid, class_weight=weight),
-                               pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid,
-                                                                class_weight=weight, **kw))
+    torch.testing.assert_close(
+        crit(feats, protos, labels, valid=valid, class_weight=weight),
+        pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, class_weight=weight, **kw),
+    )
 
 
 @pytest.mark.parametrize("at", ["feature", "label"])
@@ -127,7 +145,7 @@ def test_empty_mean_is_zero_with_zero_grads(case, at):
     feats, protos, labels = _inputs()
     feats.requires_grad_(True)
     protos.requires_grad_(True)
-    kw = dict(at=at)
+    kw = {"at": at}
     if case == "all_ignored":
         labels = torch.full_like(labels, 255)
     elif case == "no_valid_prototype":
@@ -164,8 +182,11 @@ def test_mean_over_feature_cells_matches_cross_entropy():
     # at="feature", sizes equal: the loss is F.cross_entropy of the cosine logits (independent formulation)
     feats, protos, labels = _inputs(grid=(4, 5), label=(4, 5))
     weight = torch.rand(K, dtype=torch.float64)
-    cos = torch.einsum("bdhw,bkd->bkhw", torch.nn.functional.normalize(feats, dim=1),
-                       torch.nn.functional.normalize(protos, dim=2))
+    cos = torch.einsum(
+        "bdhw,bkd->bkhw",
+        torch.nn.functional.normalize(feats, dim=1),
+        torch.nn.functional.normalize(protos, dim=2),
+    )
     expected = torch.nn.functional.cross_entropy(cos / 0.1, labels, weight=weight, ignore_index=255)
     got = pixel_prototype_contrastive_loss(feats, protos, labels, class_weight=weight)
     torch.testing.assert_close(got, expected)
@@ -196,8 +217,9 @@ def test_absent_modes_differ_as_specified():
     feats, protos, labels = _inputs(present=[0, 1, 2])
     valid = torch.tensor([True, True, False, False, False])
     mask = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, reduction="none")
-    minsim = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, absent="min_similarity",
-                                              reduction="none")
+    minsim = pixel_prototype_contrastive_loss(
+        feats, protos, labels, valid=valid, absent="min_similarity", reduction="none"
+    )
     y = torch.from_numpy(ref.resize_nearest(labels, GRID))
     assert torch.all(mask[y == 2] == 0)  # class without prototype: no contribution under "mask"
     assert torch.all(minsim[y == 2] > 0)  # ... but contributes under "min_similarity"
@@ -207,10 +229,14 @@ def test_min_similarity_equals_cosine_minus_one():
     # an invalid prototype behaves as a prototype at cosine exactly -1 from every pixel
     feats, protos, labels = _inputs(k_n=3, present=[0, 1])
     valid = torch.tensor([True, True, False])
-    got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, absent="min_similarity",
-                                           reduction="none")
-    cos = torch.einsum("bdhw,bkd->bkhw", torch.nn.functional.normalize(feats, dim=1),
-                       torch.nn.functional.normalize(protos, dim=2))
+    got = pixel_prototype_contrastive_loss(
+        feats, protos, labels, valid=valid, absent="min_similarity", reduction="none"
+    )
+    cos = torch.einsum(
+        "bdhw,bkd->bkhw",
+        torch.nn.functional.normalize(feats, dim=1),
+        torch.nn.functional.normalize(protos, dim=2),
+    )
     cos[:, 2] = -1.0
     y = torch.from_numpy(ref.resize_nearest(labels, GRID))
     expected = torch.nn.functional.cross_entropy(cos / 0.1, y, ignore_index=255, reduction="none")
@@ -239,8 +265,11 @@ def test_no_nan_with_tiny_temperature_and_zero_vectors():
         assert torch.isfinite(loss)
         grads = torch.autograd.grad(loss, (feats, protos))
         assert all(torch.all(torch.isfinite(g)) for g in grads)
-        _close(loss, ref.contrastive_loss(feats, protos, labels, temperature=1e-3, absent=absent, at=at),
-               rtol=1e-7)
+        _close(
+            loss,
+            ref.contrastive_loss(feats, protos, labels, temperature=1e-3, absent=absent, at=at),
+            rtol=1e-7,
+        )
 
 
 @pytest.mark.parametrize("at", ["feature", "label"])
@@ -253,8 +282,9 @@ def test_gradcheck(absent, at):
     protos.requires_grad_(True)
 
     def fn(f, p):
-        return pixel_prototype_contrastive_loss(f, p, labels, valid=valid, class_weight=weight, absent=absent,
-                                                at=at, temperature=0.5)
+        return pixel_prototype_contrastive_loss(
+            f, p, labels, valid=valid, class_weight=weight, absent=absent, at=at, temperature=0.5
+        )
 
     assert torch.autograd.gradcheck(fn, (feats, protos), fast_mode=True)
 
@@ -265,8 +295,9 @@ def test_half_inputs_close_to_fp32(dtype, at):
     feats, protos, labels = _inputs(dtype=torch.float32, grid=(6, 6), label=(13, 11))
     feats, protos = feats.to(dtype), protos.to(dtype)
     got = pixel_prototype_contrastive_loss(feats, protos, labels, at=at, absent="min_similarity")
-    expected = pixel_prototype_contrastive_loss(feats.float(), protos.float(), labels, at=at,
-                                                absent="min_similarity")
+    expected = pixel_prototype_contrastive_loss(
+        feats.float(), protos.float(), labels, at=at, absent="min_similarity"
+    )
     assert got.dtype in (torch.float32, dtype)
     torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-3)
 
@@ -330,3 +361,29 @@ def test_no_hard_coded_sizes():
     for at in ("feature", "label"):
         got = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, at=at, reduction="none")
         _close(got, ref.contrastive_loss(feats, protos, labels, valid=valid, at=at, reduction="none"))
+
+
+def test_half_inputs_use_fp32_norms_and_sums():
+    # fp16 features of magnitude ~1e3: squared norms (~1e6) overflow fp16, and a sum over 65536 pixels of a
+    # loss ~1.5 exceeds fp16's max (65504); norms and reductions in fp32 keep both finite and equal to fp32
+    feats = torch.randn(1, 3, 256, 256)
+    protos = torch.randn(1, 4, 3)
+    labels = torch.randint(0, 4, (1, 256, 256))
+    half = (1000 * feats).half()
+    for reduction in ("sum", "mean"):
+        got = pixel_prototype_contrastive_loss(half, protos.half(), labels, reduction=reduction)
+        expected = pixel_prototype_contrastive_loss(
+            half.float(), protos.half().float(), labels, reduction=reduction
+        )
+        assert torch.isfinite(got), reduction
+        torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_eps_floors_the_norms():
+    # cos = a.b / (max(|a|, eps) max(|b|, eps)): pixels with |f| < eps get a shrunk cosine (not F.normalize's)
+    feats, protos, labels = _inputs(grid=(4, 4), label=(4, 4))
+    feats[:, :, 0] *= 1e-8  # first row of every image: norms ~1e-8 < eps = 1e-6
+    protos[0, 1] *= 1e-9  # one prototype below eps too
+    for eps in (1e-6, 1e-3):
+        got = pixel_prototype_contrastive_loss(feats, protos, labels, eps=eps, reduction="none")
+        _close(got, ref.contrastive_loss(feats, protos, labels, eps=eps, reduction="none"))

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from gta2cs import synthetic  # noqa: E402
+from gta2cs import synthetic
 
 SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
 RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
@@ -38,7 +38,7 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
     # in round 1 after its iteration 3 (last checkpoint: round 1, iteration 2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
            *data_args, *RUN, "--stop-after", "11"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     log = (out / "log.txt").read_text()
     assert "2 process(es)" in log, done.stdout + done.stderr
     assert "eval adapted round 0" in log, done.stdout + done.stderr
@@ -55,7 +55,7 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
 
     # the 2-rank checkpoint resumes in one process and finishes
     resumed = subprocess.run([sys.executable, SCRIPT, *data_args, *RUN, "--resume", str(out / "checkpoint.pt")],
-                             env=_env(), capture_output=True, text=True, timeout=240)
+                             env=_env(), capture_output=True, text=True, timeout=240, check=False)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     last = resumed.stdout.strip().splitlines()[-1]

@@ -4,16 +4,19 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import EntropyLoss, entropy_loss
 
 
 def _close(got, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(got.detach().cpu().double(), torch.as_tensor(np.asarray(expected),
-                                                                            dtype=torch.float64),
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        got.detach().cpu().double(),
+        torch.as_tensor(np.asarray(expected), dtype=torch.float64),
+        rtol=rtol,
+        atol=atol,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -60,7 +63,9 @@ def test_entropy_gradcheck():
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_entropy_module_equals_function(reduction):
     logits = torch.randn(2, 4, 3, 5)
-    torch.testing.assert_close(EntropyLoss(reduction=reduction)(logits), entropy_loss(logits, reduction=reduction))
+    torch.testing.assert_close(
+        EntropyLoss(reduction=reduction)(logits), entropy_loss(logits, reduction=reduction)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

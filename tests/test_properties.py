@@ -20,7 +20,7 @@ IGNORE = 255
 
 @st.composite
 def problems(draw, same_size=True):
-    r"""A small random problem: features (B, D, h, w), labels, prototypes (B, K, D) and a valid mask, float64."""
+    r"""A small random problem: features (B, D, h, w), labels, prototypes (B, K, D), valid mask; float64."""
     b_n, k_n, dim = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
     h, w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     size = (h, w) if same_size else (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
@@ -39,11 +39,13 @@ def _permute_pixels(x, perm):
     return x.reshape(*shape[:-2], -1)[..., perm].reshape(shape)
 
 
-LOSS_KW = st.fixed_dictionaries({
-    "absent": st.sampled_from(["mask", "min_similarity"]),
-    "reduction": st.sampled_from(["mean", "sum"]),
-    "temperature": st.sampled_from([0.05, 0.1, 1.0]),
-})
+LOSS_KW = st.fixed_dictionaries(
+    {
+        "absent": st.sampled_from(["mask", "min_similarity"]),
+        "reduction": st.sampled_from(["mean", "sum"]),
+        "temperature": st.sampled_from([0.05, 0.1, 1.0]),
+    }
+)
 
 
 @given(problems(), LOSS_KW)
@@ -77,11 +79,17 @@ def test_ignored_pixels_have_no_effect(problem, kw):
     wider_labels = torch.cat([labels, torch.full_like(labels, IGNORE)], dim=-1)
     if kw["reduction"] == "mean":
         torch.testing.assert_close(
-            pixel_prototype_contrastive_loss(wider, protos, wider_labels, valid=valid, **kw), la)
+            pixel_prototype_contrastive_loss(wider, protos, wider_labels, valid=valid, **kw), la
+        )
 
 
-@given(problems(same_size=False), st.floats(0.01, 100.0), st.floats(0.01, 100.0),
-       st.sampled_from(["feature", "label"]), st.sampled_from(["mask", "min_similarity"]))
+@given(
+    problems(same_size=False),
+    st.floats(0.01, 100.0),
+    st.floats(0.01, 100.0),
+    st.sampled_from(["feature", "label"]),
+    st.sampled_from(["mask", "min_similarity"]),
+)
 def test_cosine_ops_invariant_to_positive_scaling(problem, c_f, c_p, at, absent):
     feats, labels, protos, valid, _ = problem
     a = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, at=at, absent=absent)
@@ -93,11 +101,16 @@ def test_cosine_ops_invariant_to_positive_scaling(problem, c_f, c_p, at, absent)
         assert torch.equal(da, db)
 
 
-@given(problems(same_size=False), st.sampled_from(["feature", "label"]), st.sampled_from(["mask", "min_similarity"]))
+@given(
+    problems(same_size=False),
+    st.sampled_from(["feature", "label"]),
+    st.sampled_from(["mask", "min_similarity"]),
+)
 def test_losses_are_non_negative(problem, at, absent):
     feats, labels, protos, valid, _ = problem
-    per_pixel = pixel_prototype_contrastive_loss(feats, protos, labels, valid=valid, at=at, absent=absent,
-                                                 reduction="none")
+    per_pixel = pixel_prototype_contrastive_loss(
+        feats, protos, labels, valid=valid, at=at, absent=absent, reduction="none"
+    )
     assert torch.all(per_pixel >= 0)
     logits = torch.einsum("bdhw,bkd->bkhw", feats, protos) * 10
     assert torch.all(entropy_loss(logits, reduction="none") >= 0)
@@ -134,8 +147,12 @@ def test_ema_stays_in_the_convex_hull_of_what_it_saw(seed, momentum, steps):
     assert torch.all(ema.prototypes[~init] == 0)
 
 
-@given(st.integers(0, 2**31 - 1), st.sampled_from(["fill", "agree", "dynamic_first"]), st.integers(1, 6),
-       st.integers(1, 6))
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["fill", "agree", "dynamic_first"]),
+    st.integers(1, 6),
+    st.integers(1, 6),
+)
 def test_fuse_is_idempotent(seed, mode, h, w):
     gen = torch.Generator().manual_seed(seed)
     static = torch.randint(0, 4, (2, 6, 5), generator=gen)

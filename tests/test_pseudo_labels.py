@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from protocl import ClassBalancedThresholds, dynamic_pseudo_label, hybrid_fuse, static_pseudo_label
 
 B, K, D = 2, 5, 3
@@ -30,13 +30,21 @@ def _aligned_features(b_n, dim, grid, protos, noise=0.3):
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.5, 0.7, 0.9, 1.0])
 @pytest.mark.parametrize("layout", ["shared", "batch"])
 def test_dynamic_matches_reference(threshold, layout, device):
-    protos = torch.randn(K, D, dtype=torch.float64) if layout == "shared" else torch.randn(B, K, D,
-                                                                                           dtype=torch.float64)
+    protos = (
+        torch.randn(K, D, dtype=torch.float64)
+        if layout == "shared"
+        else torch.randn(B, K, D, dtype=torch.float64)
+    )
     feats = _aligned_features(B, D, (4, 5), protos)
     for valid in (None, torch.tensor([True, False, True, True, False]), torch.rand(B, K) > 0.4):
         for size in (None, (9, 11), (4, 5), (3, 2)):
-            got = dynamic_pseudo_label(feats.to(device), protos.to(device), threshold=threshold, size=size,
-                                       valid=None if valid is None else valid.to(device))
+            got = dynamic_pseudo_label(
+                feats.to(device),
+                protos.to(device),
+                threshold=threshold,
+                size=size,
+                valid=None if valid is None else valid.to(device),
+            )
             _eq(got, ref.dynamic_pseudo_label(feats, protos, valid=valid, threshold=threshold, size=size))
 
 
@@ -113,8 +121,9 @@ def _logits(b_n=B, k_n=K, size=(6, 7), scale=2.0, dtype=torch.float64):
 def test_static_matches_reference(proportion, with_thresholds, device):
     logits = _logits()
     thr = torch.tensor([0.9, 0.5, 2.0, 0.3, 0.7], dtype=torch.float64) if with_thresholds else None
-    got = static_pseudo_label(logits.to(device), class_thresholds=None if thr is None else thr.to(device),
-                              proportion=proportion)
+    got = static_pseudo_label(
+        logits.to(device), class_thresholds=None if thr is None else thr.to(device), proportion=proportion
+    )
     _eq(got, ref.static_pseudo_label(logits, class_thresholds=thr, proportion=proportion))
 
 
@@ -126,13 +135,15 @@ def test_static_top_proportion_keeps_exactly_n_per_image():
 
 
 def test_static_uses_the_argmax_class_threshold_not_any_class():
-    # probabilities ~ [0.50, 0.30, 0.20]: argmax 0 misses its 0.9 threshold; classes 1 and 2 have low thresholds
+    # probabilities [0.5, 0.3, 0.2]: argmax 0 misses its 0.9 threshold; classes 1, 2 have low thresholds
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)).view(1, 3, 1, 1)
-    got = static_pseudo_label(logits, class_thresholds=torch.tensor([0.9, 0.1, 0.1], dtype=torch.float64),
-                              proportion=0.0)
+    got = static_pseudo_label(
+        logits, class_thresholds=torch.tensor([0.9, 0.1, 0.1], dtype=torch.float64), proportion=0.0
+    )
     assert got.item() == 255
-    got = static_pseudo_label(logits, class_thresholds=torch.tensor([0.4, 0.9, 0.9], dtype=torch.float64),
-                              proportion=0.0)
+    got = static_pseudo_label(
+        logits, class_thresholds=torch.tensor([0.4, 0.9, 0.9], dtype=torch.float64), proportion=0.0
+    )
     assert got.item() == 0  # class 0 is a class like any other
 
 
@@ -252,8 +263,10 @@ def test_non_contiguous_views():
     protos = torch.randn(K, D, dtype=torch.float64)
     feats = _aligned_features(B, D, (5, 4), protos).transpose(2, 3)  # (B, D, 4, 5) view
     assert not feats.is_contiguous()
-    _eq(dynamic_pseudo_label(feats, protos, threshold=0.5, size=(9, 7)),
-        ref.dynamic_pseudo_label(feats, protos, threshold=0.5, size=(9, 7)))
+    _eq(
+        dynamic_pseudo_label(feats, protos, threshold=0.5, size=(9, 7)),
+        ref.dynamic_pseudo_label(feats, protos, threshold=0.5, size=(9, 7)),
+    )
     logits = _logits(size=(7, 6)).transpose(2, 3)
     _eq(static_pseudo_label(logits, proportion=0.2), ref.static_pseudo_label(logits, proportion=0.2))
     static = ref.random_labels(B, 9, 7, K, ignore_frac=0.5).transpose(1, 2)
@@ -264,5 +277,25 @@ def test_non_contiguous_views():
 def test_float64_features_and_k_above_256():
     protos = torch.randn(300, 2, dtype=torch.float64)
     feats = _aligned_features(3, 2, (3, 5), protos, noise=0.01)
-    _eq(dynamic_pseudo_label(feats, protos, threshold=0.9, ignore_index=-1),
-        ref.dynamic_pseudo_label(feats, protos, threshold=0.9, ignore_index=-1))
+    _eq(
+        dynamic_pseudo_label(feats, protos, threshold=0.9, ignore_index=-1),
+        ref.dynamic_pseudo_label(feats, protos, threshold=0.9, ignore_index=-1),
+    )
+
+
+def test_dynamic_half_features_with_large_norms():
+    protos = torch.randn(K, D)
+    feats = (1000 * _aligned_features(B, D, (4, 4), protos, noise=0.05)).half()  # fp16 squared norms overflow
+    got = dynamic_pseudo_label(feats, protos.half(), threshold=0.5)
+    expected = dynamic_pseudo_label(feats.float(), protos.half().float(), threshold=0.5)
+    assert (got == expected).float().mean() > 0.97
+
+
+def test_static_confidence_is_a_probability_not_the_argmax_index():
+    # argmax is class 3 with probability 0.4 < its threshold 0.5 (an index-as-confidence bug keeps it)
+    probs = torch.tensor([0.2, 0.2, 0.2, 0.4], dtype=torch.float64)
+    logits = probs.log().view(1, 4, 1, 1)
+    thr = torch.full((4,), 0.5, dtype=torch.float64)
+    assert static_pseudo_label(logits, class_thresholds=thr, proportion=0.0).item() == 255
+    thr[3] = 0.39
+    assert static_pseudo_label(logits, class_thresholds=thr, proportion=0.0).item() == 3

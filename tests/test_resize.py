@@ -3,16 +3,31 @@ r"""Label resizing (spec section 2): the nearest rule of ``F.interpolate`` and t
 import math
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 
-import reference as ref
 from protocl.resize import nearest_source_index, resize_labels
 
 # (out, in) pairs: identity, integer ratios both ways, and non-integer ratios where the float32
 # scale of F.interpolate and exact integer floor(i * in / out) disagree (92 -> 730 is the spec's example).
-SIZE_PAIRS = [(5, 5), (4, 8), (8, 4), (10, 5), (7, 3), (3, 7), (13, 6), (6, 13), (730, 92), (92, 730), (82, 2),
-              (97, 33), (33, 97), (1, 9), (9, 1)]
+SIZE_PAIRS = [
+    (5, 5),
+    (4, 8),
+    (8, 4),
+    (10, 5),
+    (7, 3),
+    (3, 7),
+    (13, 6),
+    (6, 13),
+    (730, 92),
+    (92, 730),
+    (82, 2),
+    (97, 33),
+    (33, 97),
+    (1, 9),
+    (9, 1),
+]
 
 
 @pytest.mark.parametrize(("out_size", "in_size"), SIZE_PAIRS)
@@ -31,8 +46,17 @@ def test_nearest_source_index_differs_from_integer_floor_where_interpolate_does(
     assert torch.equal(got, torch.tensor(ref.nearest_index(730, 92)))
 
 
-@pytest.mark.parametrize(("size_in", "size_out"), [((9, 11), (4, 5)), ((4, 5), (9, 11)), ((7, 7), (7, 7)),
-                                                   ((12, 8), (6, 4)), ((13, 10), (5, 7)), ((3, 2), (10, 9))])
+@pytest.mark.parametrize(
+    ("size_in", "size_out"),
+    [
+        ((9, 11), (4, 5)),
+        ((4, 5), (9, 11)),
+        ((7, 7), (7, 7)),
+        ((12, 8), (6, 4)),
+        ((13, 10), (5, 7)),
+        ((3, 2), (10, 9)),
+    ],
+)
 def test_nearest_resize_matches_reference(size_in, size_out, device):
     labels = ref.random_labels(2, *size_in, 6).to(device)
     got = resize_labels(labels, size_out)
@@ -63,9 +87,19 @@ def test_nearest_resize_accepts_integer_dtypes_and_returns_int64(dtype):
     assert torch.equal(got, torch.from_numpy(ref.resize_nearest(labels.long(), (3, 3))))
 
 
-@pytest.mark.parametrize(("size_in", "size_out", "min_purity"), [
-    ((8, 8), (4, 4), 0.75), ((12, 9), (4, 3), 0.75), ((12, 9), (4, 3), 0.6), ((10, 10), (5, 5), 1.0),
-    ((13, 11), (5, 4), 0.75), ((9, 7), (4, 3), 0.55), ((4, 3), (8, 6), 0.75), ((3, 3), (5, 4), 0.75)])
+@pytest.mark.parametrize(
+    ("size_in", "size_out", "min_purity"),
+    [
+        ((8, 8), (4, 4), 0.75),
+        ((12, 9), (4, 3), 0.75),
+        ((12, 9), (4, 3), 0.6),
+        ((10, 10), (5, 5), 1.0),
+        ((13, 11), (5, 4), 0.75),
+        ((9, 7), (4, 3), 0.55),
+        ((4, 3), (8, 6), 0.75),
+        ((3, 3), (5, 4), 0.75),
+    ],
+)
 def test_purity_resize_matches_reference(size_in, size_out, min_purity, device):
     labels = ref.blocky_labels(2, *size_in, 4, block=2, ignore_frac=0.15).to(device)
     got = resize_labels(labels, size_out, mode="purity", num_classes=4, min_purity=min_purity)
@@ -76,10 +110,7 @@ def test_purity_resize_matches_reference(size_in, size_out, min_purity, device):
 
 def test_purity_hand_example():
     # one 2x2 cell per quadrant of a 4x4 map
-    labels = torch.tensor([[[1, 1, 2, 2],
-                            [1, 2, 2, 3],
-                            [0, 0, 255, 255],
-                            [255, 255, 255, 255]]])
+    labels = torch.tensor([[[1, 1, 2, 2], [1, 2, 2, 3], [0, 0, 255, 255], [255, 255, 255, 255]]])
     got = resize_labels(labels, (2, 2), mode="purity", num_classes=4, min_purity=0.75)
     # 3/4 class 1; 3/4 class 2; 2/4 class 0 (ignore counts in the cell size); all ignore
     assert got.tolist() == [[[1, 2], [255, 255]]]
@@ -105,5 +136,6 @@ def test_purity_with_custom_ignore_index():
 def test_resize_identity_keeps_values():
     labels = ref.random_labels(2, 5, 4, 3)
     assert torch.equal(resize_labels(labels, (5, 4)), labels)
-    assert math.isclose(resize_labels(labels, (5, 4), mode="purity", num_classes=3).ne(labels).float().sum()
-                        .item(), 0.0)
+    assert math.isclose(
+        resize_labels(labels, (5, 4), mode="purity", num_classes=3).ne(labels).float().sum().item(), 0.0
+    )

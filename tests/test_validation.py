@@ -1,4 +1,4 @@
-r"""Malformed calls raise ValueError/TypeError naming the argument (spec section 2), and the value-check switch."""
+r"""Malformed calls raise ValueError/TypeError naming the argument (spec section 2); value-check switch."""
 
 import re
 
@@ -92,9 +92,16 @@ MALFORMED = [
     # calibration
     ("source_ema", lambda: domain_bias_calibrate(P, torch.randn(K + 1, D), torch.randn(K, D))),
     ("target_ema", lambda: domain_bias_calibrate(P, torch.randn(K, D), torch.randn(K, D + 1))),
-    ("source_initialized", lambda: domain_bias_calibrate(P, torch.randn(K, D), torch.randn(K, D),
-                                                         source_initialized=torch.ones(K + 1, dtype=torch.bool))),
-    ("source_prototypes", lambda: domain_bias_calibrate(torch.randn(D), torch.randn(K, D), torch.randn(K, D))),
+    (
+        "source_initialized",
+        lambda: domain_bias_calibrate(
+            P, torch.randn(K, D), torch.randn(K, D), source_initialized=torch.ones(K + 1, dtype=torch.bool)
+        ),
+    ),
+    (
+        "source_prototypes",
+        lambda: domain_bias_calibrate(torch.randn(D), torch.randn(K, D), torch.randn(K, D)),
+    ),
     # dynamic / hybrid / static pseudo labels
     ("threshold", lambda: dynamic_pseudo_label(F4, P, threshold=1.5)),
     ("threshold", lambda: dynamic_pseudo_label(F4, P, threshold=-1.01)),
@@ -132,13 +139,19 @@ MALFORMED = [
     ("at", lambda: BidirectionalContrast(K, D, at="both")),
     ("fcl_weight", lambda: BidirectionalContrast(K, D, fcl_weight=-0.1)),
     ("source_features", lambda: _step()(torch.randn(B, D + 1, 4, 4), Y, F4, Y)),
-    ("target_features", lambda: _step()(F4, Y, torch.randn(B + 1, D, 4, 4), torch.randint(0, K, (B + 1, 8, 8)))),
+    (
+        "target_features",
+        lambda: _step()(F4, Y, torch.randn(B + 1, D, 4, 4), torch.randint(0, K, (B + 1, 8, 8))),
+    ),
     ("static_labels", lambda: _step()(F4, Y, F4, torch.full((B, 8, 8), 33))),
     ("source_labels", lambda: _step()(F4, Y.float(), F4, Y)),
     # device mismatch, testable without a GPU: the "meta" device is another device that holds no data
     ("prototypes", lambda: pixel_prototype_contrastive_loss(F4, P.to("meta"), Y)),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y.to("meta"))),
-    ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K, device="meta"))),
+    (
+        "class_weight",
+        lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K, device="meta")),
+    ),
     ("weights", lambda: masked_average_pool(F4, Y, K, weights=torch.rand(B, 4, 4, device="meta"))),
     ("labels", lambda: masked_average_pool(F4, Y.to("meta"), K)),
     ("dynamic_labels", lambda: hybrid_fuse(Y, Y.to("meta"))),
@@ -153,7 +166,9 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("argname", "call"), MALFORMED, ids=[f"{i:02d}-{a}" for i, (a, _) in enumerate(MALFORMED)])
+@pytest.mark.parametrize(
+    ("argname", "call"), MALFORMED, ids=[f"{i:02d}-{a}" for i, (a, _) in enumerate(MALFORMED)]
+)
 def test_malformed_call_names_the_argument(argname, call):
     with pytest.raises((ValueError, TypeError), match=rf"\b{re.escape(argname)}\b") as info:
         call()
@@ -225,7 +240,10 @@ def test_checks_off_bad_ids_do_not_touch_other_pixels():
         a = pixel_prototype_contrastive_loss(f, protos, y_bad, at=at, reduction="sum")
         b = pixel_prototype_contrastive_loss(f, protos, y_ign, at=at, reduction="sum")
         torch.testing.assert_close(a, b)
-    step_a, step_b = BidirectionalContrast(19, D, at="label").double(), BidirectionalContrast(19, D, at="label").double()
+    step_a, step_b = (
+        BidirectionalContrast(19, D, at="label").double(),
+        BidirectionalContrast(19, D, at="label").double(),
+    )
     y_t = torch.randint(0, 19, (B, 8, 8))  # (bad static ids would be kept by the "fill" fusion, by design)
     torch.testing.assert_close(step_a(f, y_bad, f, y_t).loss, step_b(f, y_ign, f, y_t).loss)
 

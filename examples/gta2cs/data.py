@@ -15,9 +15,9 @@ resume. Images stay uint8 RGB; the model subtracts the mean (see :mod:`model`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ Logits are computed at the evaluation input size and bilinearly upsampled to the
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +60,8 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     return {"miou": mean_iou(iou), "iou": iou}
 
 
-def iou_table(iou: Sequence[float], class_names: Sequence[str], *, columns: dict[str, Sequence[float]] | None = None
-              ) -> str:
-    """A Markdown table of per-class IoU; ``columns`` maps column titles to per-class IoU lists."""
-    columns = columns or {"IoU": iou}
+def iou_table(columns: dict[str, Sequence[float]], class_names: Sequence[str]) -> str:
+    """A Markdown table of per-class IoU; ``columns`` maps column titles to per-class IoU lists (percent)."""
     head = "| class | " + " | ".join(columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     for k, name in enumerate(class_names):

@@ -3,8 +3,8 @@ Cityscapes palette, and curves of target mIoU and pseudo-label coverage over tra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,7 +55,8 @@ def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, 
 def training_curves(history: dict[str, list], path: str | Path) -> Path:
     """Plot target mIoU (per evaluation) and pseudo-label coverage (per logged step) against iterations.
 
-    ``history`` holds ``eval_iter``/``eval_miou`` and ``log_iter``/``coverage_static``/``coverage_hybrid``.
+    ``history`` holds ``eval_iter``/``eval_miou`` (optionally ``control_iter``/``control_miou``) and
+    ``log_iter``/``coverage_static``/``coverage_dynamic``/``coverage_hybrid``.
     """
     import matplotlib
 
@@ -63,7 +64,10 @@ def training_curves(history: dict[str, list], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(history.get("eval_iter", []), history.get("eval_miou", []), "o-")
+    ax1.plot(history.get("eval_iter", []), history.get("eval_miou", []), "o-", label="source-only, then adapted")
+    if history.get("control_iter"):
+        ax1.plot(history["control_iter"], history["control_miou"], "s--", label="source-only, same budget")
+    ax1.legend()
     ax1.set_xlabel("iteration (stage 1 + stage 2)")
     ax1.set_ylabel("target val mIoU (%)")
     ax1.grid(alpha=0.3)

@@ -106,7 +106,7 @@ def render_source(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    radius = max(1, int(round(2 * sigma)))
+    radius = max(1, round(2 * sigma))
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     k /= k.sum()
     pad = np.pad(img, ((radius, radius), (radius, radius), (0, 0)), mode="edge")

@@ -14,7 +14,6 @@ All state lives in :class:`RunState` and the checkpoint, so ``--resume`` continu
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -32,8 +31,19 @@ from torch.utils.data import DataLoader
 import protocl
 
 from . import checkpoint, dist, figures
-from .data import (CLASS_NAMES, IGNORE, BatchStream, EvalSet, PseudoLabelSet, TrainSet, cityscapes_files,
-                   gta5_files, pseudo_label_size)
+from .data import (
+    CLASS_NAMES,
+    IGNORE,
+    BatchStream,
+    EvalSet,
+    PseudoLabelSet,
+    Sample,
+    TrainSet,
+    cityscapes_files,
+    gta5_files,
+    pseudo_label_size,
+    read_label,
+)
 from .evaluate import evaluate, iou_table
 from .model import build_model
 
@@ -101,7 +111,7 @@ class Trainer:
         scales = tuple(args.scales)
         self.source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales)
         self.target_set = TrainSet(self.target_train, resize=args.resize, crop=args.crop, scales=scales)
-        stream_kw = dict(seed=args.seed, rank=self.rank, world=self.world, workers=args.workers)
+        stream_kw = {"seed": args.seed, "rank": self.rank, "world": self.world, "workers": args.workers}
         self.source_stream = BatchStream(self.source_set, args.batch_size, stream=SOURCE_STREAM, **stream_kw)
         self.target_stream = BatchStream(self.target_set, args.batch_size, stream=TARGET_STREAM, **stream_kw)
         val_shard = self.target_val[self.rank::self.world]
@@ -183,10 +193,15 @@ class Trainer:
         """Test hook: ``--stop-after N`` ends the process after N total iterations without saving (a crash)."""
         return self.args.stop_after is not None and self._done_iters() >= self.args.stop_after
 
-    def _evaluate(self, label: str) -> dict:
+    def _evaluate(self, label: str, *, control: bool = False) -> dict:
         result = evaluate(self.model, self.val_loader, self.num_classes, self.device)
-        self.state.history["eval_iter"].append(self._done_iters())
-        self.state.history["eval_miou"].append(result["miou"])
+        h, s, a = self.state.history, self.state, self.args
+        if control:  # plotted at the iteration count it matches (same budget as the adapted model)
+            h.setdefault("control_iter", []).append(a.source_iters + s.round * a.round_iters + s.iteration)
+            h.setdefault("control_miou", []).append(result["miou"])
+        else:
+            h["eval_iter"].append(self._done_iters())
+            h["eval_miou"].append(result["miou"])
         self.log(f"eval {label}: target val mIoU {result['miou']:.2f}")
         return result
 
@@ -307,7 +322,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ stage 2
     def _adapt_step(self, control: bool) -> dict[str, Tensor]:
-        a = self.args
         src, tgt = next(self.source_stream), next(self.target_stream)
         images = torch.cat([src["image"], tgt["image"]]).to(self.device)
         y_s, y_f = src["label"].to(self.device), tgt["static"].to(self.device)
@@ -367,7 +381,7 @@ class Trainer:
                 if s.iteration % a.ckpt_every == 0 and s.iteration < a.round_iters:
                     self.save()
             label = f"{'control' if control else 'adapted'} round {s.round}"
-            result = self._evaluate(label)
+            result = self._evaluate(label, control=control)
             if not control:
                 s.metrics.setdefault("rounds", []).append({"round": s.round, "miou": result["miou"]})
                 if self.rank == 0:
@@ -460,7 +474,7 @@ class Trainer:
         columns = {"source-only": metrics["source_only"]["iou"], "adapted": metrics["adapted"]["iou"]}
         if "source_only_continued" in metrics:
             columns["source-only, same budget"] = metrics["source_only_continued"]["iou"]
-        self.log("per-class IoU on target val (%):\n" + iou_table(None, CLASS_NAMES, columns=columns))
+        self.log("per-class IoU on target val (%):\n" + iou_table(columns, CLASS_NAMES))
         if "source_only_continued" in metrics:
             self.log(f"source-only trained for the same total iterations ({a.source_iters} + "
                      f"{a.rounds * a.round_iters}): {metrics['source_only_continued']['miou']:.2f}")
@@ -472,9 +486,8 @@ class Trainer:
         sys.stdout.flush()
 
 
-def _read_gt(sample, size):
-    from .data import read_label
-
-    with Image.open(sample.image) as im:
-        full = read_label(sample.label, im.size)
+def _read_gt(sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    """Train-id ground truth of ``sample`` nearest-resized to ``size`` = (W, H) (for the figure only)."""
+    with Image.open(sample.image) as image:
+        full = read_label(sample.label, image.size)
     return np.asarray(Image.fromarray(full).resize(size, Image.NEAREST))

@@ -174,7 +174,7 @@ class BidirectionalContrast(nn.Module):
 
     def _pool(self, features: Tensor, labels: Tensor):
         y = resize_to_features(labels, features, self.num_classes, self.ignore_index, self.resize, 0.75)
-        sums, counts = pool_sums(features, y, self.num_classes, None)
+        sums, counts = pool_sums(features, y, self.num_classes, None, self.ignore_index)
         return divide_counts(sums, counts), counts
 
     def _contrast(self, features, prototypes, labels, valid, class_weight) -> Tensor:

@@ -63,6 +63,10 @@ def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS
     Returns:
         ``Tensor[B, K, h, w]`` cosine similarities.
 
+    Shape:
+        - features: :math:`(B, D, h, w)`; prototypes: :math:`(B, K, D)` or :math:`(K, D)`
+        - output: :math:`(B, K, h, w)`
+
     Example:
         >>> s = cosine_similarity_map(torch.randn(2, 8, 4, 4), torch.randn(3, 8))
         >>> s.shape
@@ -471,14 +475,16 @@ def overlap_class_weight(
 def _presence(labels: Tensor, size, num_classes: int, ignore_index: int) -> Tensor:
     y = _resize_labels(labels.long(), size, "nearest", num_classes, ignore_index, 0.75)
     classes = torch.arange(num_classes, device=labels.device)
-    return (rearrange(y, "b h w -> b 1 (h w)") == classes[None, :, None]).any(-1)  # b k
+    y = rearrange(y, "b h w -> b 1 (h w)")
+    return ((y == classes[None, :, None]) & (y != ignore_index)).any(-1)  # b k
 
 
 class PixelPrototypeContrastiveLoss(nn.Module):
     r"""Module form of :func:`pixel_prototype_contrastive_loss` (settings stored, ``forward`` is one call).
 
-    Args:
-        temperature, absent, at, ignore_index, reduction, resize, eps: as in the function.
+    The keyword arguments (``temperature``, ``absent``, ``at``, ``ignore_index``, ``reduction``, ``resize``,
+    ``eps``) mean what they mean in :func:`pixel_prototype_contrastive_loss`; ``valid`` and ``class_weight`` are
+    passed per call.
 
     Shape:
         - features: :math:`(B, D, h, w)`; prototypes: :math:`(B, K, D)` or :math:`(K, D)`; labels: :math:`(B, H, W)`

@@ -70,7 +70,7 @@ def resize_to_features(
 
 
 def pool_sums(
-    features: Tensor, labels_hw: Tensor, num_classes: int, weights: Optional[Tensor]
+    features: Tensor, labels_hw: Tensor, num_classes: int, weights: Optional[Tensor], ignore_index: int
 ) -> Tuple[Tensor, Tensor]:
     r"""Per-image class sums :math:`\sum_p [y=k] w f` ``(B, K, D)`` and counts ``(B, K)``, in fp32/fp64.
 
@@ -80,7 +80,9 @@ def pool_sums(
     dtype = compute_dtype(features)
     f = rearrange(features.to(dtype), "b d h w -> b d (h w)")
     classes = torch.arange(num_classes, device=labels_hw.device)
-    member = (rearrange(labels_hw, "b h w -> b 1 (h w)") == classes[None, :, None]).to(dtype)  # b k n
+    y = rearrange(labels_hw, "b h w -> b 1 (h w)")
+    y = torch.where(y == ignore_index, -1, y)  # ignore never matches a class, even when ignore_index < K
+    member = (y == classes[None, :, None]).to(dtype)  # b k n
     if weights is not None:
         member = member * rearrange(weights.detach().to(dtype), "b h w -> b 1 (h w)")
     with no_autocast(features):
@@ -160,7 +162,7 @@ def masked_average_pool(
     w = None
     if weights is not None:
         w = _weights_on_grid(weights, features, labels)
-    sums, counts = pool_sums(features, y, num_classes, w)
+    sums, counts = pool_sums(features, y, num_classes, w, ignore_index)
     if not per_image:
         sums, counts = sums.sum(0), counts.sum(0)
     return PooledPrototypes(divide_counts(sums, counts), counts)
@@ -257,7 +259,7 @@ class PrototypeEMA(nn.Module):
         check_label_values(labels, self.num_classes, ignore_index, "labels")
         y = resize_to_features(labels, features, self.num_classes, ignore_index, resize, 0.75)
         w = None if weights is None else _weights_on_grid(weights, features, labels)
-        sums, counts = pool_sums(features.detach(), y, self.num_classes, w)
+        sums, counts = pool_sums(features.detach(), y, self.num_classes, w, ignore_index)
         self._update_sums(sums.sum(0), counts.sum(0))
 
     @torch.no_grad()

@@ -51,6 +51,9 @@ def nearest_source_index(out_size: int, in_size: int, device=None) -> Tensor:
     Returns:
         ``Tensor[out_size]`` int64 of indices into the original axis.
 
+    Shape:
+        - output: :math:`(\text{out\_size},)`
+
     Example:
         >>> nearest_source_index(4, 8)
         tensor([0, 2, 4, 6])
@@ -105,6 +108,9 @@ def label_histogram(
 
     Returns:
         ``Tensor[B, K, h, w]`` float32 counts.
+
+    Shape:
+        - labels: :math:`(B, H, W)`; output: :math:`(B, K, h, w)`
 
     Example:
         >>> y = torch.tensor([[[0, 0, 1, 255]]])
