@@ -105,6 +105,19 @@ def check_dim_size(x: Tensor, dim: int, size: int, name: str, what: str) -> None
         )
 
 
+def shape_equals(shape, expected) -> bool:
+    """``tuple(shape) == tuple(expected)`` dimension by dimension (tuple ``in``/``==`` misreads symbolic sizes
+    under ``torch.compile(dynamic=True)``)."""
+    if len(shape) != len(expected):
+        return False
+    return all(a == b for a, b in zip(shape, expected))
+
+
+def shape_in(shape, *candidates) -> bool:
+    """Whether ``shape`` equals one of ``candidates`` (see :func:`shape_equals`)."""
+    return any(shape_equals(shape, c) for c in candidates)
+
+
 def check_same_device(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_b}: expected a tensor on {a.device} (the device of {name_a}), got {b.device}")

@@ -13,11 +13,12 @@ r"""The orchestrator: one call per training step of bi-directional contrastive a
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ._reduction import reduce_loss
 from ._validation import (
     IGNORE_INDEX,
     check_choice,
@@ -35,7 +36,6 @@ from .contrastive import ABSENT_MODES, AT_MODES, EPS, _presence, contrastive_ter
 from .prototypes import PrototypeEMA, check_features_labels, divide_counts, pool_sums, resize_to_features
 from .pseudo_labels import FUSE_MODES, dynamic_pseudo_label, hybrid_fuse
 from .resize import RESIZE_MODES
-from ._reduction import reduce_loss
 
 __all__ = ["BidirectionalContrast", "StepOutput"]
 

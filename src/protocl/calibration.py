@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._validation import check_bool_tensor, check_float_tensor, check_same_device
+from ._validation import check_bool_tensor, check_float_tensor, check_same_device, shape_equals
 from .prototypes import PrototypeEMA
 
 __all__ = ["domain_bias_calibrate"]
@@ -68,7 +68,7 @@ def domain_bias_calibrate(
     mu_t, init_t = _ema_state(target_ema, target_initialized, "target_ema", "target_initialized")
     K, D = source_prototypes.shape[-2:]
     for name, mu in (("source_ema", mu_s), ("target_ema", mu_t)):
-        if tuple(mu.shape) != (K, D):
+        if not shape_equals(mu.shape, (K, D)):
             raise ValueError(
                 f"{name}: expected shape {(K, D)} (K, D of source_prototypes {tuple(source_prototypes.shape)}), "
                 f"got {tuple(mu.shape)}"

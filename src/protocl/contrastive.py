@@ -25,6 +25,7 @@ from ._validation import (
     check_same_device,
     check_size2,
     compute_dtype,
+    shape_in,
 )
 from .prototypes import no_autocast
 from .resize import RESIZE_MODES, _cell_index, _label_histogram, _resize_labels
@@ -222,13 +223,13 @@ def validate_contrastive(
     if valid is not None:
         check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
         check_same_device(fname, features, "valid", valid)
-        if valid.shape not in ((K,), (B, K)):
+        if not shape_in(valid.shape, (K,), (B, K)):
             raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
     check_positive(temperature, "temperature")
     if class_weight is not None:
         check_float_tensor(class_weight, "class_weight", (1, 2), "(K,) or (B, K)")
         check_same_device(fname, features, "class_weight", class_weight)
-        if class_weight.shape not in ((K,), (B, K)):
+        if not shape_in(class_weight.shape, (K,), (B, K)):
             raise ValueError(f"class_weight: expected shape {(K,)} or {(B, K)}, got {tuple(class_weight.shape)}")
     check_choice(absent, "absent", ABSENT_MODES)
     check_choice(at, "at", AT_MODES)

@@ -9,7 +9,6 @@ Every rank must call ``update`` the same number of times (it is a collective). N
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

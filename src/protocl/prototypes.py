@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from ._validation import (
     IGNORE_INDEX,
     _value_checks_active,
-    check_bool_tensor,
     check_choice,
     check_dim_size,
     check_float_tensor,
@@ -27,6 +26,8 @@ from ._validation import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    shape_equals,
+    shape_in,
 )
 from .distributed import all_reduce_sum_, is_distributed
 from .resize import RESIZE_MODES, _resize_labels
@@ -173,14 +174,14 @@ def _weights_on_grid(weights: Tensor, features: Tensor, labels: Tensor) -> Tenso
     check_same_device("features", features, "weights", weights)
     B, _, h, w = features.shape
     shape = tuple(weights.shape)
-    if shape not in ((B, h, w), (B,) + tuple(labels.shape[-2:])):
+    if not shape_in(shape, (B, h, w), (B,) + tuple(labels.shape[-2:])):
         raise ValueError(
             f"weights: expected shape {(B, h, w)} (feature grid) or {(B,) + tuple(labels.shape[-2:])} "
             f"(label grid), got {shape}"
         )
     if _value_checks_active(weights) and bool((weights < 0).any()):
         raise ValueError("weights: expected non-negative pixel weights, got a negative value")
-    if shape != (B, h, w):
+    if not shape_equals(shape, (B, h, w)):
         from .resize import nearest_source_index
 
         rows = nearest_source_index(h, weights.shape[1], weights.device)
@@ -275,7 +276,7 @@ class PrototypeEMA(nn.Module):
         check_same_device("prototypes", prototypes, "counts", counts)
         check_dim_size(prototypes, -2, self.num_classes, "prototypes", "K, the classes of the EMA")
         check_dim_size(prototypes, -1, self.dim, "prototypes", "D, the channels of the EMA")
-        if counts.shape != prototypes.shape[:-1]:
+        if not shape_equals(counts.shape, prototypes.shape[:-1]):
             raise ValueError(
                 f"counts: expected shape {tuple(prototypes.shape[:-1])} to match prototypes "
                 f"{tuple(prototypes.shape)}, got {tuple(counts.shape)}"

@@ -25,6 +25,7 @@ from ._validation import (
     check_range,
     check_same_device,
     check_size2,
+    shape_in,
     upcast,
 )
 from .contrastive import cosine_similarity_map
@@ -92,7 +93,7 @@ def dynamic_pseudo_label(
     if valid is not None:
         check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
         check_same_device("target_features", target_features, "valid", valid)
-        if valid.shape not in ((K,), (B, K)):
+        if not shape_in(valid.shape, (K,), (B, K)):
             raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
     check_range(threshold, "threshold", -1.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
