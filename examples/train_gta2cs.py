@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULTS = {
     "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
                   "resize": 850, "eval_size": (1460, 730), "lr": 7.5e-5, "source_lr": 2.5e-4, "ema_momentum": 0.999,
-                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7},
+                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7, "threads": None},
     "tiny": {"source_iters": 500, "rounds": 3, "round_iters": 200, "batch_size": 4, "crop": 48, "resize": 64,
              "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
-             "log_every": 50, "ckpt_every": 200, "threshold": 0.9},
+             "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
 }
 
 
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", help="checkpoint to continue from (e.g. <out>/checkpoint.pt)")
     r.add_argument("--log-every", type=int)
     r.add_argument("--ckpt-every", type=int, help="checkpoint every N iterations (and at each stage/round end)")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--threads", type=int,
+                   help="torch CPU threads (tiny: 1, its tensors are too small to gain from more and one thread "
+                        "stays fast on a busy machine; deeplabv2: torch's choice)")
     r.add_argument("--pseudo-cache-mb", type=int, default=512, help="RAM for caching logits between threshold passes")
     r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # test hook: simulate a crash
     return p
@@ -105,7 +107,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.arch is None:
         args.arch = "tiny" if demo else "deeplabv2"
     for key, value in DEFAULTS[args.arch].items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
         raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
@@ -136,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     from gta2cs import dist
     from gta2cs.trainer import Trainer
 
-    trainer = Trainer(args)
     try:
-        if args.resume:
-            trainer.resume(args.resume)
+        try:  # set-up errors (missing dataset roots, bad --init or --resume files) end with a clear message
+            trainer = Trainer(args)
+            if args.resume:
+                trainer.resume(args.resume)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return trainer.run()
     finally:
         dist.cleanup()

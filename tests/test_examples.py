@@ -87,6 +87,14 @@ def test_missing_or_empty_roots_name_path_and_layout(tmp_path):
     assert data.cityscapes_files(tmp_path / "cs", "val", require_labels=False)[0].label is None
 
 
+def test_cli_reports_a_missing_root_without_traceback(fixture_roots, tmp_path, capsys):
+    _, cs = fixture_roots
+    code = train_gta2cs.main(["--gta5-root", str(tmp_path / "nowhere"), "--cityscapes-root", str(cs), "--arch", "tiny",
+                              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: expected --gta5-root") and str(tmp_path / "nowhere") in err
+
+
 def test_train_crops_are_deterministic_and_aligned(fixture_roots):
     gta, _ = fixture_roots
     samples = data.gta5_files(gta)

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+import protocl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from gta2cs import synthetic
+from gta2cs import data, model, synthetic
 
 SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
 RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
@@ -27,6 +30,28 @@ def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     return env
+
+
+@torch.no_grad()
+def _check_merged_static_labels(out: Path, cs: Path) -> None:
+    """Round 0's thresholds and labels from 2 shards equal one process over the whole split (source-only weights)."""
+    net = model.TinySegNet(19)
+    net.load_state_dict(torch.load(out / "source_only.pt", map_location="cpu", weights_only=False)["model"])
+    net.eval()
+    samples = data.cityscapes_files(cs, "train", require_labels=False)
+    images = data.PseudoLabelSet(samples, resize=32)
+    thresholds = protocl.ClassBalancedThresholds(19, proportion=0.1, sync=False)
+    logits = []
+    for i in range(len(images)):
+        x = images[i]["image"][None]
+        logits.append(F.interpolate(net(x)[0], size=x.shape[-2:], mode="bilinear", align_corners=False))
+        thresholds.update(logits[-1])
+    merged = json.loads((out / "pseudo_labels" / "round_00" / ".complete").read_text())["class_thresholds"]
+    assert merged == thresholds.compute().tolist()
+    for sample, lg in zip(samples, logits):
+        expected = protocl.static_pseudo_label(lg, class_thresholds=thresholds.compute(), proportion=0.1)[0]
+        written = np.asarray(Image.open(out / "pseudo_labels" / "round_00" / f"{sample.name}.png"))
+        np.testing.assert_array_equal(written, expected.numpy())
 
 
 def test_two_ranks_then_resume_in_one_process(tmp_path):
@@ -51,6 +76,7 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
         assert len(labels) == 7
         assert set(np.unique(np.asarray(Image.open(labels[-1])))) <= set(range(19)) | {255}
     assert (out / "figures" / "pseudo_labels_round_00.png").is_file()
+    _check_merged_static_labels(out, cs)
     assert bool(ckpt["contrast"]["source_ema.initialized"].any())
 
     # the 2-rank checkpoint resumes in one process and finishes

@@ -182,8 +182,13 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
     """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (one host read; skipped when compiling)."""
     if not _value_checks_active(labels):
         return
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-    if bool(bad.any()):
+    if labels.numel() == 0:
+        return
+    # two passes and one host read of (min, max) with ignore pixels moved to class 0
+    low, high = torch.where(labels == ignore_index, 0, labels).aminmax()
+    low, high = torch.stack([low, high]).tolist()
+    if low < 0 or high >= num_classes:
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         example = int(labels[bad][0])
         raise ValueError(
             f"{name}: expected label ids in [0, {num_classes}) or ignore_index={ignore_index}, got {example} "

@@ -256,17 +256,19 @@ class BidirectionalContrast(nn.Module):
 
 
 def _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore) -> Dict[str, Tensor]:
+    """Detached step statistics; counts with ``count_nonzero`` (no int64 copies of the label maps)."""
     labelled_f, labelled_d = y_f != ignore, y_d != ignore
     both = labelled_f & labelled_d
-    agree = (both & (y_f == y_d)).sum()
-    n_both = both.sum()
+    n = float(y_f.numel())
+    n_both = torch.count_nonzero(both)
+    agree = torch.count_nonzero(both & (y_f == y_d))
     return {
         "fcl": fcl.detach(),
         "bcl": bcl.detach(),
-        "static_coverage": labelled_f.float().mean(),
-        "dynamic_coverage": labelled_d.float().mean(),
-        "hybrid_coverage": (y_t != ignore).float().mean(),
-        "dynamic_static_agreement": agree.float() / n_both.clamp_min(1).float(),
-        "source_classes": valid_s.sum(-1).float().mean(),
-        "target_classes": valid_t.sum(-1).float().mean(),
+        "static_coverage": torch.count_nonzero(labelled_f) / n,
+        "dynamic_coverage": torch.count_nonzero(labelled_d) / n,
+        "hybrid_coverage": torch.count_nonzero(y_t != ignore) / n,
+        "dynamic_static_agreement": agree / n_both.clamp_min(1),
+        "source_classes": valid_s.sum(-1, dtype=torch.float32).mean(),
+        "target_classes": valid_t.sum(-1, dtype=torch.float32).mean(),
     }

@@ -78,14 +78,16 @@ def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS
     with no_autocast(features):
         f = rearrange(features.to(dtype), "b d h w -> b d (h w)")
         p = prototypes.to(dtype)
-        f_norm = torch.linalg.vector_norm(f, dim=1).clamp_min(eps)  # b n
-        p_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(eps)  # (b) k
+        # 1 / max(||x||, eps) = rsqrt(max(||x||^2, eps^2)), folded into the (B, K, N) products rather than
+        # normalising the (B, D, N) features: one cheap pass over D in the forward and in the backward
+        f_inv = (f * f).sum(dim=1).clamp_min(eps * eps).rsqrt()  # b n
+        p_inv = (p * p).sum(dim=-1).clamp_min(eps * eps).rsqrt()  # (b) k
         if p.ndim == 2:
             dot = torch.einsum("kd,bdn->bkn", p, f)
-            cos = dot / (p_norm[None, :, None] * f_norm[:, None, :])
+            cos = dot * p_inv[None, :, None] * f_inv[:, None, :]
         else:
             dot = torch.einsum("bkd,bdn->bkn", p, f)
-            cos = dot / (p_norm[:, :, None] * f_norm[:, None, :])
+            cos = dot * p_inv[:, :, None] * f_inv[:, None, :]
     return rearrange(cos, "b k (h w) -> b k h w", h=h, w=w)
 
 

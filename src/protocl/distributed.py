@@ -24,6 +24,7 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` in place over all ranks (no-op when not distributed); returns it.
 
     Example:
+        >>> import torch
         >>> t = torch.ones(3)
         >>> all_reduce_sum_(t)  # single process: unchanged
         tensor([1., 1., 1.])
