@@ -45,9 +45,9 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import release_baseline  # noqa: E402  (benchmarks/ is not a package)
+import release_baseline
 
-import protocl  # noqa: E402
+import protocl
 
 IGNORE = 255
 
@@ -95,12 +95,6 @@ def release_cases() -> list[Case]:
 def quick_cases() -> list[Case]:
     r"""Tiny shapes for the smoke test (a few seconds in all)."""
     return [Case("quick-a", 2, 8, 6, 24, 5), Case("quick-b", 2, 8, 12, 48, 5)]
-
-
-def sweep_of(cases: list[Case]) -> list[Case]:
-    r"""The cases with D=76-like dims that form the pixel sweep (all but the wide-D case), by pixel count."""
-    dims = sorted({c.dim for c in cases})
-    return sorted((c for c in cases if c.dim == dims[0]), key=lambda c: c.feature_pixels)
 
 
 def blocky_labels(batch: int, size: int, num_classes: int, *, ignore_fraction: float, generator) -> torch.Tensor:
@@ -365,7 +359,7 @@ def memory_in_subprocess(case: Case, impl_name: str, device: str, compile: bool)
     payload = json.dumps({"case": dataclasses.asdict(case), "impl": impl_name, "device": device,
                           "compile": compile, "threads": torch.get_num_threads()})
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", payload],
-                          capture_output=True, text=True, timeout=900, env=_malloc_env())
+                          capture_output=True, text=True, timeout=900, env=_malloc_env(), check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -454,7 +448,7 @@ def static_memory_in_subprocess(num_images: int, num_classes: int, height: int, 
     payload = json.dumps({"images": num_images, "classes": num_classes, "height": height, "width": width,
                           "device": device})
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--static-memory-worker", payload],
-                          capture_output=True, text=True, timeout=900, env=_malloc_env())
+                          capture_output=True, text=True, timeout=900, env=_malloc_env(), check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -601,8 +595,7 @@ def plot(report: dict, path: Path) -> None:
     sweep = sorted((c for c in report["cases"] if c["case"]["dim"] == report["sweep_dim"]),
                    key=lambda c: c["case"]["feature_size"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = [n for n in sweep[0]["timing"] if n.startswith("release") or n.endswith("-checks")
-             or n.endswith("-compiled")]
+    names = [n for n in sweep[0]["timing"] if n.startswith("release") or n.endswith(("-checks", "-compiled"))]
     for name in names:
         xs = [c["case"]["feature_pixels"] for c in sweep if name in c["timing"]]
         ys = [c["timing"][name]["median_ms"] for c in sweep if name in c["timing"]]
@@ -682,6 +675,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         report["cases"].append(entry)
         print(f"[bench] {case.name}: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in timing.items()),
               flush=True)
+        if "json" in args.formats.split(","):  # partial results survive a timeout
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{_stem(args)}.json").write_text(json.dumps(report, indent=1))
     report["goals"] = goals(report)
     if not args.no_static:
         n = args.static_images or (2 if args.quick else 16)
@@ -694,6 +690,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     return report
 
 
+def _stem(args: argparse.Namespace) -> str:
+    return f"bench_{args.device}" + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.memory_worker:
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     report = run(args, argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{args.device}" + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    stem = _stem(args)
     formats = set(args.formats.split(","))
     if "json" in formats:
         (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))

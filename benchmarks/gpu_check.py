@@ -33,9 +33,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-import bench_step  # noqa: E402
+import bench_step
 
-import protocl  # noqa: E402
+import protocl
 
 IGNORE = 255
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, fn in sections:
         try:
             report[name] = fn()
-        except Exception as exc:  # a failing section is a result too; keep going
+        except Exception as exc:  # noqa: BLE001 - a failing section is a result too; keep going
             report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=15)}
             print(f"[gpu_check] {name} failed: {exc}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
+# the device machine has no network: pure-Python dependencies can travel as wheels in .wheels/
+#   (here: pip download einops matplotlib -d .wheels; then run with carry [".wheels"])
+if [ -d .wheels ]; then pip install -q --no-index --find-links .wheels einops matplotlib 2>&1 | tail -2; fi
+python -c "import torch, numpy, einops" || { echo "missing torch/numpy/einops on this machine"; exit 2; }
 LOG="$OUT/gpu_log.txt"   # one log: the device tool returns at most 8 files
 {
   date -u
@@ -24,9 +28,9 @@ LOG="$OUT/gpu_log.txt"   # one log: the device tool returns at most 8 files
 } 2>&1 | tee "$LOG"
 
 status=0
-timeout 200 python benchmarks/bench_step.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
-timeout 150 python benchmarks/gpu_check.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
-timeout 120 python benchmarks/bench_step.py --device cuda --compile --cases release --no-static --no-memory \
+timeout 180 python benchmarks/bench_step.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
+timeout 140 python benchmarks/gpu_check.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
+timeout 150 python benchmarks/bench_step.py --device cuda --compile --cases release --no-static --no-memory \
   --formats json --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
 date -u | tee -a "$LOG"
 exit $status

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_step  # noqa: E402
+import bench_step
 
 
 def attribute_protocl_functions() -> list[str]:
@@ -29,7 +29,7 @@ def attribute_protocl_functions() -> list[str]:
     """
     import functools
 
-    import protocl.adaptation as adaptation
+    from protocl import adaptation
     from protocl.prototypes import PrototypeEMA
 
     def wrap(name, fn):
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.breakdown:
         rows = breakdown(args.case, release_compatible=args.release_compatible, repeats=args.iters)
         out = "\n".join(
-            [f"# breakdown of BidirectionalContrast(release_compatible={args.release_compatible}) on {args.case}, "
-             f"threads {torch.get_num_threads()}, {args.iters} repeats", "| piece | min ms | median ms |",
+            [(f"# breakdown of BidirectionalContrast(release_compatible={args.release_compatible}) on {args.case}, "
+              f"threads {torch.get_num_threads()}, {args.iters} repeats"), "| piece | min ms | median ms |",
              "| --- | ---: | ---: |"] + [f"| {n} | {a:.2f} | {b:.2f} |" for n, a, b in rows])
         print(out)
         if args.out is not None:

@@ -87,7 +87,9 @@ def pool_sums(
     if weights is not None:
         member = member * rearrange(weights.detach().to(dtype), "b h w -> b 1 (h w)")
     with no_autocast(features):
-        sums = torch.einsum("bkn,bdn->bkd", member, f)
+        # (b d n) @ (b n k): the features' gradient comes back in their own (b d n) layout, so autograd adds it to
+        # the loss's gradient without a transposed copy (40% of the step at D = 2048 with the einsum form)
+        sums = torch.bmm(f, member.transpose(1, 2)).transpose(1, 2)  # b k d
     return sums, member.sum(-1)
 
 

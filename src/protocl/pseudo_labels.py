@@ -246,7 +246,10 @@ class ClassBalancedThresholds(nn.Module):
     as the lower edge of the bin holding it (so at least :math:`n_k` pixels pass :math:`c \ge t_k`; error below
     ``1 / bins``, i.e. 2.4e-4 by default), and ``+inf`` for a class never predicted. Histograms are int64
     buffers (exact counts, ``state_dict``-able) and are all-reduced across ranks on every ``update`` when
-    ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds.
+    ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds at all times
+    (and any rank's checkpoint is complete). ``update`` is then a collective: every rank must call it the same
+    number of times (pad uneven shards, or use ``sync=False`` and all-reduce ``histogram`` once before
+    ``compute()``).
 
     Args:
         num_classes: K.
