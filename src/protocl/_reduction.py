@@ -27,4 +27,4 @@ def reduce_loss(loss: Tensor, reduction: str, weight: Tensor) -> Tensor:
     if reduction == "sum":
         return total
     denom = weight.sum()
-    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return total / torch.where(denom != 0, denom, torch.ones_like(denom))

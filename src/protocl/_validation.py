@@ -180,15 +180,13 @@ def check_ignore_index(value, name: str = "ignore_index") -> int:
 
 def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
     """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (one host read; skipped when compiling)."""
-    if not _value_checks_active(labels):
+    if not _value_checks_active(labels) or labels.numel() == 0:
         return
-    if labels.numel() == 0:
-        return
-    # two passes and one host read of (min, max) with ignore pixels moved to class 0
-    low, high = torch.where(labels == ignore_index, 0, labels).aminmax()
-    low, high = torch.stack([low, high]).tolist()
-    if low < 0 or high >= num_classes:
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    # bool temporaries only (a label-sized int64 temporary costs more than the comparisons) and one host read
+    bad = (labels < 0) | (labels >= num_classes)
+    if not 0 <= ignore_index < num_classes:  # (an ignore_index inside [0, K) is in range already)
+        bad &= labels != ignore_index
+    if bool(bad.any()):
         example = int(labels[bad][0])
         raise ValueError(
             f"{name}: expected label ids in [0, {num_classes}) or ignore_index={ignore_index}, got {example} "

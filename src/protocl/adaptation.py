@@ -187,7 +187,7 @@ class BidirectionalContrast(nn.Module):
         # the release: mean over (source, target) pairs of each pair's weighted mean; an empty pair counts 0
         num = loss.flatten(1).sum(1)
         den = weight.flatten(1).sum(1)
-        return (num / torch.where(den > 0, den, torch.ones_like(den))).mean()
+        return (num / torch.where(den != 0, den, torch.ones_like(den))).mean()
 
     def calibrated(self, source_prototypes: Tensor) -> Tensor:
         """Step 2: source prototypes shifted by the current EMA domain bias (no gradient into the EMAs)."""

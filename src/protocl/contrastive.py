@@ -130,7 +130,7 @@ def _terms_at_grid(logp: Tensor, y: Tensor, cw: Tensor, ignore_index: int) -> Tu
     y0 = torch.where(known, y, torch.zeros_like(y))
     nll = -logp.gather(1, y0[:, None]).squeeze(1)  # b h w
     weight = torch.where(known, cw.gather(1, rearrange(y0, "b h w -> b (h w)")).view_as(y0), torch.zeros_like(nll))
-    return torch.where(weight > 0, weight * nll, torch.zeros_like(nll)), weight
+    return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
 
 
 def _terms_at_label_pixels(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
@@ -143,7 +143,7 @@ def _terms_at_label_pixels(logp: Tensor, labels: Tensor, cw: Tensor, ignore_inde
     index = rearrange(y0 * (h * w) + cell, "b H W -> b (H W)")
     nll = -rearrange(logp, "b k h w -> b (k h w)").gather(1, index).view(B, H, W)
     weight = torch.where(known, cw.gather(1, rearrange(y0, "b H W -> b (H W)")).view(B, H, W), torch.zeros_like(nll))
-    return torch.where(weight > 0, weight * nll, torch.zeros_like(nll)), weight
+    return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
 
 
 def _terms_by_histogram(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
@@ -152,7 +152,7 @@ def _terms_by_histogram(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: 
     B, K, h, w = logp.shape
     hist = _label_histogram(labels, (h, w), K, ignore_index).to(logp.dtype)  # b k h w
     weight = hist * cw[:, :, None, None]
-    return torch.where(weight > 0, -weight * logp, torch.zeros_like(logp)), weight
+    return torch.where(weight != 0, -weight * logp, torch.zeros_like(logp)), weight
 
 
 def contrastive_terms(

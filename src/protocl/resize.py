@@ -83,6 +83,13 @@ def _cell_index(label_size: Tuple[int, int], grid_size: Tuple[int, int], device)
     return rows[:, None] * w + cols[None, :]
 
 
+def _upsample_labels(labels: Tensor, size: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """Nearest upsampling by ``F.interpolate`` itself, through ``dtype``: float32 is exact for ids below 2**24 in
+    magnitude (a larger, invalid id stays invalid); uint8 serves labels known to lie in [0, 255]."""
+    up = F.interpolate(labels[:, None].to(dtype), size=size, mode="nearest")
+    return up[:, 0].to(torch.int64)
+
+
 def _coverage(src: Tensor, n: int) -> Tensor:
     """How many label rows (or columns) each of ``n`` feature rows covers: ``Tensor[n]`` float32."""
     ones = torch.ones(src.numel(), dtype=torch.float32, device=src.device)
@@ -138,9 +145,9 @@ def _label_histogram(labels: Tensor, size: Tuple[int, int], num_classes: int, ig
     if 0 <= ignore_index < K:
         known = known & (labels != ignore_index)
     # ignore (and, with value checks off, bad ids) -> extra bin K; flat target index over (b, K+1, h, w)
-    cls = torch.where(known, labels.to(torch.int32), K)
+    flat = torch.where(known, labels.to(torch.int32), K)  # b H W, the class bin
     base = (torch.arange(B, device=labels.device, dtype=torch.int32) * (K + 1))[:, None, None]
-    flat = ((base + cls) * (h * w) + cell).reshape(-1)
+    flat = flat.add_(base).mul_(h * w).add_(cell).reshape(-1)  # in place: no further label-sized temporaries
     hist = torch.zeros(B * (K + 1) * h * w, dtype=torch.float32, device=labels.device)
     hist.index_add_(0, flat, torch.ones((), dtype=torch.float32, device=labels.device).expand(flat.numel()))
     hist = rearrange(hist, "(b k h w) -> b k h w", b=B, k=K + 1, h=h, w=w)
@@ -201,9 +208,7 @@ def _resize_labels(
         if (H, W) == (h, w):
             return labels
         if h * w > H * W:
-            # upsampling: F.interpolate itself (exact for |ids| < 2**24; a larger, invalid id stays invalid)
-            up = F.interpolate(labels[:, None].to(torch.float32), size=(h, w), mode="nearest")
-            return up[:, 0].to(torch.int64)
+            return _upsample_labels(labels, (h, w), torch.float32)
         # downsampling: one gather that reads only the h*w selected pixels
         rows = nearest_source_index(h, H, labels.device)
         cols = nearest_source_index(w, W, labels.device)
