@@ -194,6 +194,24 @@ def contrastive_terms(
 # ----------------------------------------------------------------------------------------------- validation
 
 
+def check_features_prototypes(features, prototypes, valid, fname: str, pname: str) -> Tuple[int, int]:
+    """Check pixel features ``(B, D, h, w)``, prototypes ``(B, K, D)``/``(K, D)`` and ``valid``; return B, K."""
+    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
+    check_float_tensor(prototypes, pname, (2, 3), "(B, K, D) or (K, D)")
+    check_same_device(fname, features, pname, prototypes)
+    B, D = features.shape[:2]
+    check_dim_size(prototypes, -1, D, pname, f"D, the channels of {fname} {tuple(features.shape)}")
+    if prototypes.ndim == 3:
+        check_dim_size(prototypes, 0, B, pname, f"B, the batch of {fname} {tuple(features.shape)}")
+    K = prototypes.shape[-2]
+    if valid is not None:
+        check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
+        check_same_device(fname, features, "valid", valid)
+        if not shape_in(valid.shape, (K,), (B, K)):
+            raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
+    return B, K
+
+
 def validate_contrastive(
     features,
     prototypes,
@@ -210,23 +228,11 @@ def validate_contrastive(
     names=("features", "prototypes", "labels"),
 ) -> None:
     fname, pname, lname = names
-    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
-    check_float_tensor(prototypes, pname, (2, 3), "(B, K, D) or (K, D)")
+    B, K = check_features_prototypes(features, prototypes, valid, fname, pname)
     check_label_tensor(labels, lname, (3,), "(B, H, W)")
-    check_same_device(fname, features, pname, prototypes)
     check_same_device(fname, features, lname, labels)
-    B, D = features.shape[:2]
-    check_dim_size(prototypes, -1, D, pname, f"D, the channels of {fname} {tuple(features.shape)}")
-    if prototypes.ndim == 3:
-        check_dim_size(prototypes, 0, B, pname, f"B, the batch of {fname} {tuple(features.shape)}")
     if labels.shape[0] != B:
         raise ValueError(f"{lname}: expected batch size {B} (the batch of {fname}), got shape {tuple(labels.shape)}")
-    K = prototypes.shape[-2]
-    if valid is not None:
-        check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
-        check_same_device(fname, features, "valid", valid)
-        if not shape_in(valid.shape, (K,), (B, K)):
-            raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
     check_positive(temperature, "temperature")
     if class_weight is not None:
         check_float_tensor(class_weight, "class_weight", (1, 2), "(K,) or (B, K)")

@@ -30,7 +30,7 @@ from ._validation import (
     shape_in,
 )
 from .distributed import all_reduce_sum_, is_distributed
-from .resize import RESIZE_MODES, _resize_labels
+from .resize import RESIZE_MODES, _resize_labels, nearest_gather
 
 __all__ = ["PooledPrototypes", "masked_average_pool", "PrototypeEMA"]
 
@@ -184,11 +184,7 @@ def _weights_on_grid(weights: Tensor, features: Tensor, labels: Tensor) -> Tenso
     if _value_checks_active(weights) and bool((weights < 0).any()):
         raise ValueError("weights: expected non-negative pixel weights, got a negative value")
     if not shape_equals(shape, (B, h, w)):
-        from .resize import nearest_source_index
-
-        rows = nearest_source_index(h, weights.shape[1], weights.device)
-        cols = nearest_source_index(w, weights.shape[2], weights.device)
-        weights = weights.index_select(1, rows).index_select(2, cols)
+        weights = nearest_gather(weights, (h, w))
     return weights
 
 

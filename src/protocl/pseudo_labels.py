@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ._validation import (
     IGNORE_INDEX,
-    check_bool_tensor,
     check_choice,
     check_dim_size,
     check_float_tensor,
@@ -25,10 +24,9 @@ from ._validation import (
     check_range,
     check_same_device,
     check_size2,
-    shape_in,
     upcast,
 )
-from .contrastive import cosine_similarity_map
+from .contrastive import check_features_prototypes, cosine_similarity_map
 from .distributed import all_reduce_sum_, is_distributed
 from .prototypes import no_autocast
 from .resize import _resize_labels, _upsample_labels
@@ -82,19 +80,7 @@ def dynamic_pseudo_label(
         >>> dynamic_pseudo_label(f, P, threshold=0.7)
         tensor([[[  0,   2, 255]]])
     """
-    check_float_tensor(target_features, "target_features", (4,), "(B, D, h, w)")
-    check_float_tensor(prototypes, "prototypes", (2, 3), "(B, K, D) or (K, D)")
-    check_same_device("target_features", target_features, "prototypes", prototypes)
-    B, D = target_features.shape[:2]
-    check_dim_size(prototypes, -1, D, "prototypes", f"D, the channels of target_features {tuple(target_features.shape)}")
-    if prototypes.ndim == 3:
-        check_dim_size(prototypes, 0, B, "prototypes", "B, the batch of target_features")
-    K = prototypes.shape[-2]
-    if valid is not None:
-        check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
-        check_same_device("target_features", target_features, "valid", valid)
-        if not shape_in(valid.shape, (K,), (B, K)):
-            raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
+    B, K = check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
     check_range(threshold, "threshold", -1.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
     if size is not None:

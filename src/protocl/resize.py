@@ -83,6 +83,17 @@ def _cell_index(label_size: Tuple[int, int], grid_size: Tuple[int, int], device)
     return rows[:, None] * w + cols[None, :]
 
 
+def nearest_gather(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Nearest resize of any ``(B, H, W)`` tensor to ``(B, h, w)`` (``F.interpolate`` rule) by one gather that
+    reads only the ``h·w`` selected elements per image (the fast way down; any dtype)."""
+    B, H, W = x.shape
+    h, w = size
+    rows = nearest_source_index(h, H, x.device)
+    cols = nearest_source_index(w, W, x.device)
+    index = (rows[:, None] * W + cols[None, :]).reshape(-1)
+    return x.reshape(B, H * W).index_select(1, index).view(B, h, w)
+
+
 def _upsample_labels(labels: Tensor, size: Tuple[int, int], dtype: torch.dtype) -> Tensor:
     """Nearest upsampling by ``F.interpolate`` itself, through ``dtype``: float32 is exact for ids below 2**24 in
     magnitude (a larger, invalid id stays invalid); uint8 serves labels known to lie in [0, 255]."""
@@ -209,11 +220,7 @@ def _resize_labels(
             return labels
         if h * w > H * W:
             return _upsample_labels(labels, (h, w), torch.float32)
-        # downsampling: one gather that reads only the h*w selected pixels
-        rows = nearest_source_index(h, H, labels.device)
-        cols = nearest_source_index(w, W, labels.device)
-        index = (rows[:, None] * W + cols[None, :]).reshape(-1)
-        return labels.reshape(B, H * W).index_select(1, index).view(B, h, w)
+        return nearest_gather(labels, (h, w))
     hist = _label_histogram(labels, (h, w), num_classes, ignore_index)  # (B, K, h, w)
     # pixels per cell, ignored ones included: separable product of row and column coverage
     rows = _coverage(nearest_source_index(H, h, labels.device), h)
