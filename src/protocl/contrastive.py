@@ -28,7 +28,7 @@ from ._validation import (
     shape_in,
 )
 from .prototypes import no_autocast
-from .resize import RESIZE_MODES, _cell_index, _label_histogram, _resize_labels
+from .resize import RESIZE_MODES, _cell_index, _label_histogram, _resize_labels, known_labels
 
 __all__ = [
     "pixel_prototype_contrastive_loss",
@@ -118,15 +118,9 @@ def _class_weights(
     return w
 
 
-def _known(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """Pixels with a class label. Ids outside ``[0, K)`` (possible only with value checks off) count as ignored,
-    so a bad id can never index out of bounds on the device."""
-    return (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-
-
 def _terms_at_grid(logp: Tensor, y: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """Per-pixel weighted loss and weight on the grid of ``y`` (``logp`` on the same grid): ``(B, h, w)`` each."""
-    known = _known(y, logp.shape[1], ignore_index)
+    known = known_labels(y, logp.shape[1], ignore_index)
     y0 = torch.where(known, y, torch.zeros_like(y))
     nll = -logp.gather(1, y0[:, None]).squeeze(1)  # b h w
     weight = torch.where(known, cw.gather(1, rearrange(y0, "b h w -> b (h w)")).view_as(y0), torch.zeros_like(nll))
@@ -138,7 +132,7 @@ def _terms_at_label_pixels(logp: Tensor, labels: Tensor, cw: Tensor, ignore_inde
     B, K, h, w = logp.shape
     H, W = labels.shape[-2:]
     cell = _cell_index((H, W), (h, w), labels.device)  # H W
-    known = _known(labels, K, ignore_index)
+    known = known_labels(labels, K, ignore_index)
     y0 = torch.where(known, labels, torch.zeros_like(labels))
     index = rearrange(y0 * (h * w) + cell, "b H W -> b (H W)")
     nll = -rearrange(logp, "b k h w -> b (k h w)").gather(1, index).view(B, H, W)

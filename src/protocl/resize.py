@@ -94,6 +94,15 @@ def nearest_gather(x: Tensor, size: Tuple[int, int]) -> Tensor:
     return x.reshape(B, H * W).index_select(1, index).view(B, h, w)
 
 
+def known_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Pixels that carry a class: ids in ``[0, K)`` other than ``ignore_index``. Ids outside ``[0, K)`` (possible
+    only with value checks off) count as ignored, so a bad id never indexes out of bounds on the device."""
+    known = (labels >= 0) & (labels < num_classes)
+    if 0 <= ignore_index < num_classes:  # an ignore_index outside [0, K) is excluded by the range already
+        known = known & (labels != ignore_index)
+    return known
+
+
 def _upsample_labels(labels: Tensor, size: Tuple[int, int], dtype: torch.dtype) -> Tensor:
     """Nearest upsampling by ``F.interpolate`` itself, through ``dtype``: float32 is exact for ids below 2**24 in
     magnitude (a larger, invalid id stays invalid); uint8 serves labels known to lie in [0, 255]."""
@@ -152,9 +161,7 @@ def _label_histogram(labels: Tensor, size: Tuple[int, int], num_classes: int, ig
     K = num_classes
     # int32 index arithmetic: half the memory traffic of int64 over the (B, H, W) label map
     cell = _cell_index((H, W), (h, w), labels.device).to(torch.int32)  # (H, W)
-    known = (labels >= 0) & (labels < K)
-    if 0 <= ignore_index < K:
-        known = known & (labels != ignore_index)
+    known = known_labels(labels, K, ignore_index)
     # ignore (and, with value checks off, bad ids) -> extra bin K; flat target index over (b, K+1, h, w)
     flat = torch.where(known, labels.to(torch.int32), K)  # b H W, the class bin
     base = (torch.arange(B, device=labels.device, dtype=torch.int32) * (K + 1))[:, None, None]
