@@ -1,33 +1,29 @@
-r"""Loop-based baseline that follows the authors' release procedure (the protocl method spec, §6).
+r"""The authors' release, re-implemented line by line: the oracle of protocl's release-compatible setting.
 
-This file is a benchmark baseline, not part of the library. It is written from the description of the release in
-the protocl method spec (§6 "Release compatibility"), not copied from any public code, and it keeps the release's
-*procedure* on purpose, because that procedure is what the benchmark measures:
+Source: cvlab-yonsei/DASS, ``trainer/damnet_trainer.py`` (commit 4e945b9), ``Trainer.metric_loss`` (lines 39-112)
+and the pair averaging of ``Trainer.iter`` (lines 126-147). :func:`release_metric_loss` follows ``metric_loss``
+statement by statement; each statement carries the line number it comes from (``# L41``). It is written from
+the release's code, not from protocl or from the protocl method spec, so that a misreading of the release in
+either cannot be copied here. Deviations, all of them mechanical:
 
-- a Python loop over the (source image, target image) pairs of the batch;
-- per pair, label maps nearest-resized to the feature grid with ``F.interpolate``;
-- per pair and per class, a Python loop over ``torch.unique(labels)`` (a device-to-host sync) that pools the
-  prototype of each present class with a boolean mask; absent classes stay zero vectors;
-- cosine between normalised prototypes and normalised pixel features; every cosine exactly 0 is replaced by -1
-  (which is how an absent, all-zero prototype gets cosine -1); logits = cosine / temperature (x10);
-- the (K, h, w) logits nearest-upsampled to the label resolution with ``F.interpolate``, then
-  ``F.cross_entropy`` at full label resolution with ``ignore_index=255``;
-- FCL: target pixels against source prototypes, class weight 1 for the classes present in both resized label
-  maps (found with two more ``torch.unique`` calls), 0 otherwise; BCL: source pixels against target prototypes,
-  no class weight;
-- the batch loss is the mean over the pairs of ``fcl_weight * FCL + bcl_weight * BCL``.
+- ``.cuda()`` becomes "the features' device", and the prototype buffers (L54, L93, float32 in the release) take
+  the features' dtype, so that the oracle also runs in float64 (for gradient checks to 1e-9);
+- ``Tensor.resize`` (deprecated) becomes ``reshape``: the tensors are contiguous, so both are the same view;
+- the hard-coded 19 classes become ``num_classes``, the hard-coded two pairs of ``iter`` become the batch;
+- lines 73-91 (a dynamic-label draft: ``target_predicted``, ``label_t_resize_new``, ``overlap_classes2``) compute
+  values that no later line reads, and are left out; line 106 (``prototype_loss2``, an unweighted
+  ``CrossEntropyLoss``) defines a loss object that is never called, and is left out too;
+- in float64 the cosine map is upsampled with the rows float32 ``F.interpolate`` reads (the release's map is
+  float32, and ``F.interpolate`` picks other rows for float64 input at some sizes, e.g. 92 -> 730).
 
-:func:`release_losses` is that loss. :class:`ReleaseStep` wraps it into a whole adaptation step in the same loop
-style, following the order of spec §3 (source prototypes, calibration by the EMA domain bias, dynamic labels,
-"fill" fusion, target prototypes, losses, EMA updates with per-class Python branches), so that the benchmark can
-compare a whole protocl step with a whole loop-style step. §6 fixes only the loss; the extra step parts use the
-same per-class loop idiom and follow the §3 formulas.
+What the release computes (and protocl's ``release_compatible=True`` reproduces): both FCL (L108) and BCL (L109)
+go through the same ``CrossEntropyLoss(weight=overlap)`` (L71), so source pixels of classes that are not present
+in both resized label maps get weight 0 in BCL too. Where a pair has no overlap class (or a label map is all
+ignore) ``F.cross_entropy`` divides 0 by 0: the release's pair loss and its gradients are NaN.
 
-The numerical contract (tested in ``tests/test_bench_smoke.py``): on random inputs :func:`release_losses` equals
-protocl's release-compatible loss (``absent="min_similarity"``, ``at="label"``, per-image prototypes, overlap
-class weight) to fp32 rounding. Known differences from protocl by design: the release normalises with
-``F.normalize`` (eps 1e-12 on the norm) where protocl clamps norms at 1e-6, and the release's mean over an empty
-set of pixels is NaN where protocl's is 0.
+:class:`ReleaseStep` wraps the same loss into a whole adaptation step in the release's loop style for the
+benchmark (spec §3 order: source prototypes, calibration by the EMA domain bias, dynamic labels, "fill" fusion,
+losses, EMA updates with per-class Python branches); §6 fixes only the loss, the extra parts use the same idiom.
 """
 
 from __future__ import annotations
@@ -39,124 +35,125 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = 255
+RELEASE = "cvlab-yonsei/DASS trainer/damnet_trainer.py @ 4e945b9"
 
 
-def resize_labels_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    r"""Nearest-resize one label map the way the release does it (through a float ``F.interpolate``).
-
-    Args:
-        labels: label map of shape :math:`(H, W)`, int64.
-        size: the output size ``(h, w)``.
-
-    Returns:
-        The resized label map of shape :math:`(h, w)`, int64.
-    """
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    resized = F.interpolate(labels[None, None].float(), size=size, mode="nearest")
-    return resized[0, 0].long()
+def _upsample_nearest(x: Tensor, size) -> Tensor:
+    r"""``F.interpolate(x, size)`` (mode nearest) with float32's row and column choice for any dtype."""
+    if x.dtype == torch.float32:
+        return F.interpolate(x, size=size)
+    rows = F.interpolate(torch.arange(x.shape[-2], dtype=torch.float32, device=x.device).view(1, 1, -1, 1),
+                         size=(size[0], 1)).view(-1).long()
+    cols = F.interpolate(torch.arange(x.shape[-1], dtype=torch.float32, device=x.device).view(1, 1, 1, -1),
+                         size=(1, size[1])).view(-1).long()
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def release_prototypes(
-    features: Tensor, labels: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX
-) -> Tensor:
-    r"""Per-image class prototypes with a per-class Python loop over ``torch.unique`` (one host sync).
-
-    Args:
-        features: pixel features of one image, shape :math:`(D, h, w)`.
-        labels: its labels already resized to the feature grid, shape :math:`(h, w)`, int64.
-        num_classes: K.
-        ignore_index: label that takes part in no prototype.
-
-    Returns:
-        Prototypes of shape :math:`(K, D)`; the row of a class absent from ``labels`` is zero.
-    """
-    prototypes = features.new_zeros(num_classes, features.shape[0])
-    for k in torch.unique(labels).tolist():  # host sync, as in the release
-        if k == ignore_index:
-            continue
-        mask = labels == k  # (h, w) bool
-        prototypes[k] = features[:, mask].mean(dim=1)  # boolean-mask gather: d h w -> d n -> d
-    return prototypes
-
-
-def release_overlap_weight(
-    source_labels: Tensor, target_labels: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX
-) -> Tensor:
-    r"""FCL class weight: 1 for the classes present in both (already resized) label maps, else 0.
-
-    Args:
-        source_labels: source labels on the feature grid, shape :math:`(h, w)`.
-        target_labels: target labels on the feature grid, shape :math:`(h, w)`.
-        num_classes: K.
-        ignore_index: label ignored when listing classes.
-
-    Returns:
-        Class weight of shape :math:`(K,)`, float32.
-    """
-    weight = torch.zeros(num_classes, device=source_labels.device)
-    source_classes = set(torch.unique(source_labels).tolist())  # host sync
-    for k in torch.unique(target_labels).tolist():  # host sync
-        if k != ignore_index and k in source_classes:
-            weight[k] = 1.0
-    return weight
-
-
-def release_logits(features: Tensor, prototypes: Tensor, *, temperature: float = 0.1) -> Tensor:
-    r"""Cosine logits of one image against K prototypes, with the release's "cosine exactly 0 -> -1" rule.
-
-    .. math::
-        z_{k,p} = \frac{1}{\tau}\,\begin{cases} -1 & \text{if } \cos(f_p, P_k) = 0 \\
-        \cos(f_p, P_k) & \text{otherwise}\end{cases}
-
-    Args:
-        features: shape :math:`(D, h, w)`.
-        prototypes: shape :math:`(K, D)`.
-        temperature: :math:`\tau`.
-
-    Returns:
-        Logits of shape :math:`(K, h, w)`.
-    """
-    features = F.normalize(features, dim=0)
-    prototypes = F.normalize(prototypes, dim=1)
-    cosine = torch.einsum("kd,dhw->khw", prototypes, features)
-    cosine = cosine.masked_fill(cosine == 0, -1.0)
-    return cosine / temperature
-
-
-def release_pair_ce(
-    features: Tensor,
-    prototypes: Tensor,
-    labels: Tensor,
-    *,
-    temperature: float = 0.1,
-    class_weight: Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> Tensor:
-    r"""Cross-entropy of one image at label resolution against nearest-upsampled cosine logits.
-
-    Args:
-        features: shape :math:`(D, h, w)`.
-        prototypes: shape :math:`(K, D)`.
-        labels: full-resolution labels, shape :math:`(H, W)`.
-        temperature: logit temperature.
-        class_weight: optional :math:`(K,)` weight passed to ``F.cross_entropy``.
-        ignore_index: label that does not contribute.
-
-    Returns:
-        Scalar loss (NaN when no pixel contributes, as in ``F.cross_entropy``).
-    """
-    logits = release_logits(features, prototypes, temperature=temperature)
-    logits = F.interpolate(logits[None], size=tuple(labels.shape[-2:]), mode="nearest")  # 1 K H W
-    return F.cross_entropy(logits, labels[None], weight=class_weight, ignore_index=ignore_index)
-
-
-class ReleaseLosses(NamedTuple):
-    r"""Batch loss and its two parts (means over the pairs)."""
+class PairLoss(NamedTuple):
+    r"""One pair's terms: ``metric_loss1`` (FCL, L108), ``metric_loss2`` (BCL, L109) and their weighted sum."""
 
     loss: Tensor
     fcl: Tensor
     bcl: Tensor
+
+
+def release_metric_loss(
+    feature_s: Tensor,
+    label_s: Tensor,
+    feature_t: Tensor,
+    label_t: Tensor,
+    *,
+    num_classes: int = 19,
+    lamb_metric1: float = 0.1,
+    lamb_metric2: float = 0.1,
+) -> PairLoss:
+    r"""``Trainer.metric_loss`` of the release for one (source image, target image) pair.
+
+    Args:
+        feature_s: source features of shape :math:`(1, D, h_s, w_s)` (``iter`` slices one image, L128).
+        label_s: source labels of shape :math:`(1, H_s, W_s)`, int64 (L126).
+        feature_t: target features of shape :math:`(1, D, h_t, w_t)` (L133).
+        label_t: target (static pseudo) labels of shape :math:`(1, H_t, W_t)`, int64 (L131).
+        num_classes: the release's hard-coded 19.
+        lamb_metric1: ``config.lamb_metric1``, the FCL weight.
+        lamb_metric2: ``config.lamb_metric2``, the BCL weight.
+
+    Returns:
+        :class:`PairLoss` of scalars (NaN when no class is in the overlap, as in the release).
+    """
+    device, dtype = feature_s.device, feature_s.dtype
+    _, ch, feature_s_h, feature_s_w = feature_s.size()  # L40
+    label_s_resize = F.interpolate(label_s.float().unsqueeze(0), size=(feature_s_h, feature_s_w))  # L41
+    _, _, feature_t_h, feature_t_w = feature_t.size()  # L43
+    label_t_resize = F.interpolate(label_t.float().unsqueeze(0), size=(feature_t_h, feature_t_w))  # L44
+
+    source_list = torch.unique(label_s_resize.float())  # L46
+    target_list = torch.unique(label_t_resize.float())  # L47
+
+    overlap_classes = []  # L49
+    for index in torch.unique(label_s_resize):  # L50
+        if index in torch.unique(label_t_resize) and index != 255.0:  # L51
+            overlap_classes.append(index.detach())  # L52
+
+    source_prototypes = torch.zeros(size=(num_classes, ch), dtype=dtype, device=device)  # L54
+    for index in source_list:  # L55
+        if index != 255.0:  # L56
+            fg_mask_s = ((label_s_resize == index) * 1).detach()  # L57
+            prototype_s = (fg_mask_s * feature_s).squeeze().reshape(ch, feature_s_h * feature_s_w).sum(-1) / (
+                fg_mask_s.sum()
+            )  # L58
+            source_prototypes[int(index)] = prototype_s  # L59
+
+    cs_map = torch.matmul(
+        F.normalize(source_prototypes, dim=1),
+        F.normalize(feature_t.squeeze().reshape(ch, feature_t_h * feature_t_w), dim=0),
+    )  # L61
+    cs_map[cs_map == 0] = -1  # L62
+    cosine_similarity_map = _upsample_nearest(
+        cs_map.reshape(1, num_classes, feature_t_h, feature_t_w), label_t.size()[-2:]
+    )  # L63
+    cosine_similarity_map *= 10  # L64
+
+    cross_entropy_weight = torch.zeros(size=(num_classes, 1), dtype=dtype)  # L66
+    for element in overlap_classes:  # L67
+        cross_entropy_weight[int(element)] = 1  # L68
+    cross_entropy_weight = cross_entropy_weight.to(device)  # L70
+    prototype_loss = torch.nn.CrossEntropyLoss(weight=cross_entropy_weight, ignore_index=255)  # L71
+    # L73-91: the dynamic-label draft; nothing below reads what it computes.
+
+    target_prototypes = torch.zeros(size=(num_classes, ch), dtype=dtype, device=device)  # L93
+    for index in target_list:  # L94
+        if index != 255.0:  # L95
+            fg_mask_t = ((label_t_resize == index) * 1).detach()  # L97
+            prototype_t = (fg_mask_t * feature_t).squeeze().reshape(ch, feature_t_h * feature_t_w).sum(-1) / (
+                fg_mask_t.sum()
+            )  # L98
+            target_prototypes[int(index)] = prototype_t  # L99
+
+    cs_map2 = torch.matmul(
+        F.normalize(target_prototypes, dim=1),
+        F.normalize(feature_s.squeeze().reshape(ch, feature_s_h * feature_s_w), dim=0),
+    )  # L101
+    cs_map2[cs_map2 == 0] = -1  # L102
+    cosine_similarity_map2 = _upsample_nearest(
+        cs_map2.reshape(1, num_classes, feature_s_h, feature_s_w), label_s.size()[-2:]
+    )  # L103
+    cosine_similarity_map2 *= 10  # L104
+    # L106: prototype_loss2 = CrossEntropyLoss(ignore_index=255) is defined but never called.
+
+    metric_loss1 = prototype_loss(cosine_similarity_map, label_t)  # L108
+    metric_loss2 = prototype_loss(cosine_similarity_map2, label_s)  # L109
+    metric_loss = lamb_metric1 * metric_loss1 + lamb_metric2 * metric_loss2  # L111
+    return PairLoss(metric_loss, metric_loss1, metric_loss2)  # L112
+
+
+class ReleaseLosses(NamedTuple):
+    r"""Batch loss and its two parts (means over the pairs), plus every pair's :class:`PairLoss`."""
+
+    loss: Tensor
+    fcl: Tensor
+    bcl: Tensor
+    pairs: list
 
 
 def release_losses(
@@ -168,83 +165,53 @@ def release_losses(
     *,
     fcl_weight: float = 0.1,
     bcl_weight: float = 0.1,
-    temperature: float = 0.1,
-    ignore_index: int = IGNORE_INDEX,
 ) -> ReleaseLosses:
-    r"""FCL + BCL as the release computes them: loops over pairs and classes (spec §6).
+    r"""The contrastive part of ``Trainer.iter``: ``metric_loss`` of pair b = (source b, target b), averaged.
 
     .. math::
         L = \frac{1}{B} \sum_{b} \lambda_F\,\mathrm{FCL}_b + \lambda_B\,\mathrm{BCL}_b
 
+    (L126-134 slice the two pairs, L143-144 call ``metric_loss`` on each, L147 averages them.)
+
     Args:
         source_features: shape :math:`(B, D, h, w)`.
         source_labels: shape :math:`(B, H, W)`, int64.
-        target_features: shape :math:`(B, D, h, w)`.
-        target_labels: (pseudo) labels, shape :math:`(B, H, W)`, int64.
+        target_features: shape :math:`(B, D, h', w')`.
+        target_labels: (static pseudo) labels, shape :math:`(B, H', W')`, int64.
         num_classes: K.
-        fcl_weight: :math:`\lambda_F`.
-        bcl_weight: :math:`\lambda_B`.
-        temperature: logit temperature (the release uses 0.1, i.e. x10).
-        ignore_index: label that does not contribute.
+        fcl_weight: :math:`\lambda_F` (``config.lamb_metric1``).
+        bcl_weight: :math:`\lambda_B` (``config.lamb_metric2``).
 
     Returns:
-        :class:`ReleaseLosses` ``(loss, fcl, bcl)``, each a scalar.
+        :class:`ReleaseLosses` ``(loss, fcl, bcl, pairs)``; NaN wherever a pair is NaN, as in the release.
     """
-    fcl_terms, bcl_terms = [], []
-    for b in range(source_features.shape[0]):
-        fcl, bcl = release_pair_losses(
-            source_features[b], source_labels[b], target_features[b], target_labels[b], num_classes,
-            temperature=temperature, ignore_index=ignore_index,
+    pairs = [
+        release_metric_loss(
+            source_features[b : b + 1], source_labels[b : b + 1], target_features[b : b + 1],
+            target_labels[b : b + 1], num_classes=num_classes, lamb_metric1=fcl_weight, lamb_metric2=bcl_weight,
         )
-        fcl_terms.append(fcl)
-        bcl_terms.append(bcl)
-    fcl = torch.stack(fcl_terms).mean()
-    bcl = torch.stack(bcl_terms).mean()
-    return ReleaseLosses(fcl_weight * fcl + bcl_weight * bcl, fcl, bcl)
+        for b in range(source_features.shape[0])
+    ]
+    count = len(pairs)
+    return ReleaseLosses(
+        sum(p.loss for p in pairs) / count, sum(p.fcl for p in pairs) / count, sum(p.bcl for p in pairs) / count,
+        pairs,
+    )
 
 
-def release_pair_losses(
-    source_features: Tensor,
-    source_labels: Tensor,
-    target_features: Tensor,
-    target_labels: Tensor,
-    num_classes: int,
-    *,
-    temperature: float = 0.1,
-    ignore_index: int = IGNORE_INDEX,
-    source_prototypes: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""FCL and BCL of one (source image, target image) pair.
+def release_logits(features: Tensor, prototypes: Tensor, *, temperature: float = 0.1) -> Tensor:
+    r"""Cosine logits of one image against K prototypes with the release's "cosine exactly 0 -> -1" (L61-L64).
 
     Args:
-        source_features: shape :math:`(D, h, w)`.
-        source_labels: shape :math:`(H, W)`, int64.
-        target_features: shape :math:`(D, h, w)`.
-        target_labels: shape :math:`(H, W)`, int64.
-        num_classes: K.
-        temperature: logit temperature.
-        ignore_index: label that does not contribute.
-        source_prototypes: the pair's source prototypes :math:`(K, D)` when the caller already pooled them.
+        features: shape :math:`(D, h, w)`.
+        prototypes: shape :math:`(K, D)`.
+        temperature: :math:`\tau` (the release's x10 is :math:`\tau = 0.1`).
 
     Returns:
-        ``(fcl, bcl)`` scalars.
+        Logits of shape :math:`(K, h, w)`.
     """
-    feature_size = tuple(source_features.shape[-2:])
-    source_small = resize_labels_nearest(source_labels, feature_size)
-    target_small = resize_labels_nearest(target_labels, feature_size)
-    if source_prototypes is None:
-        source_prototypes = release_prototypes(source_features, source_small, num_classes, ignore_index=ignore_index)
-    target_prototypes = release_prototypes(target_features, target_small, num_classes, ignore_index=ignore_index)
-    weight = release_overlap_weight(source_small, target_small, num_classes, ignore_index=ignore_index)
-    weight = weight.to(target_features.dtype)
-    fcl = release_pair_ce(
-        target_features, source_prototypes, target_labels,
-        temperature=temperature, class_weight=weight, ignore_index=ignore_index,
-    )
-    bcl = release_pair_ce(
-        source_features, target_prototypes, source_labels, temperature=temperature, ignore_index=ignore_index
-    )
-    return fcl, bcl
+    cosine = torch.einsum("kd,dhw->khw", F.normalize(prototypes, dim=1), F.normalize(features, dim=0))
+    return cosine.masked_fill(cosine == 0, -1.0) / temperature
 
 
 class ReleaseStepOutput(NamedTuple):
@@ -254,6 +221,20 @@ class ReleaseStepOutput(NamedTuple):
     fcl: Tensor
     bcl: Tensor
     target_labels: Tensor
+
+
+def _resize_labels_nearest(labels: Tensor, size) -> Tensor:
+    r"""One label map ``(H, W)`` nearest-resized through a float ``F.interpolate``, as L41/L44 do."""
+    return F.interpolate(labels[None, None].float(), size=tuple(size))[0, 0].long()
+
+
+def _prototypes(features: Tensor, labels_small: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    r"""Per-image prototypes ``(K, D)`` with a class loop over ``torch.unique`` (the idiom of L54-59)."""
+    prototypes = features.new_zeros(num_classes, features.shape[0])
+    for k in torch.unique(labels_small).tolist():
+        if k != ignore_index:
+            prototypes[k] = features[:, labels_small == k].mean(dim=1)
+    return prototypes
 
 
 class ReleaseStep(nn.Module):
@@ -342,23 +323,22 @@ class ReleaseStep(nn.Module):
         label_size = tuple(static_labels.shape[-2:])
         hybrid, source_small_all, target_small_all, fcl_terms, bcl_terms = [], [], [], [], []
         for b in range(source_features.shape[0]):
-            source_small = resize_labels_nearest(source_labels[b], feature_size)
-            source_protos = release_prototypes(
-                source_features[b], source_small, self.num_classes, ignore_index=self.ignore_index
-            )
+            source_small = _resize_labels_nearest(source_labels[b], feature_size)
+            source_protos = _prototypes(source_features[b], source_small, self.num_classes, self.ignore_index)
             present = [k for k in torch.unique(source_small).tolist() if k != self.ignore_index]
             dynamic = self._dynamic_labels(target_features[b], source_protos, present)
-            dynamic = resize_labels_nearest(dynamic, label_size)
+            dynamic = _resize_labels_nearest(dynamic, label_size)
             fused = torch.where(static_labels[b] != self.ignore_index, static_labels[b], dynamic)
-            fcl, bcl = release_pair_losses(
-                source_features[b], source_labels[b], target_features[b], fused, self.num_classes,
-                temperature=self.temperature, ignore_index=self.ignore_index, source_prototypes=source_protos,
+            pair = release_metric_loss(
+                source_features[b : b + 1], source_labels[b : b + 1], target_features[b : b + 1], fused[None],
+                num_classes=self.num_classes, lamb_metric1=self.fcl_weight, lamb_metric2=self.bcl_weight,
             )
+            fcl, bcl = pair.fcl, pair.bcl
             fcl_terms.append(fcl)
             bcl_terms.append(bcl)
             hybrid.append(fused)
             source_small_all.append(source_small)
-            target_small_all.append(resize_labels_nearest(fused, feature_size))
+            target_small_all.append(_resize_labels_nearest(fused, feature_size))
         fcl = torch.stack(fcl_terms).mean()
         bcl = torch.stack(bcl_terms).mean()
         loss = self.fcl_weight * fcl + self.bcl_weight * bcl

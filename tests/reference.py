@@ -469,9 +469,11 @@ class StepRef:
         ignore_index=IGNORE,
         release_compatible=False,
         resize="nearest",
+        min_purity=0.75,
     ):
         self.k_n = num_classes
         self.resize = resize
+        self.min_purity = min_purity
         if release_compatible:
             absent, at = "min_similarity", "label"
         self.cfg = {
@@ -494,7 +496,8 @@ class StepRef:
         r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs."""
         c = self.cfg
         ign = c["ignore_index"]
-        p_s, n_s = masked_average_pool(fs, ys, self.k_n, ignore_index=ign, resize=self.resize)
+        pool = {"ignore_index": ign, "resize": self.resize, "min_purity": self.min_purity}
+        p_s, n_s = masked_average_pool(fs, ys, self.k_n, **pool)
         p_st = p_s
         if c["calibrate"]:
             p_st = domain_bias_calibrate(
@@ -509,15 +512,16 @@ class StepRef:
             ft, p_st, valid=n_s > 0, threshold=c["threshold"], ignore_index=ign, size=yf_np.shape[1:]
         )
         y_t = hybrid_fuse(yf_np, y_d, mode=c["fuse"], ignore_index=ign) if c["dynamic"] else yf_np
-        p_t, n_t = masked_average_pool(ft, y_t, self.k_n, ignore_index=ign, resize=self.resize)
+        p_t, n_t = masked_average_pool(ft, y_t, self.k_n, **pool)
         kw = {
             "temperature": c["temperature"],
             "absent": c["absent"],
             "at": c["at"],
             "ignore_index": ign,
             "resize": self.resize,
+            "min_purity": self.min_purity,
         }
-        if c["release"]:  # mean over pairs of each pair's loss; FCL weighted by the class overlap
+        if c["release"]:  # mean over pairs of each pair's loss; FCL and BCL weighted by the class overlap
             ys_np, feat_s, feat_t = as_np(ys, np.int64), as_np(fs), as_np(ft)
             fcl = bcl = 0.0
             b_n = feat_s.shape[0]
@@ -532,7 +536,12 @@ class StepRef:
                     )
                     / b_n
                 )
-                bcl += contrastive_loss(feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, **kw) / b_n
+                bcl += (
+                    contrastive_loss(
+                        feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, class_weight=both, **kw
+                    )
+                    / b_n
+                )
         else:
             fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
             bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, **kw)

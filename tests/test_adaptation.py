@@ -67,6 +67,7 @@ CONFIGS = [
     {"threshold": 0.3, "momentum": 0.5, "fcl_weight": 0.0, "temperature": 0.5},
     {"threshold": 0.3, "momentum": 0.5, "release_compatible": True},
     {"threshold": 0.3, "momentum": 0.5, "resize": "purity"},
+    {"threshold": 0.3, "momentum": 0.5, "resize": "purity", "min_purity": 0.4},
 ]
 
 

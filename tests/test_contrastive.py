@@ -91,11 +91,12 @@ def test_downsampled_and_upsampled_labels(at):
         _close(got, ref.contrastive_loss(feats, protos, labels, at=at, absent="min_similarity"))
 
 
-def test_purity_resize_matches_reference():
+@pytest.mark.parametrize("min_purity", [0.75, 0.4, 0.95])
+def test_purity_resize_matches_reference(min_purity):
     feats, protos, _ = _inputs(grid=(4, 4))
-    labels = ref.blocky_labels(B, 12, 12, K, block=3)
-    got = pixel_prototype_contrastive_loss(feats, protos, labels, resize="purity")
-    _close(got, ref.contrastive_loss(feats, protos, labels, resize="purity"))
+    labels = ref.blocky_labels(B, 13, 11, K, block=3)  # non-integer ratios: mixed cells
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, resize="purity", min_purity=min_purity)
+    _close(got, ref.contrastive_loss(feats, protos, labels, resize="purity", min_purity=min_purity))
 
 
 def test_label_equals_feature_when_sizes_match():

@@ -80,3 +80,19 @@ def test_entropy_non_contiguous_and_single_class():
     logits = torch.randn(2, 3, 4, 5, dtype=torch.float64).permute(0, 3, 1, 2)  # (2, 5, 3, 4)
     _close(entropy_loss(logits), ref.entropy(logits))
     assert entropy_loss(torch.randn(2, 1, 3, 3)).item() == 0.0
+
+
+def test_entropy_masked_classes_at_minus_infinity():
+    # a class masked with logit -inf has probability exactly 0: 0 log 0 = 0, no NaN in the loss or its gradient
+    logits = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    masked = logits.clone()
+    masked[:, 3] = -math.inf
+    masked.requires_grad_(True)
+    loss = entropy_loss(masked)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(masked.grad))
+    assert torch.all(masked.grad[:, 3] == 0)
+    # equal to the entropy over the remaining four classes (the loop reference on the smaller logits)
+    _close(loss, ref.entropy(logits[:, [0, 1, 2, 4]]))
+    per_pixel = entropy_loss(masked.detach(), reduction="none")
+    _close(per_pixel, ref.entropy(logits[:, [0, 1, 2, 4]], "none"))

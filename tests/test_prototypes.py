@@ -204,6 +204,22 @@ def test_ema_update_sequence_matches_reference(momentum):
         assert ema.initialized.tolist() == expected.initialized.tolist()
 
 
+@pytest.mark.parametrize("min_purity", [0.4, 0.75, 0.95])
+def test_ema_update_with_purity_resize_matches_reference(min_purity):
+    ema = PrototypeEMA(4, 3, momentum=0.5).double()
+    expected = ref.EMARef(4, 3, 0.5)
+    for _ in range(3):
+        feats = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+        labels = ref.blocky_labels(2, 13, 11, 4, block=3)  # non-integer ratios: mixed cells
+        ema.update(feats, labels, resize="purity", min_purity=min_purity)
+        protos, counts = ref.masked_average_pool(
+            feats, labels, 4, per_image=False, resize="purity", min_purity=min_purity
+        )
+        expected.update_from(protos, counts)
+        torch.testing.assert_close(ema.prototypes, _t(expected.prototypes), rtol=1e-10, atol=1e-12)
+        assert ema.initialized.tolist() == expected.initialized.tolist()
+
+
 def test_ema_buffers_are_fp32_and_registered():
     ema = PrototypeEMA(4, 6)
     assert ema.prototypes.dtype == torch.float32 and ema.prototypes.shape == (4, 6)

@@ -196,6 +196,69 @@ def test_thresholds_within_1e3_of_exact(proportion):
     assert np.max(np.abs(got.double().numpy()[finite] - exact[finite])) <= 1e-3
 
 
+def _spread_logits(kind, k_n=8, shape=(4, 96, 96), dtype=torch.float32, seed=0):
+    r"""``flat-S``: standard normal logits times S (uncertain classes); ``margin-M``: standard normal logits plus
+    an exponential logit margin of mean M on a random class (confident classes, late training, background)."""
+    g = torch.Generator().manual_seed(seed)
+    name, value = kind.split("-")
+    z = torch.randn(shape[0], k_n, *shape[1:], generator=g, dtype=torch.float64)
+    if name == "flat":
+        return (float(value) * z).to(dtype)
+    cls = torch.randint(0, k_n, shape, generator=g)
+    margin = torch.empty(shape, dtype=torch.float64).exponential_(1 / float(value), generator=g)
+    return z.scatter_add(1, cls[:, None], (3 + margin)[:, None]).to(dtype)
+
+
+SPREADS = ["flat-0.5", "flat-1", "flat-3", "margin-3", "margin-5", "margin-7", "margin-10"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("proportion", [0.1, 0.05, 0.3])
+@pytest.mark.parametrize("kind", SPREADS)
+def test_thresholds_pass_the_proportion_of_every_class(kind, proportion, dtype):
+    # the share of each class's arg-max pixels at or above its threshold is the proportion, within 10 % of it,
+    # for flat and for saturated confidences (bins uniform in c would pass ~18 % at margin-5, ~29 % at margin-7)
+    logits = _spread_logits(kind, dtype=dtype)
+    cbt = ClassBalancedThresholds(8, proportion=proportion)
+    for chunk in logits.split(1):
+        cbt.update(chunk)
+    thresholds = cbt.compute()
+    labels = static_pseudo_label(logits, class_thresholds=thresholds, proportion=0.0)
+    # an independent confidence: float64 softmax of the logits (precise for margins below ~36)
+    conf, pred = torch.softmax(logits.double(), dim=1).max(dim=1)
+    for k in range(8):
+        mine = pred == k
+        share = (labels[mine] != 255).double().mean().item()
+        assert 0.9 * proportion <= share <= 1.1 * proportion, (k, share)
+        independent = (conf[mine] >= thresholds[k]).double().mean().item()
+        assert abs(independent - share) <= 0.01 * proportion, (k, independent, share)
+
+
+def test_thresholds_resolve_confidences_that_float32_rounds_to_one():
+    # margins 18..34: a float32 softmax gives exactly 1 for every pixel, protocl's float64 confidences stay
+    # distinct (up to margins of ~36, where 1 - c reaches float64's resolution)
+    g = torch.Generator().manual_seed(0)
+    margin = 18 + 16 * torch.rand(1, 1, 64, 64, generator=g)
+    logits = torch.cat([margin, torch.zeros(1, 2, 64, 64)], dim=1)  # float32
+    assert torch.all(torch.softmax(logits, 1).max(1).values == 1)
+    cbt = ClassBalancedThresholds(3, proportion=0.1)
+    cbt.update(logits)
+    kept = static_pseudo_label(logits, class_thresholds=cbt.compute(), proportion=0.0) != 255
+    assert 0.09 <= kept.double().mean().item() <= 0.11
+    exact = torch.quantile(margin.double().flatten(), 0.9)  # the pixels kept are the largest margins
+    assert torch.all(margin[0, 0][kept[0]] >= exact - 0.05)
+
+
+def test_thresholds_never_leave_a_predicted_class_empty():
+    # one tie holds the whole class: the threshold passes the tie (every pixel), not nothing
+    logits = torch.zeros(1, 3, 10, 10)
+    logits[:, 1] = 2.0
+    cbt = ClassBalancedThresholds(3, proportion=0.1)
+    cbt.update(logits)
+    kept = static_pseudo_label(logits, class_thresholds=cbt.compute(), proportion=0.0)
+    assert torch.all(kept == 1)
+
+
 def test_thresholds_inf_for_never_predicted_class():
     logits = _logits(k_n=4)
     logits[:, 3] = -50.0  # class 3 is never the arg max

@@ -129,7 +129,7 @@ def main() -> None:
     print(f"domain bias |mu_T - mu_S| per class: {[round(b, 3) for b in bias.tolist()]}")
 
     # Release-compatible loss: absent prototypes at cosine -1 inside the softmax, CE at label resolution,
-    # FCL weighted by the classes present in both label maps of each (source, target) pair.
+    # FCL and BCL both weighted by the classes present in both label maps of each (source, target) pair.
     with torch.no_grad():
         source_features, _ = model(source_images)
         target_features, _ = model(target_images)
@@ -158,6 +158,7 @@ def main() -> None:
                 target.prototypes[pair],
                 source_labels[pair],
                 valid=target.counts[pair] > 0,
+                class_weight=weight[pair],
                 **release,
             )
         )

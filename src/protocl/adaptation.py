@@ -35,7 +35,7 @@ from .calibration import domain_bias_calibrate
 from .contrastive import ABSENT_MODES, AT_MODES, EPS, _presence, contrastive_terms
 from .prototypes import PrototypeEMA, check_features_labels, divide_counts, pool_sums, resize_to_features
 from .pseudo_labels import FUSE_MODES, dynamic_pseudo_label, hybrid_fuse
-from .resize import RESIZE_MODES
+from .resize import MIN_PURITY, RESIZE_MODES
 
 __all__ = ["BidirectionalContrast", "StepOutput"]
 
@@ -73,9 +73,13 @@ class BidirectionalContrast(nn.Module):
     :math:`y_T` = hybrid_fuse(:math:`y_F`, dynamic labels of :math:`f_T` against calibrated :math:`p_S`).
 
     ``release_compatible=True`` reproduces the authors' loss numbers (the protocl method spec, §6): absent
-    prototypes at cosine −1 (``absent="min_similarity"``), loss at label resolution (``at="label"``), the FCL
-    class weight :func:`~protocl.overlap_class_weight`, and the batch loss as the mean over (source, target) pairs
-    of each pair's loss. It overrides ``absent`` and ``at``.
+    prototypes at cosine −1 (``absent="min_similarity"``), loss at label resolution (``at="label"``), the class
+    weight :func:`~protocl.overlap_class_weight` (1 for the classes present in both resized label maps of the
+    pair, 0 otherwise) on **both** FCL and BCL — the release passes both terms through one
+    ``CrossEntropyLoss(weight=overlap)`` — and the batch loss as the mean over (source, target) pairs of each
+    pair's loss. It overrides ``absent`` and ``at``. Where the release gives NaN (a pair with no class in the
+    overlap, e.g. an all-ignored label map), that pair's terms are 0 with zero gradients here, and the pair still
+    counts in the mean over pairs.
 
     Args:
         num_classes: K.
@@ -92,6 +96,7 @@ class BidirectionalContrast(nn.Module):
         dynamic: compute dynamic labels and fuse them (steps 2-4); False uses the static labels as :math:`y_T`.
         ignore_index: the ignore label.
         resize: label resize to the feature grid for pooling and ``at="feature"``: ``"nearest"`` | ``"purity"``.
+        min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs.
         sync: synchronise the EMAs across ranks when ``torch.distributed`` is initialised.
         release_compatible: the authors' loss settings (above).
         detach_prototypes: stop gradients into the prototypes of the loss (they flow by default, as in the
@@ -128,6 +133,7 @@ class BidirectionalContrast(nn.Module):
         dynamic: bool = True,
         ignore_index: int = IGNORE_INDEX,
         resize: str = "nearest",
+        min_purity: float = MIN_PURITY,
         sync: bool = True,
         release_compatible: bool = False,
         detach_prototypes: bool = False,
@@ -155,6 +161,7 @@ class BidirectionalContrast(nn.Module):
         self.dynamic = dynamic
         self.ignore_index = check_ignore_index(ignore_index)
         self.resize = check_choice(resize, "resize", RESIZE_MODES)
+        self.min_purity = check_range(min_purity, "min_purity", 0.0, 1.0)
         self.release_compatible = release_compatible
         self.detach_prototypes = detach_prototypes
         if release_compatible:
@@ -173,14 +180,14 @@ class BidirectionalContrast(nn.Module):
     # ------------------------------------------------------------------------------------------- pieces
 
     def _pool(self, features: Tensor, labels: Tensor):
-        y = resize_to_features(labels, features, self.num_classes, self.ignore_index, self.resize, 0.75)
+        y = resize_to_features(labels, features, self.num_classes, self.ignore_index, self.resize, self.min_purity)
         sums, counts = pool_sums(features, y, self.num_classes, None, self.ignore_index)
         return divide_counts(sums, counts), counts
 
     def _contrast(self, features, prototypes, labels, valid, class_weight) -> Tensor:
         loss, weight = contrastive_terms(
             features, prototypes, labels, valid, self.temperature, class_weight, self.absent, self.at,
-            self.ignore_index, self.resize, EPS, per_pixel=False,
+            self.ignore_index, self.resize, EPS, per_pixel=False, min_purity=self.min_purity,
         )
         if not self.release_compatible:
             return reduce_loss(loss, "mean", weight)
@@ -237,15 +244,15 @@ class BidirectionalContrast(nn.Module):
         p_t, n_t = self._pool(target_features, y_t)  # 5
         valid_t = n_t > 0
 
-        fcl_weight = None
-        if self.release_compatible:
+        overlap = None
+        if self.release_compatible:  # one class weight for both terms, as the release's single CrossEntropyLoss
             grid_s, grid_t = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
             both = _presence(y_s, grid_s, K, ignore) & _presence(y_t, grid_t, K, ignore)
-            fcl_weight = both.to(p_s.dtype)
+            overlap = both.to(p_s.dtype)
         proto_s = p_s.detach() if self.detach_prototypes else p_s
         proto_t = p_t.detach() if self.detach_prototypes else p_t
-        fcl = self._contrast(target_features, proto_s, y_t, valid_s, fcl_weight)  # 6
-        bcl = self._contrast(source_features, proto_t, y_s, valid_t, None)
+        fcl = self._contrast(target_features, proto_s, y_t, valid_s, overlap)  # 6
+        bcl = self._contrast(source_features, proto_t, y_s, valid_t, overlap)
         loss = self.fcl_weight * fcl + self.bcl_weight * bcl
 
         if update:  # 7

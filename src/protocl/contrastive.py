@@ -22,13 +22,14 @@ from ._validation import (
     check_label_tensor,
     check_label_values,
     check_positive,
+    check_range,
     check_same_device,
     check_size2,
     compute_dtype,
     shape_in,
 )
 from .prototypes import no_autocast
-from .resize import RESIZE_MODES, _cell_index, _label_histogram, _resize_labels, known_labels
+from .resize import MIN_PURITY, RESIZE_MODES, _cell_index, _label_histogram, _resize_labels, known_labels
 
 __all__ = [
     "pixel_prototype_contrastive_loss",
@@ -73,6 +74,13 @@ def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS
         >>> s.shape
         torch.Size([2, 3, 4, 4])
     """
+    check_features_prototypes(features, prototypes, None, "features", "prototypes")
+    check_positive(eps, "eps")
+    return _cosine_similarity_map(features, prototypes, float(eps))
+
+
+def _cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float) -> Tensor:
+    """:func:`cosine_similarity_map` without validation (arguments checked by the caller)."""
     dtype = compute_dtype(features, prototypes)
     h, w = features.shape[-2:]
     with no_autocast(features):
@@ -95,7 +103,7 @@ def _log_probs(
     features: Tensor, prototypes: Tensor, valid: Tensor, temperature: float, absent: str, eps: float
 ) -> Tensor:
     """log softmax over classes of the cosine logits, invalid prototypes masked or at similarity −1."""
-    z = cosine_similarity_map(features, prototypes, eps) / temperature  # b k h w
+    z = _cosine_similarity_map(features, prototypes, eps) / temperature  # b k h w
     keep = valid[:, :, None, None]
     if absent == "mask":
         # a finite "minus infinity": exp underflows to exactly 0, and an image with no valid prototype at all
@@ -162,6 +170,7 @@ def contrastive_terms(
     resize: str,
     eps: float,
     per_pixel: bool,
+    min_purity: float = MIN_PURITY,
 ) -> Tuple[Tensor, Tensor]:
     """Unreduced weighted loss and weight, batch first. Arguments are assumed validated.
 
@@ -178,7 +187,7 @@ def contrastive_terms(
     cw = class_weight.expand(B, K) if class_weight is not None else None
     cw = _class_weights(B, K, valid, cw, absent, logp.dtype, logp.device)
     if at == "feature":
-        y = _resize_labels(labels, tuple(features.shape[-2:]), resize, K, ignore_index, 0.75)
+        y = _resize_labels(labels, tuple(features.shape[-2:]), resize, K, ignore_index, min_purity)
         return _terms_at_grid(logp, y, cw, ignore_index)
     if per_pixel:
         return _terms_at_label_pixels(logp, labels, cw, ignore_index)
@@ -220,6 +229,7 @@ def validate_contrastive(
     resize,
     eps,
     names=("features", "prototypes", "labels"),
+    min_purity=MIN_PURITY,
 ) -> None:
     fname, pname, lname = names
     B, K = check_features_prototypes(features, prototypes, valid, fname, pname)
@@ -238,6 +248,7 @@ def validate_contrastive(
     check_ignore_index(ignore_index)
     check_reduction(reduction)
     check_choice(resize, "resize", RESIZE_MODES)
+    check_range(min_purity, "min_purity", 0.0, 1.0)
     check_positive(eps, "eps")
     check_label_values(labels, K, ignore_index, lname)
 
@@ -266,6 +277,8 @@ _DOC_ARGS = r"""
             pixels (``F.cross_entropy``'s); with no contributing pixel it is a zero still connected to the graph
             (never NaN).
         resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
+        min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
+            is ignored), in ``[0, 1]``.
         eps: norm floor :math:`\epsilon` of the cosine.
 
     Returns:
@@ -293,11 +306,12 @@ def pixel_prototype_contrastive_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     resize: str = "nearest",
+    min_purity: float = MIN_PURITY,
     eps: float = EPS,
 ) -> Tensor:
     return _loss(
         features, prototypes, labels, valid, temperature, class_weight, absent, at, ignore_index, reduction,
-        resize, eps, ("features", "prototypes", "labels"),
+        resize, eps, ("features", "prototypes", "labels"), min_purity,
     )
 
 
@@ -326,14 +340,14 @@ pixel_prototype_contrastive_loss.__doc__ = (
 
 
 def _loss(features, prototypes, labels, valid, temperature, class_weight, absent, at, ignore_index, reduction,
-          resize, eps, names) -> Tensor:
+          resize, eps, names, min_purity) -> Tensor:
     validate_contrastive(
         features, prototypes, labels, valid, temperature, class_weight, absent, at, ignore_index, reduction,
-        resize, eps, names,
+        resize, eps, names, min_purity,
     )
     loss, weight = contrastive_terms(
         features, prototypes, labels, valid, float(temperature), class_weight, absent, at, ignore_index, resize,
-        float(eps), per_pixel=reduction == "none",
+        float(eps), per_pixel=reduction == "none", min_purity=float(min_purity),
     )
     return reduce_loss(loss, reduction, weight)
 
@@ -351,11 +365,12 @@ def fcl_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     resize: str = "nearest",
+    min_purity: float = MIN_PURITY,
     eps: float = EPS,
 ) -> Tensor:
     return _loss(
         target_features, source_prototypes, target_labels, valid, temperature, class_weight, absent, at,
-        ignore_index, reduction, resize, eps, ("target_features", "source_prototypes", "target_labels"),
+        ignore_index, reduction, resize, eps, ("target_features", "source_prototypes", "target_labels"), min_purity,
     )
 
 
@@ -396,11 +411,12 @@ def bcl_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     resize: str = "nearest",
+    min_purity: float = MIN_PURITY,
     eps: float = EPS,
 ) -> Tensor:
     return _loss(
         source_features, target_prototypes, source_labels, valid, temperature, class_weight, absent, at,
-        ignore_index, reduction, resize, eps, ("source_features", "target_prototypes", "source_labels"),
+        ignore_index, reduction, resize, eps, ("source_features", "target_prototypes", "source_labels"), min_purity,
     )
 
 
@@ -433,7 +449,7 @@ def overlap_class_weight(
     size: Tuple[int, int],
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
-    r"""The release's FCL class weight: 1 for classes present in both label maps after nearest resize to ``size``.
+    r"""The release's class weight of FCL and BCL: 1 for classes present in both label maps after nearest resize.
 
     .. math::
         w[b, k] = [\exists p: y_S^{\downarrow}(b, p) = k] \cdot [\exists p: y_T^{\downarrow}(b, p) = k]
@@ -476,7 +492,7 @@ def overlap_class_weight(
 
 
 def _presence(labels: Tensor, size, num_classes: int, ignore_index: int) -> Tensor:
-    y = _resize_labels(labels.long(), size, "nearest", num_classes, ignore_index, 0.75)
+    y = _resize_labels(labels.long(), size, "nearest", num_classes, ignore_index)
     classes = torch.arange(num_classes, device=labels.device)
     y = rearrange(y, "b h w -> b 1 (h w)")
     return ((y == classes[None, :, None]) & (y != ignore_index)).any(-1)  # b k
@@ -486,7 +502,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
     r"""Module form of :func:`pixel_prototype_contrastive_loss` (settings stored, ``forward`` is one call).
 
     The keyword arguments (``temperature``, ``absent``, ``at``, ``ignore_index``, ``reduction``, ``resize``,
-    ``eps``) mean what they mean in :func:`pixel_prototype_contrastive_loss`; ``valid`` and ``class_weight`` are
+    ``min_purity``, ``eps``) mean what they mean in :func:`pixel_prototype_contrastive_loss`; ``valid`` and ``class_weight`` are
     passed per call.
 
     Shape:
@@ -507,6 +523,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         resize: str = "nearest",
+        min_purity: float = MIN_PURITY,
         eps: float = EPS,
     ) -> None:
         super().__init__()
@@ -516,6 +533,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
         self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = check_reduction(reduction)
         self.resize = check_choice(resize, "resize", RESIZE_MODES)
+        self.min_purity = check_range(min_purity, "min_purity", 0.0, 1.0)
         self.eps = check_positive(eps, "eps")
 
     def extra_repr(self) -> str:
@@ -532,5 +550,5 @@ class PixelPrototypeContrastiveLoss(nn.Module):
         return pixel_prototype_contrastive_loss(
             features, prototypes, labels, valid=valid, temperature=self.temperature, class_weight=class_weight,
             absent=self.absent, at=self.at, ignore_index=self.ignore_index, reduction=self.reduction,
-            resize=self.resize, eps=self.eps,
+            resize=self.resize, min_purity=self.min_purity, eps=self.eps,
         )

@@ -18,8 +18,9 @@ def entropy_loss(logits: Tensor, *, reduction: str = "mean") -> Tensor:
     .. math::
         H(p) = -\sum_k \operatorname{softmax}(z)_k(p) \, \log \operatorname{softmax}(z)_k(p)
 
-    computed from ``log_softmax`` (one softmax, no ``log(0)``: saturated logits give 0, never NaN).
-    ``"mean"`` averages over all ``B·H·W`` pixels.
+    computed from ``log_softmax`` (one softmax), with :math:`0 \log 0 = 0`: a probability that is exactly 0 —
+    a class masked with a logit of ``-inf``, or one underflowed by saturated logits — adds nothing, and neither
+    the loss nor its gradient is ever NaN. ``"mean"`` averages over all ``B·H·W`` pixels.
 
     Args:
         logits: ``Tensor[B, K, H, W]`` (fp16/bf16 computed in fp32; fp64 stays fp64).
@@ -42,7 +43,10 @@ def entropy_loss(logits: Tensor, *, reduction: str = "mean") -> Tensor:
     check_reduction(reduction)
     with no_autocast(logits):
         logp = torch.log_softmax(upcast(logits), dim=1)
-        ent = -(logp.exp() * logp).sum(dim=1)  # b h w
+        p = logp.exp()
+        # 0 log 0 = 0: where p is 0, log p may be -inf (masked class); the where keeps it out of the product and,
+        # since its gradient there is 0, out of the backward too
+        ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=1)  # b h w
     return reduce_loss(ent, reduction, torch.ones_like(ent))
 
 

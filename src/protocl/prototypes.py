@@ -30,7 +30,7 @@ from ._validation import (
     shape_in,
 )
 from .distributed import all_reduce_sum_, is_distributed
-from .resize import RESIZE_MODES, _resize_labels, nearest_gather
+from .resize import MIN_PURITY, RESIZE_MODES, _resize_labels, nearest_gather
 
 __all__ = ["PooledPrototypes", "masked_average_pool", "PrototypeEMA"]
 
@@ -109,7 +109,7 @@ def masked_average_pool(
     per_image: bool = True,
     weights: Optional[Tensor] = None,
     resize: str = "nearest",
-    min_purity: float = 0.75,
+    min_purity: float = MIN_PURITY,
 ) -> PooledPrototypes:
     r"""Class prototypes as the masked average of pixel features (masked average pooling, MAP).
 
@@ -248,15 +248,18 @@ class PrototypeEMA(nn.Module):
         *,
         ignore_index: int = IGNORE_INDEX,
         resize: str = "nearest",
+        min_purity: float = MIN_PURITY,
         weights: Optional[Tensor] = None,
     ) -> None:
-        """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` (pooled over the batch)."""
+        """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` (pooled over the batch); ``resize``,
+        ``min_purity`` and ``weights`` as in :func:`masked_average_pool`."""
         check_features_labels(features, labels)
         check_dim_size(features, 1, self.dim, "features", "D, the channels of the EMA")
         ignore_index = check_ignore_index(ignore_index)
         check_choice(resize, "resize", RESIZE_MODES)
+        check_range(min_purity, "min_purity", 0.0, 1.0)
         check_label_values(labels, self.num_classes, ignore_index, "labels")
-        y = resize_to_features(labels, features, self.num_classes, ignore_index, resize, 0.75)
+        y = resize_to_features(labels, features, self.num_classes, ignore_index, resize, min_purity)
         w = None if weights is None else _weights_on_grid(weights, features, labels)
         sums, counts = pool_sums(features.detach(), y, self.num_classes, w, ignore_index)
         self._update_sums(sums.sum(0), counts.sum(0))

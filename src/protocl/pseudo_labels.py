@@ -95,7 +95,7 @@ def dynamic_pseudo_label(
             if size[0] * size[1] > labels.shape[-2] * labels.shape[-1] and K <= 256 and 0 <= ignore_index <= 255:
                 labels = _upsample_labels(labels, size, torch.uint8)  # ids fit a byte: a quarter of the traffic
             else:
-                labels = _resize_labels(labels, size, "nearest", K, ignore_index, 0.75)
+                labels = _resize_labels(labels, size, "nearest", K, ignore_index)
     return labels
 
 
@@ -148,7 +148,7 @@ def hybrid_fuse(
     check_choice(mode, "mode", FUSE_MODES)
     ignore_index = check_ignore_index(ignore_index)
     y_f = static_labels.long()
-    y_d = _resize_labels(dynamic_labels.long(), tuple(y_f.shape[-2:]), "nearest", None, ignore_index, 0.75)
+    y_d = _resize_labels(dynamic_labels.long(), tuple(y_f.shape[-2:]), "nearest", None, ignore_index)
     if mode == "fill":
         return torch.where(y_f != ignore_index, y_f, y_d)
     if mode == "dynamic_first":
@@ -160,10 +160,19 @@ def hybrid_fuse(
 
 
 def _confidence(logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """Max softmax probability and arg max over classes, in fp32 (fp64 stays fp64)."""
+    r"""Max softmax probability (float64) and arg max over classes.
+
+    :math:`c = 1 / (1 + r)` with :math:`r = \sum_{k \ne \hat y} \exp(z_k - z_{\hat y})` summed in fp32 (fp64 for
+    fp64 logits) and the division in float64: the same value as the largest softmax probability, but confident
+    pixels are not rounded to 1 (float32 ``softmax().max()`` is exactly 1 for logit margins above ~17, which ties
+    the most confident pixels of a class together).
+    """
     with no_autocast(logits):
-        prob = torch.softmax(upcast(logits), dim=1)
-        return prob.max(dim=1)
+        z = upcast(logits)
+        top, pred = z.max(dim=1, keepdim=True)  # b 1 h w
+        ratios = torch.exp(z - top).scatter_(1, pred, 0.0)  # exp(z_k - z_max) of the other classes
+        rest = ratios.sum(dim=1).to(torch.float64)  # b h w
+        return 1.0 / (1.0 + rest), pred[:, 0]
 
 
 def static_pseudo_label(
@@ -184,6 +193,12 @@ def static_pseudo_label(
     where :math:`t` are ``class_thresholds`` (the *arg-max class's* threshold, global) and :math:`c_{(n)}` is the
     n-th largest confidence of the pixel's image; else ``ignore_index``. Confidences are probabilities, never
     logits. ``class_thresholds=None`` uses the per-image rule alone; ``proportion=0`` disables it.
+
+    The per-image rule keeps the pixels *at or above* the n-th largest confidence: n pixels (more on ties). The
+    authors' release keeps those strictly above it, n − 1 pixels; protocl follows the spec's "top proportion".
+    Confidences are computed as :math:`1 / (1 + \sum_{k \ne \hat y} e^{z_k - z_{\hat y}})` in float64 (equal
+    to the largest softmax probability, without float32's rounding of confident pixels to exactly 1) and
+    compared with the thresholds in float64.
 
     Args:
         logits: ``Tensor[B, K, H, W]`` classifier logits (fp16/bf16 computed in fp32).
@@ -213,7 +228,7 @@ def static_pseudo_label(
     conf, pred = _confidence(logits)  # b h w
     keep = torch.zeros_like(pred, dtype=torch.bool)
     if class_thresholds is not None:
-        keep = keep | (conf >= class_thresholds.to(conf.dtype)[pred])
+        keep = keep | (conf >= class_thresholds.to(torch.float64)[pred])  # float64 on both sides
     if proportion > 0:
         n = max(1, math.floor(proportion * H * W))
         flat = rearrange(conf, "b h w -> b (h w)")
@@ -222,28 +237,75 @@ def static_pseudo_label(
     return torch.where(keep, pred, torch.full_like(pred, ignore_index))
 
 
+# Confidence bins of ClassBalancedThresholds: uniform in c on [0, 0.95) (flat, low-confidence classes), then
+# uniform in s = -log(1 - c) from s(0.95) to 36 (saturated classes: c = 1 - e^{-s}; the float64 confidences of
+# _confidence resolve 1 - c down to ~1e-16, s ~ 36.7). Spacing in c is at most 6.7e-4 with 4096 bins.
+_BODY_TOP = 0.95
+_BODY_SHARE = 0.4
+_S_MAX = 36.0
+
+
+def _confidence_bin_edges(bins: int, device=None) -> Tensor:
+    r"""Lower edges of the confidence bins of :class:`ClassBalancedThresholds`: ``Tensor[bins]`` float64.
+
+    .. math::
+        E_j = \begin{cases} 0.95\, j / n_0 & j < n_0 \\
+        1 - \exp(-s_j), \quad s_j = s_0 + (j - n_0) \frac{36 - s_0}{n_1 - 1} & j \ge n_0 \end{cases}
+
+    with :math:`n_0 = \max(1, \lfloor 0.4 \cdot \text{bins} \rfloor)`, :math:`n_1 = \text{bins} - n_0`,
+    :math:`s_0 = -\log(1 - 0.95)`: uniform in :math:`c` below 0.95, uniform in :math:`s = -\log(1 - c)` above,
+    so that the bins resolve confidences of saturated classes (all within :math:`10^{-5}` of 1) as finely as those
+    of uncertain ones. Bin ``j`` holds :math:`E_j \le c < E_{j+1}` (the last bin is closed at 1). Near
+    :math:`s = 36` float64 cannot tell the edges apart: equal edges leave empty bins, which is harmless.
+
+    Example:
+        >>> e = _confidence_bin_edges(4096)
+        >>> e.shape, bool(e[0] == 0), bool((e.diff() >= 0).all()), bool(e.diff().max() < 1e-3)
+        (torch.Size([4096]), True, True, True)
+    """
+    bins = check_int(bins, "bins", 2)
+    n0 = max(1, math.floor(_BODY_SHARE * bins))
+    n1 = bins - n0
+    body = torch.arange(n0, dtype=torch.float64, device=device) * (_BODY_TOP / n0)
+    s0 = -math.log1p(-_BODY_TOP)
+    step = (_S_MAX - s0) / max(1, n1 - 1)
+    tail = -torch.expm1(-(s0 + torch.arange(n1, dtype=torch.float64, device=device) * step))
+    return torch.cat([body, tail])
+
+
 class ClassBalancedThresholds(nn.Module):
     r"""Class-balanced confidence thresholds over a whole target set, streamed in O(K · bins) memory.
 
-    ``update(logits)`` adds, per class k, a histogram (``bins`` equal bins over [0, 1]) of the confidences
-    :math:`c(p) = \max_k \operatorname{softmax}(z)(p)` of the pixels predicted as k. ``compute()`` returns for
-    each class the confidence of its n-th most confident pixel,
+    ``update(logits)`` adds, per class k, a histogram of the confidences
+    :math:`c(p) = \max_k \operatorname{softmax}(z)(p)` of the pixels predicted as k, over ``bins`` bins
+    uniform in :math:`c` below 0.95 and uniform in :math:`-\log(1 - c)` above, so
+    that a confidently predicted class (late in training, or a background class, whose top 10 % all lie within
+    :math:`10^{-4}` of 1) is resolved as finely as an uncertain one. ``compute()`` returns for each class a
+    threshold :math:`t_k` at the edge of the bin holding its :math:`n_k`-th most confident pixel,
 
     .. math::
-        t_k = c^{(k)}_{(n_k)}, \qquad n_k = \max(1, \lfloor \rho \cdot \text{count}_k \rfloor),
+        n_k = \max(1, \lfloor \rho \cdot \text{count}_k \rfloor), \qquad
+        t_k \in \{E_j, E_{j+1}\}, \quad E_j \le c^{(k)}_{(n_k)} < E_{j+1},
 
-    as the lower edge of the bin holding it (so at least :math:`n_k` pixels pass :math:`c \ge t_k`; error below
-    ``1 / bins``, i.e. 2.4e-4 by default), and ``+inf`` for a class never predicted. Histograms are int64
-    buffers (exact counts, ``state_dict``-able) and are all-reduced across ranks on every ``update`` when
-    ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds at all times
-    (and any rank's checkpoint is complete). ``update`` is then a collective: every rank must call it the same
-    number of times (pad uneven shards, or use ``sync=False`` and all-reduce ``histogram`` once before
+    choosing the edge whose number of passing pixels :math:`|\{p : \hat y(p) = k, c(p) \ge t_k\}|` is closer to
+    :math:`n_k` in ratio (:math:`E_{j+1}` only if at least one pixel passes it). So :math:`t_k` is within one bin
+    (below 6.7e-4 with the default 4096 bins) of the exact :math:`c^{(k)}_{(n_k)}`, and the share of the class that
+    passes is :math:`\rho` up to the pixels of one bin. Confidences are float64,
+    :math:`1 / (1 + \sum_{k \ne \hat y} e^{z_k - z_{\hat y}})` (the largest softmax probability, but a float32
+    ``softmax().max()`` rounds every pixel with a logit margin above ~17 to exactly 1, which would tie a
+    saturated class's top pixels together), and so are the thresholds; :func:`static_pseudo_label` computes and
+    compares confidences the same way. ``+inf`` for a class never predicted.
+
+    Histograms are int64 buffers (exact counts, ``state_dict``-able) and are all-reduced across ranks on every
+    ``update`` when ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds at
+    all times (and any rank's checkpoint is complete). ``update`` is then a collective: every rank must call it the
+    same number of times (pad uneven shards, or use ``sync=False`` and all-reduce ``histogram`` once before
     ``compute()``).
 
     Args:
         num_classes: K.
         proportion: :math:`\rho \in (0, 1]`, the share of each class's pixels that passes (paper: 0.1).
-        bins: histogram resolution (>= 1000 keeps the 1e-3 accuracy).
+        bins: histogram resolution (4096 keeps bins narrower than 1e-3 in confidence).
         sync: all-reduce histograms across ranks.
 
     Shape:
@@ -285,7 +347,8 @@ class ClassBalancedThresholds(nn.Module):
         check_dim_size(logits, 1, self.num_classes, "logits", "K, the classes of the thresholds")
         check_same_device("histogram", self.histogram, "logits", logits)
         conf, pred = _confidence(logits)
-        bin_index = (conf * self.bins).floor().long().clamp_(0, self.bins - 1)
+        # bin j holds E_j <= c < E_{j+1} (float64 on both sides: exactly the pixels that pass E_j)
+        bin_index = torch.searchsorted(_confidence_bin_edges(self.bins, logits.device), conf, right=True) - 1
         flat = (pred * self.bins + bin_index).reshape(-1)
         delta = torch.zeros(self.num_classes * self.bins, dtype=torch.int64, device=logits.device)
         delta.index_add_(0, flat, torch.ones_like(flat))
@@ -294,14 +357,19 @@ class ClassBalancedThresholds(nn.Module):
         self.histogram.add_(delta.view(self.num_classes, self.bins))
 
     def compute(self) -> Tensor:
-        """Per-class thresholds ``(K,)`` float32 (``+inf`` for classes never predicted)."""
-        counts = self.histogram.sum(dim=1)  # k
-        n = torch.floor(self.proportion * counts.to(torch.float64)).long().clamp_min(1)
-        from_top = self.histogram.flip(1).cumsum(1)  # k bins: pixels in the top j+1 bins
-        steps = (from_top < n[:, None]).sum(1)  # bins above the one holding the n-th largest
-        lower_edge = (self.bins - 1 - steps).to(torch.float64) / self.bins
-        inf = torch.full_like(lower_edge, math.inf)
-        return torch.where(counts > 0, lower_edge, inf).to(torch.float32)
+        """Per-class thresholds ``(K,)`` float64 (``+inf`` for classes never predicted)."""
+        hist = self.histogram
+        counts = hist.sum(dim=1)  # k
+        n = torch.floor(self.proportion * counts.to(torch.float64)).clamp_min(1)  # k
+        at_or_above = hist.flip(1).cumsum(1).flip(1).to(torch.float64)  # k bins: pixels in bins >= j
+        j = ((at_or_above >= n[:, None]).sum(1) - 1).clamp_min(0)  # the bin of the n-th most confident pixel
+        passing_j = at_or_above.gather(1, j[:, None])[:, 0]  # >= n pass E_j
+        passing_next = passing_j - hist.gather(1, j[:, None])[:, 0].to(torch.float64)  # < n pass E_{j+1}
+        # the edge whose passing count is closer to n in ratio: E_{j+1} when n / b < a / n, i.e. a * b > n^2
+        up = (passing_next > 0) & (passing_j * passing_next > n * n)
+        edges = _confidence_bin_edges(self.bins, hist.device)
+        chosen = edges[torch.where(up, j + 1, j).clamp_max(self.bins - 1)]
+        return torch.where(counts > 0, chosen, torch.full_like(chosen, math.inf))
 
     def forward(self) -> Tensor:
         """Same as :meth:`compute`."""

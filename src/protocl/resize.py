@@ -25,6 +25,7 @@ from torch import Tensor
 from ._validation import (
     IGNORE_INDEX,
     check_choice,
+    check_ignore_index,
     check_int,
     check_label_tensor,
     check_label_values,
@@ -35,6 +36,8 @@ from ._validation import (
 __all__ = ["resize_labels", "nearest_source_index", "label_histogram"]
 
 RESIZE_MODES = ("nearest", "purity")
+MIN_PURITY = 0.75
+"""Default ``min_purity`` of the ``"purity"`` label resize (the protocl method spec, §2)."""
 
 
 def nearest_source_index(out_size: int, in_size: int, device=None) -> Tensor:
@@ -151,6 +154,7 @@ def label_histogram(
     check_label_tensor(labels, "labels", (3,), "(B, H, W)")
     num_classes = check_int(num_classes, "num_classes", 1)
     h, w = check_size2(size, "size")
+    ignore_index = check_ignore_index(ignore_index)
     check_label_values(labels, num_classes, ignore_index, "labels")
     return _label_histogram(labels.long(), (h, w), num_classes, ignore_index)
 
@@ -179,7 +183,7 @@ def resize_labels(
     mode: str = "nearest",
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
-    min_purity: float = 0.75,
+    min_purity: float = MIN_PURITY,
 ) -> Tensor:
     r"""Resize a label map to ``size`` by nearest neighbour (``F.interpolate`` rule) or by cell purity.
 
@@ -208,17 +212,23 @@ def resize_labels(
     check_label_tensor(labels, "labels", (3,), "(B, H, W)")
     size = check_size2(size, "size")
     check_choice(mode, "mode", RESIZE_MODES)
+    ignore_index = check_ignore_index(ignore_index)
+    check_range(min_purity, "min_purity", 0.0, 1.0)
     if mode == "purity":
         if num_classes is None:
             raise ValueError("num_classes: expected an int >= 1 for mode='purity', got None")
         check_int(num_classes, "num_classes", 1)
-        check_range(min_purity, "min_purity", 0.0, 1.0)
         check_label_values(labels, num_classes, ignore_index, "labels")
     return _resize_labels(labels.long(), size, mode, num_classes, ignore_index, min_purity)
 
 
 def _resize_labels(
-    labels: Tensor, size: Tuple[int, int], mode: str, num_classes, ignore_index: int, min_purity: float
+    labels: Tensor,
+    size: Tuple[int, int],
+    mode: str,
+    num_classes=None,
+    ignore_index: int = IGNORE_INDEX,
+    min_purity: float = MIN_PURITY,
 ) -> Tensor:
     B, H, W = labels.shape
     h, w = size
