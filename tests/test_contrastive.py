@@ -8,6 +8,7 @@ import reference as ref
 import torch
 
 from protocl import (
+    cosine_similarity_map,
     PixelPrototypeContrastiveLoss,
     bcl_loss,
     fcl_loss,
@@ -288,6 +289,51 @@ def test_gradcheck(absent, at):
         )
 
     assert torch.autograd.gradcheck(fn, (feats, protos), fast_mode=True)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cosine_map_gradcheck_including_floored_norms(shared):
+    # the cosine's hand-written backward, with a pixel and a prototype whose norms are floored at eps
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 3, 2, 3, generator=g, dtype=torch.float64)
+    feats[0, :, 1, 2] = 1e-5  # norm 1.7e-5 < eps: the floor is a constant
+    shape = (3, 3) if shared else (2, 4, 3)
+    protos = torch.randn(*shape, generator=g, dtype=torch.float64)
+    protos[..., 1, :] = 2e-5
+    feats.requires_grad_(True)
+    protos.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, p: cosine_similarity_map(f, p, eps=1e-3), (feats, protos))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cosine_gradients_equal_autograd_of_the_formula(shared):
+    # the fused backward against autograd through the spec's formula, on channels-last (non-contiguous) features
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 5, 4, 3, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    shape = (4, 5) if shared else (2, 4, 5)
+    protos = torch.randn(*shape, generator=g, dtype=torch.float64)
+    weights = torch.randn(2, 4, 4, 3, generator=g, dtype=torch.float64)
+
+    def formula(f, p):
+        fn = f / f.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        pn = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return torch.einsum("bdhw,kd->bkhw", fn, pn) if p.ndim == 2 else torch.einsum("bdhw,bkd->bkhw", fn, pn)
+
+    leaves = [feats.clone().requires_grad_(True), protos.clone().requires_grad_(True)]
+    expected = torch.autograd.grad((formula(*leaves) * weights).sum(), leaves)
+    mine = [feats.clone().requires_grad_(True), protos.clone().requires_grad_(True)]
+    got = torch.autograd.grad((cosine_similarity_map(*mine) * weights).sum(), mine)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert a.shape == b.shape
+
+
+def test_cosine_double_backward_is_refused_not_wrong():
+    feats = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(cosine_similarity_map(feats, torch.randn(2, 3, dtype=torch.float64)).sum(), feats,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

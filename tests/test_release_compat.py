@@ -106,7 +106,8 @@ def test_release_nan_pair_is_zero_with_zero_gradients(scenario):
     )
     assert math.isnan(oracle.loss.item())  # the release: NaN
     leaves = [f_s[pair].clone().requires_grad_(True), f_t[pair].clone().requires_grad_(True)]
-    out = BidirectionalContrast(K, 8, release_compatible=True, dynamic=False)(leaves[0], y_s[pair], leaves[1], y_t[pair])
+    step = BidirectionalContrast(K, 8, release_compatible=True, dynamic=False)
+    out = step(leaves[0], y_s[pair], leaves[1], y_t[pair])
     assert out.loss.item() == 0.0 and out.fcl.item() == 0.0 and out.bcl.item() == 0.0
     assert out.loss.requires_grad
     for g in torch.autograd.grad(out.loss, leaves):

@@ -8,7 +8,7 @@ off globally with :func:`set_value_checks`.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -17,6 +17,24 @@ __all__ = ["IGNORE_INDEX", "set_value_checks", "value_checks_enabled"]
 
 IGNORE_INDEX = 255
 """The label id that marks pixels to ignore (Cityscapes/GTA5 convention)."""
+
+EPS = 1e-6
+"""Floor of the norms in every cosine, representable in fp16/bf16 (the protocl method spec, §2)."""
+
+MIN_PURITY = 0.75
+"""Default ``min_purity`` of the ``"purity"`` label resize (the protocl method spec, §2)."""
+
+# The choices of every string setting, as types (documentation, IDEs, type checkers) and as tuples (validation).
+Reduction = Literal["none", "mean", "sum"]
+Absent = Literal["mask", "min_similarity"]
+At = Literal["feature", "label"]
+ResizeMode = Literal["nearest", "purity"]
+FuseMode = Literal["fill", "agree", "dynamic_first"]
+REDUCTIONS = get_args(Reduction)
+ABSENT_MODES = get_args(Absent)
+AT_MODES = get_args(At)
+RESIZE_MODES = get_args(ResizeMode)
+FUSE_MODES = get_args(FuseMode)
 
 _VALUE_CHECKS = True
 
@@ -175,6 +193,64 @@ def check_ignore_index(value, name: str = "ignore_index") -> int:
     return check_int(value, name)
 
 
+def check_reduction(reduction) -> str:
+    return check_choice(reduction, "reduction", REDUCTIONS)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- groups
+
+
+def check_features_labels(features, labels, fname: str = "features", lname: str = "labels") -> None:
+    """Pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` of one batch, on one device."""
+    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
+    check_label_tensor(labels, lname, (3,), "(B, H, W)")
+    check_same_device(fname, features, lname, labels)
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{lname}: expected batch size {features.shape[0]} (the batch of {fname} {tuple(features.shape)}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+
+
+def check_features_prototypes(features, prototypes, valid, fname: str, pname: str) -> tuple:
+    """Pixel features ``(B, D, h, w)``, prototypes ``(B, K, D)``/``(K, D)`` and ``valid``; returns ``(B, K)``."""
+    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
+    check_float_tensor(prototypes, pname, (2, 3), "(B, K, D) or (K, D)")
+    check_same_device(fname, features, pname, prototypes)
+    B, D = features.shape[:2]
+    check_dim_size(prototypes, -1, D, pname, f"D, the channels of {fname} {tuple(features.shape)}")
+    if prototypes.ndim == 3:
+        check_dim_size(prototypes, 0, B, pname, f"B, the batch of {fname} {tuple(features.shape)}")
+    K = prototypes.shape[-2]
+    if valid is not None:
+        check_bool_tensor(valid, "valid", (1, 2), "(B, K) or (K,)")
+        check_same_device(fname, features, "valid", valid)
+        if not shape_in(valid.shape, (K,), (B, K)):
+            raise ValueError(f"valid: expected shape {(K,)} or {(B, K)}, got {tuple(valid.shape)}")
+    return B, K
+
+
+def check_pixel_weights(weights, features: Tensor, labels: Tensor) -> None:
+    """Non-negative pixel weights on the feature grid ``(B, h, w)`` or the label grid ``(B, H, W)``."""
+    check_float_tensor(weights, "weights", (3,), "(B, h, w) or (B, H, W)")
+    check_same_device("features", features, "weights", weights)
+    B, _, h, w = features.shape
+    shape = tuple(weights.shape)
+    if not shape_in(shape, (B, h, w), (B,) + tuple(labels.shape[-2:])):
+        raise ValueError(
+            f"weights: expected shape {(B, h, w)} (feature grid) or {(B,) + tuple(labels.shape[-2:])} "
+            f"(label grid), got {shape}"
+        )
+    if _value_checks_active(weights) and bool((weights < 0).any()):
+        raise ValueError("weights: expected non-negative pixel weights, got a negative value")
+
+
 # --------------------------------------------------------------------------------------------------- values
 
 
@@ -193,21 +269,3 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
             f"(raw GTA5/Cityscapes label ids must be mapped to train ids first; "
             f"protocl.set_value_checks(False) disables this check)"
         )
-
-
-# --------------------------------------------------------------------------------------------------- dtypes
-
-
-def upcast(x: Tensor) -> Tensor:
-    """Half precision (fp16/bf16) to fp32; fp32 and fp64 unchanged."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return x.float()
-    return x
-
-
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32 (reductions never run in half precision)."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32

@@ -18,24 +18,31 @@ from typing import Dict, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._reduction import reduce_loss
+from ._kernels import contrastive as contrast_kernels
+from ._kernels import prototypes as prototype_kernels
+from ._kernels import pseudo_labels as label_kernels
+from ._kernels.cosine import compute_features, feature_inverse_norm
+from ._kernels.reduction import pair_mean, reduce_loss
 from ._validation import (
+    FUSE_MODES,
     IGNORE_INDEX,
+    MIN_PURITY,
+    Absent,
+    At,
+    FuseMode,
+    ResizeMode,
+    check_bool,
     check_choice,
     check_dim_size,
-    check_ignore_index,
+    check_features_labels,
     check_int,
     check_label_values,
-    check_positive,
     check_range,
     check_real,
     check_same_device,
 )
-from .calibration import domain_bias_calibrate
-from .contrastive import ABSENT_MODES, AT_MODES, EPS, _presence, contrastive_terms
-from .prototypes import PrototypeEMA, check_features_labels, divide_counts, pool_sums, resize_to_features
-from .pseudo_labels import FUSE_MODES, dynamic_pseudo_label, hybrid_fuse
-from .resize import MIN_PURITY, RESIZE_MODES
+from .contrastive import contrast_settings
+from .prototypes import PrototypeEMA
 
 __all__ = ["BidirectionalContrast", "StepOutput"]
 
@@ -126,13 +133,13 @@ class BidirectionalContrast(nn.Module):
         temperature: float = 0.1,
         momentum: float = 0.999,
         threshold: float = 0.7,
-        fuse: str = "fill",
-        absent: str = "mask",
-        at: str = "feature",
+        fuse: FuseMode = "fill",
+        absent: Absent = "mask",
+        at: At = "feature",
         calibrate: bool = True,
         dynamic: bool = True,
         ignore_index: int = IGNORE_INDEX,
-        resize: str = "nearest",
+        resize: ResizeMode = "nearest",
         min_purity: float = MIN_PURITY,
         sync: bool = True,
         release_compatible: bool = False,
@@ -146,59 +153,58 @@ class BidirectionalContrast(nn.Module):
         for name, value in (("fcl_weight", self.fcl_weight), ("bcl_weight", self.bcl_weight)):
             if value < 0:
                 raise ValueError(f"{name}: expected a weight >= 0, got {value}")
-        self.temperature = check_positive(temperature, "temperature")
         self.threshold = check_range(threshold, "threshold", -1.0, 1.0)
         self.fuse = check_choice(fuse, "fuse", FUSE_MODES)
-        self.absent = check_choice(absent, "absent", ABSENT_MODES)
-        self.at = check_choice(at, "at", AT_MODES)
-        for name, flag in (
-            ("calibrate", calibrate), ("dynamic", dynamic), ("release_compatible", release_compatible),
-            ("detach_prototypes", detach_prototypes), ("sync", sync),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-        self.calibrate = calibrate
-        self.dynamic = dynamic
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.resize = check_choice(resize, "resize", RESIZE_MODES)
-        self.min_purity = check_range(min_purity, "min_purity", 0.0, 1.0)
-        self.release_compatible = release_compatible
-        self.detach_prototypes = detach_prototypes
+        self.calibrate = check_bool(calibrate, "calibrate")
+        self.dynamic = check_bool(dynamic, "dynamic")
+        self.release_compatible = check_bool(release_compatible, "release_compatible")
+        self.detach_prototypes = check_bool(detach_prototypes, "detach_prototypes")
+        check_bool(sync, "sync")
         if release_compatible:
-            self.absent, self.at = "min_similarity", "label"
+            absent, at = "min_similarity", "label"
+        # the loss settings (validated: temperature, absent, at, ignore_index, resize, min_purity)
+        self.settings = contrast_settings(
+            temperature=temperature, absent=absent, at=at, ignore_index=ignore_index, resize=resize,
+            min_purity=min_purity,
+        )
         self.source_ema = PrototypeEMA(self.num_classes, self.dim, momentum, sync=sync)
         self.target_ema = PrototypeEMA(self.num_classes, self.dim, momentum, sync=sync)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.settings.ignore_index
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, dim={self.dim}, fcl_weight={self.fcl_weight}, "
-            f"bcl_weight={self.bcl_weight}, temperature={self.temperature}, threshold={self.threshold}, "
-            f"fuse={self.fuse!r}, absent={self.absent!r}, at={self.at!r}, calibrate={self.calibrate}, "
+            f"bcl_weight={self.bcl_weight}, temperature={self.settings.temperature}, threshold={self.threshold}, "
+            f"fuse={self.fuse!r}, absent={self.settings.absent!r}, at={self.settings.at!r}, "
+            f"calibrate={self.calibrate}, "
             f"dynamic={self.dynamic}, release_compatible={self.release_compatible}"
         )
 
     # ------------------------------------------------------------------------------------------- pieces
 
     def _pool(self, features: Tensor, labels: Tensor):
-        y = resize_to_features(labels, features, self.num_classes, self.ignore_index, self.resize, self.min_purity)
-        sums, counts = pool_sums(features, y, self.num_classes, None, self.ignore_index)
-        return divide_counts(sums, counts), counts
-
-    def _contrast(self, features, prototypes, labels, valid, class_weight) -> Tensor:
-        loss, weight = contrastive_terms(
-            features, prototypes, labels, valid, self.temperature, class_weight, self.absent, self.at,
-            self.ignore_index, self.resize, EPS, per_pixel=False, min_purity=self.min_purity,
+        s = self.settings
+        return prototype_kernels.masked_average_pool(
+            features, labels, self.num_classes, ignore_index=s.ignore_index, per_image=True, weights=None,
+            resize=s.resize, min_purity=s.min_purity,
         )
-        if not self.release_compatible:
-            return reduce_loss(loss, "mean", weight)
-        # the release: mean over (source, target) pairs of each pair's weighted mean; an empty pair counts 0
-        num = loss.flatten(1).sum(1)
-        den = weight.flatten(1).sum(1)
-        return (num / torch.where(den != 0, den, torch.ones_like(den))).mean()
+
+    def _contrast(self, features, prototypes, labels, valid, class_weight, phi=None) -> Tensor:
+        loss, weight = contrast_kernels.contrastive_terms(
+            features, prototypes, labels, valid, class_weight, self.settings, phi=phi
+        )
+        # the release: the mean over (source, target) pairs of each pair's weighted mean; an empty pair counts 0
+        return pair_mean(loss, weight) if self.release_compatible else reduce_loss(loss, "mean", weight)
 
     def calibrated(self, source_prototypes: Tensor) -> Tensor:
         """Step 2: source prototypes shifted by the current EMA domain bias (no gradient into the EMAs)."""
-        return domain_bias_calibrate(source_prototypes, self.source_ema, self.target_ema)
+        ema_s, ema_t = self.source_ema, self.target_ema
+        return prototype_kernels.calibrate(
+            source_prototypes, ema_s.prototypes, ema_t.prototypes, ema_s.initialized, ema_t.initialized
+        )
 
     # ------------------------------------------------------------------------------------------- step
 
@@ -222,22 +228,24 @@ class BidirectionalContrast(nn.Module):
                 f"target_features: expected batch size {source_features.shape[0]} (one target image per source "
                 f"image), got shape {tuple(target_features.shape)}"
             )
-        K, ignore = self.num_classes, self.ignore_index
+        K, s = self.num_classes, self.settings
+        ignore = s.ignore_index
         check_label_values(source_labels, K, ignore, "source_labels")
         check_label_values(static_labels, K, ignore, "static_labels")
         y_s, y_f = source_labels.long(), static_labels.long()
 
         p_s, n_s = self._pool(source_features, y_s)  # 1
         valid_s = n_s > 0
+        # the target features' inverse norms, shared by the dynamic labels and FCL (one pass over them less)
+        phi_t = feature_inverse_norm(compute_features(target_features, p_s), s.eps) if self.dynamic else None
         if self.dynamic:
             anchors = p_s.detach()
             if self.calibrate:
                 anchors = self.calibrated(anchors)  # 2
-            y_d = dynamic_pseudo_label(
-                target_features, anchors, valid=valid_s, threshold=self.threshold, ignore_index=ignore,
-                size=tuple(y_f.shape[-2:]),
+            y_d = label_kernels.dynamic_labels(
+                target_features, anchors, valid_s, self.threshold, ignore, tuple(y_f.shape[-2:]), s.eps, phi_t
             )  # 3
-            y_t = hybrid_fuse(y_f, y_d, mode=self.fuse, ignore_index=ignore)  # 4
+            y_t = label_kernels.fuse(y_f, y_d, self.fuse, ignore)  # 4
         else:
             y_d = torch.full_like(y_f, ignore)
             y_t = y_f
@@ -247,11 +255,11 @@ class BidirectionalContrast(nn.Module):
         overlap = None
         if self.release_compatible:  # one class weight for both terms, as the release's single CrossEntropyLoss
             grid_s, grid_t = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
-            both = _presence(y_s, grid_s, K, ignore) & _presence(y_t, grid_t, K, ignore)
+            both = contrast_kernels.presence(y_s, grid_s, K, ignore) & contrast_kernels.presence(y_t, grid_t, K, ignore)
             overlap = both.to(p_s.dtype)
         proto_s = p_s.detach() if self.detach_prototypes else p_s
         proto_t = p_t.detach() if self.detach_prototypes else p_t
-        fcl = self._contrast(target_features, proto_s, y_t, valid_s, overlap)  # 6
+        fcl = self._contrast(target_features, proto_s, y_t, valid_s, overlap, phi_t)  # 6
         bcl = self._contrast(source_features, proto_t, y_s, valid_t, overlap)
         loss = self.fcl_weight * fcl + self.bcl_weight * bcl
 

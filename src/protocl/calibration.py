@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor
 
+from ._kernels.prototypes import calibrate
 from ._validation import check_bool_tensor, check_float_tensor, check_same_device, shape_equals
 from .prototypes import PrototypeEMA
 
@@ -74,10 +75,4 @@ def domain_bias_calibrate(
                 f"got {tuple(mu.shape)}"
             )
         check_same_device("source_prototypes", source_prototypes, name, mu)
-    both = torch.ones(K, dtype=torch.bool, device=mu_s.device)
-    if init_s is not None:
-        both = both & init_s
-    if init_t is not None:
-        both = both & init_t
-    bias = torch.where(both[:, None], mu_t - mu_s, torch.zeros_like(mu_t))
-    return source_prototypes + bias.to(torch.promote_types(bias.dtype, source_prototypes.dtype))
+    return calibrate(source_prototypes, mu_s, mu_t, init_s, init_t)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._reduction import check_reduction, reduce_loss
-from ._validation import check_float_tensor, upcast
-from .prototypes import no_autocast
+from ._kernels.reduction import reduce_loss
+from ._kernels.losses import entropy
+from ._validation import Reduction, check_float_tensor, check_reduction
 
 __all__ = ["entropy_loss", "EntropyLoss"]
 
 
-def entropy_loss(logits: Tensor, *, reduction: str = "mean") -> Tensor:
+def entropy_loss(logits: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     r"""Shannon entropy of the class distribution of every pixel.
 
     .. math::
@@ -41,12 +41,7 @@ def entropy_loss(logits: Tensor, *, reduction: str = "mean") -> Tensor:
     """
     check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
     check_reduction(reduction)
-    with no_autocast(logits):
-        logp = torch.log_softmax(upcast(logits), dim=1)
-        p = logp.exp()
-        # 0 log 0 = 0: where p is 0, log p may be -inf (masked class); the where keeps it out of the product and,
-        # since its gradient there is 0, out of the backward too
-        ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=1)  # b h w
+    ent = entropy(logits)  # b h w
     return reduce_loss(ent, reduction, torch.ones_like(ent))
 
 
@@ -61,7 +56,7 @@ class EntropyLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, *, reduction: str = "mean") -> None:
+    def __init__(self, *, reduction: Reduction = "mean") -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
 

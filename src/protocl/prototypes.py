@@ -5,32 +5,32 @@ Spec (the protocl method spec, §3): ``masked_average_pool`` and ``PrototypeEMA`
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
+from ._kernels import prototypes as kernels
 from ._validation import (
     IGNORE_INDEX,
-    _value_checks_active,
+    MIN_PURITY,
+    RESIZE_MODES,
+    ResizeMode,
+    check_bool,
     check_choice,
     check_dim_size,
+    check_features_labels,
     check_float_tensor,
     check_ignore_index,
     check_int,
-    check_label_tensor,
     check_label_values,
+    check_pixel_weights,
     check_range,
     check_same_device,
     check_tensor,
-    compute_dtype,
     shape_equals,
-    shape_in,
 )
 from .distributed import all_reduce_sum_, is_distributed
-from .resize import MIN_PURITY, RESIZE_MODES, _resize_labels, nearest_gather
 
 __all__ = ["PooledPrototypes", "masked_average_pool", "PrototypeEMA"]
 
@@ -45,61 +45,6 @@ class PooledPrototypes(NamedTuple):
     counts: Tensor
 
 
-def no_autocast(t: Tensor):
-    """Context that turns autocast off on ``t``'s device, so protocl's maths runs in fp32/fp64."""
-    if t.device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=t.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def check_features_labels(features: Tensor, labels: Tensor, fname: str = "features", lname: str = "labels"):
-    check_float_tensor(features, fname, (4,), "(B, D, h, w)")
-    check_label_tensor(labels, lname, (3,), "(B, H, W)")
-    check_same_device(fname, features, lname, labels)
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"{lname}: expected batch size {features.shape[0]} (the batch of {fname} {tuple(features.shape)}), "
-            f"got shape {tuple(labels.shape)}"
-        )
-
-
-def resize_to_features(
-    labels: Tensor, features: Tensor, num_classes: int, ignore_index: int, resize: str, min_purity: float
-) -> Tensor:
-    """Labels ``(B, H, W)`` -> ``(B, h, w)`` int64 on the feature grid of ``features`` ``(B, D, h, w)``."""
-    return _resize_labels(labels.long(), tuple(features.shape[-2:]), resize, num_classes, ignore_index, min_purity)
-
-
-def pool_sums(
-    features: Tensor, labels_hw: Tensor, num_classes: int, weights: Optional[Tensor], ignore_index: int
-) -> Tuple[Tensor, Tensor]:
-    r"""Per-image class sums :math:`\sum_p [y=k] w f` ``(B, K, D)`` and counts ``(B, K)``, in fp32/fp64.
-
-    One batched matrix product of the (weighted) class indicator ``(B, K, N)`` with the features ``(B, D, N)``.
-    Ignored pixels match no class, so they vanish from both.
-    """
-    dtype = compute_dtype(features)
-    f = rearrange(features.to(dtype), "b d h w -> b d (h w)")
-    classes = torch.arange(num_classes, device=labels_hw.device)
-    y = rearrange(labels_hw, "b h w -> b 1 (h w)")
-    y = torch.where(y == ignore_index, -1, y)  # ignore never matches a class, even when ignore_index < K
-    member = (y == classes[None, :, None]).to(dtype)  # b k n
-    if weights is not None:
-        member = member * rearrange(weights.detach().to(dtype), "b h w -> b 1 (h w)")
-    with no_autocast(features):
-        # (b d n) @ (b n k): the features' gradient comes back in their own (b d n) layout, so autograd adds it to
-        # the loss's gradient without a transposed copy (40% of the step at D = 2048 with the einsum form)
-        sums = torch.bmm(f, member.transpose(1, 2)).transpose(1, 2)  # b k d
-    return sums, member.sum(-1)
-
-
-def divide_counts(sums: Tensor, counts: Tensor) -> Tensor:
-    """``sums / counts`` per class, 0 where the count is 0 (branch-free)."""
-    present = counts > 0
-    safe = torch.where(present, counts, torch.ones_like(counts))
-    return torch.where(present[..., None], sums / safe[..., None], torch.zeros_like(sums))
-
-
 def masked_average_pool(
     features: Tensor,
     labels: Tensor,
@@ -108,7 +53,7 @@ def masked_average_pool(
     ignore_index: int = IGNORE_INDEX,
     per_image: bool = True,
     weights: Optional[Tensor] = None,
-    resize: str = "nearest",
+    resize: ResizeMode = "nearest",
     min_purity: float = MIN_PURITY,
 ) -> PooledPrototypes:
     r"""Class prototypes as the masked average of pixel features (masked average pooling, MAP).
@@ -156,36 +101,17 @@ def masked_average_pool(
     check_features_labels(features, labels)
     num_classes = check_int(num_classes, "num_classes", 1)
     ignore_index = check_ignore_index(ignore_index)
-    if not isinstance(per_image, bool):
-        raise TypeError(f"per_image: expected a bool, got {type(per_image).__name__}")
+    check_bool(per_image, "per_image")
     check_choice(resize, "resize", RESIZE_MODES)
     check_range(min_purity, "min_purity", 0.0, 1.0)
-    check_label_values(labels, num_classes, ignore_index, "labels")
-    y = resize_to_features(labels, features, num_classes, ignore_index, resize, min_purity)
-    w = None
     if weights is not None:
-        w = _weights_on_grid(weights, features, labels)
-    sums, counts = pool_sums(features, y, num_classes, w, ignore_index)
-    if not per_image:
-        sums, counts = sums.sum(0), counts.sum(0)
-    return PooledPrototypes(divide_counts(sums, counts), counts)
-
-
-def _weights_on_grid(weights: Tensor, features: Tensor, labels: Tensor) -> Tensor:
-    check_float_tensor(weights, "weights", (3,), "(B, h, w) or (B, H, W)")
-    check_same_device("features", features, "weights", weights)
-    B, _, h, w = features.shape
-    shape = tuple(weights.shape)
-    if not shape_in(shape, (B, h, w), (B,) + tuple(labels.shape[-2:])):
-        raise ValueError(
-            f"weights: expected shape {(B, h, w)} (feature grid) or {(B,) + tuple(labels.shape[-2:])} "
-            f"(label grid), got {shape}"
-        )
-    if _value_checks_active(weights) and bool((weights < 0).any()):
-        raise ValueError("weights: expected non-negative pixel weights, got a negative value")
-    if not shape_equals(shape, (B, h, w)):
-        weights = nearest_gather(weights, (h, w))
-    return weights
+        check_pixel_weights(weights, features, labels)
+    check_label_values(labels, num_classes, ignore_index, "labels")
+    prototypes, counts = kernels.masked_average_pool(
+        features, labels, num_classes, ignore_index=ignore_index, per_image=per_image, weights=weights,
+        resize=resize, min_purity=min_purity,
+    )
+    return PooledPrototypes(prototypes, counts)
 
 
 class PrototypeEMA(nn.Module):
@@ -227,9 +153,7 @@ class PrototypeEMA(nn.Module):
         self.num_classes = check_int(num_classes, "num_classes", 1)
         self.dim = check_int(dim, "dim", 1)
         self.momentum = check_range(momentum, "momentum", 0.0, 1.0, high_inclusive=False)
-        if not isinstance(sync, bool):
-            raise TypeError(f"sync: expected a bool, got {type(sync).__name__}")
-        self.sync = sync
+        self.sync = check_bool(sync, "sync")
         self.register_buffer("prototypes", torch.zeros(self.num_classes, self.dim, dtype=torch.float32))
         self.register_buffer("initialized", torch.zeros(self.num_classes, dtype=torch.bool))
 
@@ -247,7 +171,7 @@ class PrototypeEMA(nn.Module):
         labels: Tensor,
         *,
         ignore_index: int = IGNORE_INDEX,
-        resize: str = "nearest",
+        resize: ResizeMode = "nearest",
         min_purity: float = MIN_PURITY,
         weights: Optional[Tensor] = None,
     ) -> None:
@@ -258,10 +182,13 @@ class PrototypeEMA(nn.Module):
         ignore_index = check_ignore_index(ignore_index)
         check_choice(resize, "resize", RESIZE_MODES)
         check_range(min_purity, "min_purity", 0.0, 1.0)
+        if weights is not None:
+            check_pixel_weights(weights, features, labels)
         check_label_values(labels, self.num_classes, ignore_index, "labels")
-        y = resize_to_features(labels, features, self.num_classes, ignore_index, resize, min_purity)
-        w = None if weights is None else _weights_on_grid(weights, features, labels)
-        sums, counts = pool_sums(features.detach(), y, self.num_classes, w, ignore_index)
+        sums, counts = kernels.class_sums(
+            features.detach(), labels, self.num_classes, ignore_index=ignore_index, weights=weights, resize=resize,
+            min_purity=min_purity,
+        )
         self._update_sums(sums.sum(0), counts.sum(0))
 
     @torch.no_grad()
@@ -273,7 +200,9 @@ class PrototypeEMA(nn.Module):
         check_float_tensor(prototypes, "prototypes", (2, 3), "(B, K, D) or (K, D)")
         check_tensor(counts, "counts")
         if counts.dtype == torch.bool or counts.is_complex():
-            raise TypeError(f"counts: expected a real (float or int) tensor of shape (B, K) or (K,), got {counts.dtype}")
+            raise TypeError(
+                f"counts: expected a real (float or int) tensor of shape (B, K) or (K,), got {counts.dtype}"
+            )
         check_same_device("prototypes", prototypes, "counts", counts)
         check_dim_size(prototypes, -2, self.num_classes, "prototypes", "K, the classes of the EMA")
         check_dim_size(prototypes, -1, self.dim, "prototypes", "D, the channels of the EMA")
@@ -282,12 +211,7 @@ class PrototypeEMA(nn.Module):
                 f"counts: expected shape {tuple(prototypes.shape[:-1])} to match prototypes "
                 f"{tuple(prototypes.shape)}, got {tuple(counts.shape)}"
             )
-        dtype = compute_dtype(prototypes, counts)
-        c = counts.detach().to(dtype)
-        sums = prototypes.detach().to(dtype) * c[..., None]
-        if sums.ndim == 3:
-            sums, c = sums.sum(0), c.sum(0)
-        self._update_sums(sums, c)
+        self._update_sums(*kernels.batch_sums(prototypes, counts))
 
     def _update_sums(self, sums: Tensor, counts: Tensor) -> None:
         check_same_device("prototypes (EMA buffer)", self.prototypes, "features", sums)
@@ -296,9 +220,6 @@ class PrototypeEMA(nn.Module):
             packed = torch.cat([sums, counts[:, None]], dim=1).to(torch.float64).contiguous()
             packed = all_reduce_sum_(packed)
             sums, counts = packed[:, :-1], packed[:, -1]
-        batch = divide_counts(sums, counts).to(self.prototypes.dtype)
-        seen = counts > 0
-        lam = self.momentum
-        blended = torch.where(self.initialized[:, None], lam * self.prototypes + (1.0 - lam) * batch, batch)
-        self.prototypes.copy_(torch.where(seen[:, None], blended, self.prototypes))
-        self.initialized.logical_or_(seen)
+        prototypes, initialized = kernels.ema_blend(self.prototypes, self.initialized, sums, counts, self.momentum)
+        self.prototypes.copy_(prototypes)
+        self.initialized.copy_(initialized)

@@ -6,17 +6,21 @@ The protocl method spec, §3: ``static_pseudo_label``, ``ClassBalancedThresholds
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
+from ._kernels import pseudo_labels as kernels
 from ._validation import (
+    EPS,
+    FUSE_MODES,
     IGNORE_INDEX,
+    FuseMode,
+    check_bool,
     check_choice,
     check_dim_size,
+    check_features_prototypes,
     check_float_tensor,
     check_ignore_index,
     check_int,
@@ -24,16 +28,10 @@ from ._validation import (
     check_range,
     check_same_device,
     check_size2,
-    upcast,
 )
-from .contrastive import check_features_prototypes, cosine_similarity_map
 from .distributed import all_reduce_sum_, is_distributed
-from .prototypes import no_autocast
-from .resize import _resize_labels, _upsample_labels
 
 __all__ = ["dynamic_pseudo_label", "hybrid_fuse", "static_pseudo_label", "ClassBalancedThresholds"]
-
-FUSE_MODES = ("fill", "agree", "dynamic_first")
 
 
 # ------------------------------------------------------------------------------------------------ dynamic
@@ -80,23 +78,12 @@ def dynamic_pseudo_label(
         >>> dynamic_pseudo_label(f, P, threshold=0.7)
         tensor([[[  0,   2, 255]]])
     """
-    B, K = check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
-    check_range(threshold, "threshold", -1.0, 1.0)
+    check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
+    threshold = check_range(threshold, "threshold", -1.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
     if size is not None:
         size = check_size2(size, "size")
-    with torch.no_grad():
-        s = cosine_similarity_map(target_features.detach(), prototypes.detach())  # b k h w
-        if valid is not None:
-            s = torch.where(valid.expand(B, K)[:, :, None, None], s, torch.full_like(s, -math.inf))
-        best, arg = s.max(dim=1)  # b h w
-        labels = torch.where(best > threshold, arg, torch.full_like(arg, ignore_index))
-        if size is not None and tuple(labels.shape[-2:]) != size:
-            if size[0] * size[1] > labels.shape[-2] * labels.shape[-1] and K <= 256 and 0 <= ignore_index <= 255:
-                labels = _upsample_labels(labels, size, torch.uint8)  # ids fit a byte: a quarter of the traffic
-            else:
-                labels = _resize_labels(labels, size, "nearest", K, ignore_index)
-    return labels
+    return kernels.dynamic_labels(target_features, prototypes, valid, threshold, ignore_index, size, EPS)
 
 
 # ------------------------------------------------------------------------------------------------ fusion
@@ -106,7 +93,7 @@ def hybrid_fuse(
     static_labels: Tensor,
     dynamic_labels: Tensor,
     *,
-    mode: str = "fill",
+    mode: FuseMode = "fill",
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     r"""Hybrid pseudo labels: fuse static (classifier) and dynamic (prototype) labels.
@@ -147,32 +134,10 @@ def hybrid_fuse(
         )
     check_choice(mode, "mode", FUSE_MODES)
     ignore_index = check_ignore_index(ignore_index)
-    y_f = static_labels.long()
-    y_d = _resize_labels(dynamic_labels.long(), tuple(y_f.shape[-2:]), "nearest", None, ignore_index)
-    if mode == "fill":
-        return torch.where(y_f != ignore_index, y_f, y_d)
-    if mode == "dynamic_first":
-        return torch.where(y_d != ignore_index, y_d, y_f)
-    return torch.where(y_f == y_d, y_f, torch.full_like(y_f, ignore_index))
+    return kernels.fuse(static_labels, dynamic_labels, mode, ignore_index)
 
 
 # ------------------------------------------------------------------------------------------------ static
-
-
-def _confidence(logits: Tensor) -> Tuple[Tensor, Tensor]:
-    r"""Max softmax probability (float64) and arg max over classes.
-
-    :math:`c = 1 / (1 + r)` with :math:`r = \sum_{k \ne \hat y} \exp(z_k - z_{\hat y})` summed in fp32 (fp64 for
-    fp64 logits) and the division in float64: the same value as the largest softmax probability, but confident
-    pixels are not rounded to 1 (float32 ``softmax().max()`` is exactly 1 for logit margins above ~17, which ties
-    the most confident pixels of a class together).
-    """
-    with no_autocast(logits):
-        z = upcast(logits)
-        top, pred = z.max(dim=1, keepdim=True)  # b 1 h w
-        ratios = torch.exp(z - top).scatter_(1, pred, 0.0)  # exp(z_k - z_max) of the other classes
-        rest = ratios.sum(dim=1).to(torch.float64)  # b h w
-        return 1.0 / (1.0 + rest), pred[:, 0]
 
 
 def static_pseudo_label(
@@ -218,59 +183,14 @@ def static_pseudo_label(
         tensor([[[  0, 255]]])
     """
     check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
-    B, K, H, W = logits.shape
+    K = logits.shape[1]
     if class_thresholds is not None:
         check_float_tensor(class_thresholds, "class_thresholds", (1,), "(K,)")
         check_dim_size(class_thresholds, 0, K, "class_thresholds", f"K, the classes of logits {tuple(logits.shape)}")
         check_same_device("logits", logits, "class_thresholds", class_thresholds)
     proportion = check_range(proportion, "proportion", 0.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
-    conf, pred = _confidence(logits)  # b h w
-    keep = torch.zeros_like(pred, dtype=torch.bool)
-    if class_thresholds is not None:
-        keep = keep | (conf >= class_thresholds.to(torch.float64)[pred])  # float64 on both sides
-    if proportion > 0:
-        n = max(1, math.floor(proportion * H * W))
-        flat = rearrange(conf, "b h w -> b (h w)")
-        nth_largest = flat.kthvalue(H * W - n + 1, dim=1).values  # b
-        keep = keep | (conf >= nth_largest[:, None, None])
-    return torch.where(keep, pred, torch.full_like(pred, ignore_index))
-
-
-# Confidence bins of ClassBalancedThresholds: uniform in c on [0, 0.95) (flat, low-confidence classes), then
-# uniform in s = -log(1 - c) from s(0.95) to 36 (saturated classes: c = 1 - e^{-s}; the float64 confidences of
-# _confidence resolve 1 - c down to ~1e-16, s ~ 36.7). Spacing in c is at most 6.7e-4 with 4096 bins.
-_BODY_TOP = 0.95
-_BODY_SHARE = 0.4
-_S_MAX = 36.0
-
-
-def _confidence_bin_edges(bins: int, device=None) -> Tensor:
-    r"""Lower edges of the confidence bins of :class:`ClassBalancedThresholds`: ``Tensor[bins]`` float64.
-
-    .. math::
-        E_j = \begin{cases} 0.95\, j / n_0 & j < n_0 \\
-        1 - \exp(-s_j), \quad s_j = s_0 + (j - n_0) \frac{36 - s_0}{n_1 - 1} & j \ge n_0 \end{cases}
-
-    with :math:`n_0 = \max(1, \lfloor 0.4 \cdot \text{bins} \rfloor)`, :math:`n_1 = \text{bins} - n_0`,
-    :math:`s_0 = -\log(1 - 0.95)`: uniform in :math:`c` below 0.95, uniform in :math:`s = -\log(1 - c)` above,
-    so that the bins resolve confidences of saturated classes (all within :math:`10^{-5}` of 1) as finely as those
-    of uncertain ones. Bin ``j`` holds :math:`E_j \le c < E_{j+1}` (the last bin is closed at 1). Near
-    :math:`s = 36` float64 cannot tell the edges apart: equal edges leave empty bins, which is harmless.
-
-    Example:
-        >>> e = _confidence_bin_edges(4096)
-        >>> e.shape, bool(e[0] == 0), bool((e.diff() >= 0).all()), bool(e.diff().max() < 1e-3)
-        (torch.Size([4096]), True, True, True)
-    """
-    bins = check_int(bins, "bins", 2)
-    n0 = max(1, math.floor(_BODY_SHARE * bins))
-    n1 = bins - n0
-    body = torch.arange(n0, dtype=torch.float64, device=device) * (_BODY_TOP / n0)
-    s0 = -math.log1p(-_BODY_TOP)
-    step = (_S_MAX - s0) / max(1, n1 - 1)
-    tail = -torch.expm1(-(s0 + torch.arange(n1, dtype=torch.float64, device=device) * step))
-    return torch.cat([body, tail])
+    return kernels.static_labels(logits, class_thresholds, proportion, ignore_index)
 
 
 class ClassBalancedThresholds(nn.Module):
@@ -327,9 +247,7 @@ class ClassBalancedThresholds(nn.Module):
         if self.proportion <= 0:
             raise ValueError(f"proportion: expected a value in (0, 1], got {proportion}")
         self.bins = check_int(bins, "bins", 2)
-        if not isinstance(sync, bool):
-            raise TypeError(f"sync: expected a bool, got {type(sync).__name__}")
-        self.sync = sync
+        self.sync = check_bool(sync, "sync")
         self.register_buffer("histogram", torch.zeros(self.num_classes, self.bins, dtype=torch.int64))
 
     def extra_repr(self) -> str:
@@ -346,30 +264,14 @@ class ClassBalancedThresholds(nn.Module):
         check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
         check_dim_size(logits, 1, self.num_classes, "logits", "K, the classes of the thresholds")
         check_same_device("histogram", self.histogram, "logits", logits)
-        conf, pred = _confidence(logits)
-        # bin j holds E_j <= c < E_{j+1} (float64 on both sides: exactly the pixels that pass E_j)
-        bin_index = torch.searchsorted(_confidence_bin_edges(self.bins, logits.device), conf, right=True) - 1
-        flat = (pred * self.bins + bin_index).reshape(-1)
-        delta = torch.zeros(self.num_classes * self.bins, dtype=torch.int64, device=logits.device)
-        delta.index_add_(0, flat, torch.ones_like(flat))
+        delta = kernels.confidence_histogram(logits, self.num_classes, self.bins)
         if self.sync and is_distributed():
             all_reduce_sum_(delta)
-        self.histogram.add_(delta.view(self.num_classes, self.bins))
+        self.histogram.add_(delta)
 
     def compute(self) -> Tensor:
         """Per-class thresholds ``(K,)`` float64 (``+inf`` for classes never predicted)."""
-        hist = self.histogram
-        counts = hist.sum(dim=1)  # k
-        n = torch.floor(self.proportion * counts.to(torch.float64)).clamp_min(1)  # k
-        at_or_above = hist.flip(1).cumsum(1).flip(1).to(torch.float64)  # k bins: pixels in bins >= j
-        j = ((at_or_above >= n[:, None]).sum(1) - 1).clamp_min(0)  # the bin of the n-th most confident pixel
-        passing_j = at_or_above.gather(1, j[:, None])[:, 0]  # >= n pass E_j
-        passing_next = passing_j - hist.gather(1, j[:, None])[:, 0].to(torch.float64)  # < n pass E_{j+1}
-        # the edge whose passing count is closer to n in ratio: E_{j+1} when n / b < a / n, i.e. a * b > n^2
-        up = (passing_next > 0) & (passing_j * passing_next > n * n)
-        edges = _confidence_bin_edges(self.bins, hist.device)
-        chosen = edges[torch.where(up, j + 1, j).clamp_max(self.bins - 1)]
-        return torch.where(counts > 0, chosen, torch.full_like(chosen, math.inf))
+        return kernels.thresholds(self.histogram, self.proportion)
 
     def forward(self) -> Tensor:
         """Same as :meth:`compute`."""

@@ -1,0 +1,147 @@
+"""The pixel-prototype contrastive loss (FCL, BCL), its reduction, and the release's overlap class weight (see
+:mod:`protocl.contrastive`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .._validation import EPS, IGNORE_INDEX, MIN_PURITY, Absent, At, Reduction, ResizeMode
+from .cosine import compute_features, cosine
+from .dtypes import no_autocast
+from .reduction import reduce_loss
+from .resize import cell_index, known_labels, label_histogram, resize_labels
+
+
+@dataclass(frozen=True)
+class ContrastSettings:
+    """The settings of one contrastive term (validated by the public functions and modules that build it)."""
+
+    temperature: float = 0.1
+    absent: Absent = "mask"
+    at: At = "feature"
+    ignore_index: int = IGNORE_INDEX
+    resize: ResizeMode = "nearest"
+    min_purity: float = MIN_PURITY
+    eps: float = EPS
+
+
+def log_probs(
+    features: Tensor, prototypes: Tensor, valid: Tensor, s: ContrastSettings, phi: Optional[Tensor] = None
+) -> Tensor:
+    """``(B, K, h, w)`` log softmax over classes of the cosine logits, invalid prototypes masked (``"mask"``) or
+    at similarity −1 (``"min_similarity"``); ``phi`` reuses the features' inverse norms."""
+    h, w = features.shape[-2:]
+    f = compute_features(features, prototypes)
+    z = cosine(f, prototypes.to(f.dtype), s.eps, phi) / s.temperature  # b k n
+    z = rearrange(z, "b k (h w) -> b k h w", h=h, w=w)
+    keep = valid[:, :, None, None]
+    if s.absent == "mask":
+        # a finite "minus infinity": exp underflows to exactly 0, and an image with no valid prototype at all
+        # still gives finite values (its pixels do not contribute), so no NaN reaches the gradients.
+        fill = torch.full_like(z, torch.finfo(z.dtype).min)
+    else:
+        fill = torch.full_like(z, -1.0 / s.temperature)
+    return torch.log_softmax(torch.where(keep, z, fill), dim=1)
+
+
+def class_weights(valid: Tensor, class_weight: Optional[Tensor], absent: Absent, dtype) -> Tensor:
+    """Weight of a pixel of class k in image b: ``(B, K)``, 0 for classes that do not contribute."""
+    w = torch.ones(valid.shape, dtype=dtype, device=valid.device)
+    if class_weight is not None:
+        w = w * class_weight.to(dtype)
+    if absent == "mask":
+        w = torch.where(valid, w, torch.zeros_like(w))
+    return w
+
+
+def _terms_at_grid(logp: Tensor, y: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Per-pixel weighted loss and weight on the grid of ``y`` (``logp`` on the same grid): ``(B, h, w)`` each."""
+    known = known_labels(y, logp.shape[1], ignore_index)
+    y0 = torch.where(known, y, torch.zeros_like(y))
+    nll = -logp.gather(1, y0[:, None]).squeeze(1)  # b h w
+    weight = torch.where(known, cw.gather(1, rearrange(y0, "b h w -> b (h w)")).view_as(y0), torch.zeros_like(nll))
+    return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
+
+
+def _terms_at_label_pixels(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Per label pixel loss of nearest-upsampled logits, by gathering (``(B, H, W)`` each, never ``(B, K, H, W)``)."""
+    B, K, h, w = logp.shape
+    H, W = labels.shape[-2:]
+    cell = cell_index((H, W), (h, w), labels.device)  # H W
+    known = known_labels(labels, K, ignore_index)
+    y0 = torch.where(known, labels, torch.zeros_like(labels))
+    index = rearrange(y0 * (h * w) + cell, "b H W -> b (H W)")
+    nll = -rearrange(logp, "b k h w -> b (k h w)").gather(1, index).view(B, H, W)
+    weight = torch.where(known, cw.gather(1, rearrange(y0, "b H W -> b (H W)")).view(B, H, W), torch.zeros_like(nll))
+    return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
+
+
+def _terms_by_histogram(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Label-resolution CE as per-cell class histograms: ``(B, K, h, w)`` loss and weight whose sums equal the
+    sums over label pixels of nearest-upsampled logits."""
+    B, K, h, w = logp.shape
+    hist = label_histogram(labels, (h, w), K, ignore_index).to(logp.dtype)  # b k h w
+    weight = hist * cw[:, :, None, None]
+    return torch.where(weight != 0, -weight * logp, torch.zeros_like(logp)), weight
+
+
+def contrastive_terms(
+    features: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    valid: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    s: ContrastSettings,
+    *,
+    per_pixel: bool = False,
+    phi: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Unreduced weighted loss and weight, batch first.
+
+    ``at="feature"``: ``(B, h, w)``. ``at="label"``: ``(B, H, W)`` when ``per_pixel`` else the equivalent
+    ``(B, K, h, w)`` histogram form (same sums, cheaper).
+    """
+    B = features.shape[0]
+    K = prototypes.shape[-2]
+    labels = labels.long()
+    if valid is None:
+        valid = torch.ones(B, K, dtype=torch.bool, device=features.device)
+    valid = valid.expand(B, K)
+    with no_autocast(features):
+        logp = log_probs(features, prototypes, valid, s, phi)
+        cw = class_weights(valid, None if class_weight is None else class_weight.expand(B, K), s.absent, logp.dtype)
+        if s.at == "feature":
+            y = resize_labels(labels, tuple(features.shape[-2:]), s.resize, K, s.ignore_index, s.min_purity)
+            return _terms_at_grid(logp, y, cw, s.ignore_index)
+        if per_pixel:
+            return _terms_at_label_pixels(logp, labels, cw, s.ignore_index)
+        return _terms_by_histogram(logp, labels, cw, s.ignore_index)
+
+
+def contrastive_loss(
+    features: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    valid: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    s: ContrastSettings,
+    reduction: Reduction,
+) -> Tensor:
+    """The reduced loss of :func:`protocl.pixel_prototype_contrastive_loss`."""
+    loss, weight = contrastive_terms(
+        features, prototypes, labels, valid, class_weight, s, per_pixel=reduction == "none"
+    )
+    return reduce_loss(loss, reduction, weight)
+
+
+def presence(labels: Tensor, size: Tuple[int, int], num_classes: int, ignore_index: int) -> Tensor:
+    """``(B, K)`` bool: class k occurs in image b's labels nearest-resized to ``size``."""
+    y = resize_labels(labels.long(), size, "nearest", num_classes, ignore_index)
+    classes = torch.arange(num_classes, device=labels.device)
+    y = rearrange(y, "b h w -> b 1 (h w)")
+    return ((y == classes[None, :, None]) & (y != ignore_index)).any(-1)  # b k
