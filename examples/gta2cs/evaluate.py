@@ -5,9 +5,9 @@ Logits are computed at the evaluation input size and bilinearly upsampled to the
 
 SYNTHIA → Cityscapes is evaluated over the 16 classes the two datasets share (the network still predicts 19):
 :func:`iou_over_classes` computes each of the 16 IoUs from the 19×19 confusion matrix as the 16-class protocol
-does, ground-truth pixels of the other 3 classes ignored and predictions of them counted as misses, and
-``miou16``/``miou13`` are the plain means of those IoUs over the 16 and the 13 classes (never a ×19/16
-rescaling of a 19-class mean).
+does, ground-truth pixels of the other 3 classes ignored and predictions of them counted as misses;
+``miou16`` and ``miou13`` are the plain means of those IoUs over the 16 and over 13 of them (without wall,
+fence, pole), never a ×19/16 rescaling of a 19-class mean.
 """
 
 from __future__ import annotations
@@ -71,22 +71,30 @@ def mean_iou(iou: Sequence[float]) -> float:
 
 
 def summarize(confusion: Tensor, subsets: dict[str, Sequence[int]] | None = None) -> dict:
-    """``{"miou", "iou"}`` of a confusion matrix; with ``subsets`` (e.g. ``{"16": [...], "13": [...]}``) also
-    ``miou<name>`` and ``iou<name>`` for each subset (see :func:`iou_over_classes`), and ``miou`` is the first
-    subset's mean (the benchmark's headline figure). ``iou19``/``miou19`` then keep the plain K-class values."""
+    """``{"miou", "iou"}`` of a K×K confusion matrix.
+
+    With ``subsets`` (e.g. ``{"16": [...], "13": [...]}``), the first subset is the evaluation protocol: its
+    classes' IoUs come from :func:`iou_over_classes`; every subset ``name`` then gets ``iou<name>`` (those IoUs,
+    one per class of the subset) and ``miou<name>`` (their plain mean); the later subsets must lie inside the
+    first (mIoU13 is the mean of 13 of the 16-class protocol's IoUs, as the benchmark reports it). ``miou`` is
+    the first subset's mean (the headline figure), ``iou`` lists K values, NaN outside the first subset, and
+    ``miou19``/``iou19`` keep the plain K-class values.
+    """
     iou = iou_from_confusion(confusion.cpu())
-    result = {"miou": mean_iou(iou), "iou": iou}
-    if subsets:
-        result = {"miou19": result["miou"], "iou19": iou}
-        iou_k = [math.nan] * len(iou)
-        for i, (name, classes) in enumerate(subsets.items()):
-            sub = iou_over_classes(confusion, classes)
-            result[f"miou{name}"], result[f"iou{name}"] = mean_iou(sub), sub
-            if i == 0:
-                result["miou"] = result[f"miou{name}"]
-                for c, v in zip(classes, sub):
-                    iou_k[c] = v
-        result["iou"] = iou_k  # K values: the first subset's IoUs, NaN for the classes outside it
+    if not subsets:
+        return {"miou": mean_iou(iou), "iou": iou}
+    names = list(subsets)
+    protocol = list(subsets[names[0]])
+    by_class = dict(zip(protocol, iou_over_classes(confusion, protocol)))
+    result = {"miou19": mean_iou(iou), "iou19": iou}
+    for name in names:
+        outside = set(subsets[name]) - set(protocol)
+        if outside:
+            raise ValueError(f"expected subset {name!r} inside subset {names[0]!r}, got classes {sorted(outside)}")
+        values = [by_class[c] for c in subsets[name]]
+        result[f"miou{name}"], result[f"iou{name}"] = mean_iou(values), values
+    result["miou"] = result[f"miou{names[0]}"]
+    result["iou"] = [by_class.get(c, math.nan) for c in range(len(iou))]
     return result
 
 

@@ -177,8 +177,9 @@ class Trainer:
 
     ``step_context``: an optional ``(kind, checked) -> context manager`` entered around every training step
     (``kind`` is ``"source"``, ``"adapt"`` or ``"control"``; ``checked`` is True on the steps that run
-    protocl's value checks). Logging, evaluation and checkpoints happen outside it: tests and benchmarks use
-    it to watch the steps alone.
+    protocl's value checks). A step starts from batches already loaded on the host (page-locked on CUDA) and
+    ends after the optimizer step; data loading, logging, evaluation and checkpoints happen outside it: tests
+    and benchmarks use it to watch the steps alone.
     """
 
     def __init__(self, args) -> None:
@@ -372,8 +373,7 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ stage 1
-    def _source_step(self) -> dict[str, Tensor]:
-        batch = next(self.source_stream)
+    def _source_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         images, labels = self._to_device(batch["image"]), self._to_device(batch["label"]).long()
         logits, _ = self._forward(self.ddp, images)
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -386,8 +386,9 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         while s.iteration < a.source_iters:
             set_lr(self.optimizer, (1 - s.iteration / a.source_iters) ** 0.9)
+            batch = next(self.source_stream)  # host-side data loading, before the step
             with self._step_scope("source"):
-                for k, v in self._source_step().items():
+                for k, v in self._source_step(batch).items():
                     sums[k] = sums.get(k, 0) + v
             s.iteration += 1
             if s.iteration % a.log_every == 0 or s.iteration == a.source_iters:
@@ -490,9 +491,9 @@ class Trainer:
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     # ------------------------------------------------------------------ stage 2
-    def _adapt_step(self, control: bool) -> dict[str, Tensor]:
-        src = next(self.source_stream)
-        tgt = None if control else next(self.target_stream)  # the control never looks at the target
+    def _adapt_step(self, src: dict[str, Tensor], tgt: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """One stage-2 step on a source and a target batch; ``tgt=None`` is the source-only control step."""
+        control = tgt is None
         b = src["image"].shape[0]
         images = self._to_device(src["image"])
         if tgt is not None:
@@ -532,8 +533,10 @@ class Trainer:
             sums: dict[str, Tensor] = {}
             while s.iteration < a.round_iters:
                 set_lr(self.optimizer, 0.5 ** s.round * (1 - s.iteration / a.round_iters) ** 0.9)
+                src = next(self.source_stream)  # host-side data loading, before the step
+                tgt = None if control else next(self.target_stream)  # the control never looks at the target
                 with self._step_scope("control" if control else "adapt"):
-                    for k, v in self._adapt_step(control).items():
+                    for k, v in self._adapt_step(src, tgt).items():
                         sums[k] = sums.get(k, 0) + v
                 s.iteration += 1
                 if s.iteration % a.log_every == 0 or s.iteration == a.round_iters:
