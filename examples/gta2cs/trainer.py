@@ -226,6 +226,8 @@ class Trainer:
             temperature=args.temperature, momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse,
             calibrate=not args.no_calibration, dynamic=not args.no_dynamic,
         ).to(self.device)
+        # with neither FCL/BCL nor dynamic labels the orchestrator has nothing to contribute: not called at all
+        self.uses_contrast = not (args.no_contrastive and args.no_dynamic)
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.optimizer = self._new_optimizer(args.source_lr)
         self.state = RunState()
@@ -507,18 +509,23 @@ class Trainer:
             return {"ce_src": ce_src.detach()}
         up_t = up[b:]
         y_f = self._to_device(tgt["static"]).long()
-        out = self.contrast(features[:b], y_s, features[b:], y_f)
-        ce_tgt = safe_cross_entropy(up_t, out.target_labels)
+        if self.uses_contrast:
+            out = self.contrast(features[:b], y_s, features[b:], y_f)
+            y_d, y_t, contrast_loss, fcl, bcl = out.dynamic_labels, out.target_labels, out.loss, out.fcl, out.bcl
+        else:  # --no-contrastive --no-dynamic: self-training on the static labels, protocl's step not run at all
+            y_d, y_t = torch.full_like(y_f, IGNORE), y_f
+            contrast_loss = fcl = bcl = torch.zeros((), device=self.device)
+        ce_tgt = safe_cross_entropy(up_t, y_t)
         ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)
-        loss = ce_src + 0.3 * ce_tgt + 0.4 * ent + out.loss
+        loss = ce_src + 0.3 * ce_tgt + 0.4 * ent + contrast_loss
         self._optimize(loss)
         stats = {"ce_src": ce_src.detach(), "ce_tgt": ce_tgt.detach(), "ent": ent.detach(),
-                 "fcl": out.fcl.detach(), "bcl": out.bcl.detach()}
-        for name in LABEL_KINDS:
-            stats[f"cov_{name}"] = out.stats[f"{name}_coverage"] * 100
+                 "fcl": fcl.detach(), "bcl": bcl.detach()}
+        for name, labels in zip(LABEL_KINDS, (y_f, y_d, y_t)):
+            stats[f"cov_{name}"] = torch.count_nonzero(labels != IGNORE) * (100.0 / labels.numel())
         if self.args.diagnostics:  # opt-in: target ground truth, a logged diagnostic, never trained on
             gt = self._to_device(tgt["label"]).long()
-            for i, labels in enumerate((y_f, out.dynamic_labels, out.target_labels)):
+            for i, labels in enumerate((y_f, y_d, y_t)):
                 self.diag[i] += class_counts(labels, gt, self.num_classes)
         return stats
 
