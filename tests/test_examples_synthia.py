@@ -123,7 +123,7 @@ def test_synthia_files_errors_name_path_and_layout(tmp_path):
     with pytest.raises(ValueError, match=r"synthia-root.*RGB/\*\.png.*nowhere"):
         data.synthia_files(tmp_path / "nowhere")
     (tmp_path / "s" / "RGB").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"RGB.*SYNTHIA layout.*found none"):
+    with pytest.raises(ValueError, match=r"RGB.*SYNTHIA-RAND-CITYSCAPES layout.*found none"):
         data.synthia_files(tmp_path / "s")
     Image.new("RGB", (4, 2)).save(tmp_path / "s" / "RGB" / "0000001.png")
     with pytest.raises(ValueError, match=r"GT/LABELS/0000001\.png"):

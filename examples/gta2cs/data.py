@@ -40,12 +40,17 @@ ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 2
                   26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
-def id_to_train_id_lut() -> np.ndarray:
-    """A (256,) uint8 lookup table from Cityscapes label ids to train ids (255 elsewhere)."""
-    lut = np.full(256, IGNORE, dtype=np.uint8)
-    for label_id, train_id in ID_TO_TRAIN_ID.items():
+def lookup_table(mapping: dict[int, int], size: int) -> np.ndarray:
+    """A (size,) uint8 lookup table from label ids to train ids (255 for ids not in ``mapping``)."""
+    lut = np.full(size, IGNORE, dtype=np.uint8)
+    for label_id, train_id in mapping.items():
         lut[label_id] = train_id
     return lut
+
+
+def id_to_train_id_lut() -> np.ndarray:
+    """A (256,) uint8 lookup table from Cityscapes label ids to train ids (255 elsewhere)."""
+    return lookup_table(ID_TO_TRAIN_ID, 256)
 
 
 _LUT = id_to_train_id_lut()
@@ -63,10 +68,7 @@ SYNTHIA_CLASSES_13 = tuple(k for k in SYNTHIA_CLASSES_16 if k not in (3, 4, 5))
 
 def synthia_id_to_train_id_lut() -> np.ndarray:
     """A (65536,) uint8 lookup table from SYNTHIA class ids (16-bit) to Cityscapes train ids (255 elsewhere)."""
-    lut = np.full(2**16, IGNORE, dtype=np.uint8)
-    for label_id, train_id in SYNTHIA_ID_TO_TRAIN_ID.items():
-        lut[label_id] = train_id
-    return lut
+    return lookup_table(SYNTHIA_ID_TO_TRAIN_ID, 2**16)
 
 
 _SYNTHIA_LUT = synthia_id_to_train_id_lut()
@@ -84,43 +86,36 @@ class Sample:
     label_format: str = "cityscapes"
 
 
-def gta5_files(root: str | Path) -> list[Sample]:
-    """List GTA5 samples under ``root``; ``ValueError`` naming the path and the layout if there are none."""
+def _paired_files(root: str | Path, option: str, dataset: str, layout: str, image_dir: str, label_dir: str,
+                  label_format: str) -> list[Sample]:
+    """``<root>/<image_dir>/*.png`` with labels of the same names in ``<root>/<label_dir>``; ``ValueError`` naming
+    the path and the layout when the root, the images or a label is missing."""
     root = Path(root)
-    layout = "<root>/images/*.png with <root>/labels/*.png of the same names"
     if not root.is_dir():
-        raise ValueError(f"expected --gta5-root to be a directory in the GTA5 layout ({layout}), got {str(root)!r}")
-    images = sorted((root / "images").glob("*.png"))
+        raise ValueError(f"expected {option} to be a directory in the {dataset} layout ({layout}), got {str(root)!r}")
+    images = sorted((root / image_dir).glob("*.png"))
     if not images:
-        raise ValueError(f"expected PNG images in {str(root / 'images')!r} (GTA5 layout: {layout}), found none")
+        raise ValueError(f"expected PNG images in {str(root / image_dir)!r} ({dataset} layout: {layout}), found none")
     samples = []
     for image in images:
-        label = root / "labels" / image.name
+        label = root / label_dir / image.name
         if not label.is_file():
-            raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (GTA5 layout: {layout})")
-        samples.append(Sample(image, label, image.stem))
+            raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} ({dataset} layout: {layout})")
+        samples.append(Sample(image, label, image.stem, label_format))
     return samples
+
+
+def gta5_files(root: str | Path) -> list[Sample]:
+    """List GTA5 samples under ``root``; ``ValueError`` naming the path and the layout if there are none."""
+    return _paired_files(root, "--gta5-root", "GTA5", "<root>/images/*.png with <root>/labels/*.png of the same names",
+                         "images", "labels", "cityscapes")
 
 
 def synthia_files(root: str | Path) -> list[Sample]:
     """List SYNTHIA-RAND-CITYSCAPES samples; ``ValueError`` naming the path and the layout if there are none."""
-    root = Path(root)
-    layout = "<root>/RGB/*.png with <root>/GT/LABELS/*.png of the same names (16-bit, class id in channel 1)"
-    if not root.is_dir():
-        raise ValueError(
-            f"expected --synthia-root to be a directory in the SYNTHIA-RAND-CITYSCAPES layout ({layout}), "
-            f"got {str(root)!r}"
-        )
-    images = sorted((root / "RGB").glob("*.png"))
-    if not images:
-        raise ValueError(f"expected PNG images in {str(root / 'RGB')!r} (SYNTHIA layout: {layout}), found none")
-    samples = []
-    for image in images:
-        label = root / "GT" / "LABELS" / image.name
-        if not label.is_file():
-            raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (SYNTHIA layout: {layout})")
-        samples.append(Sample(image, label, image.stem, "synthia"))
-    return samples
+    return _paired_files(root, "--synthia-root", "SYNTHIA-RAND-CITYSCAPES",
+                         "<root>/RGB/*.png with <root>/GT/LABELS/*.png of the same names (16-bit, class id in "
+                         "channel 1)", "RGB", "GT/LABELS", "synthia")
 
 
 def cityscapes_files(root: str | Path, split: str, *, require_labels: bool = True) -> list[Sample]:
