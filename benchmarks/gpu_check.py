@@ -1,95 +1,228 @@
-r"""GPU checks for a lent H100/H200 (run through ``benchmarks/gpu_check.sh``; finishes in under 8 minutes).
+r"""GPU evidence for the reference pipeline: the real :class:`Trainer` of ``examples/train_gta2cs.py`` on DeepLab-V2
+ResNet-101 (one command, under 8 minutes on an H100; ``bash benchmarks/gpu_check.sh`` runs it first).
 
-Sections (each one records its result or its error in the JSON, so one failure does not hide the others):
+Sections (each records its result or its error in the JSON, so one failure does not hide the others):
 
-1. ``deeplab``: a DeepLab-V2 ResNet-101 training step on 2 source + 2 target crops of 730x730 (source CE, target
-   CE on the hybrid labels, entropy, SGD step), fp32 and bf16 autocast, without and with protocl's
-   ``BidirectionalContrast``; median step time, protocl's share of the step and peak memory.
-2. ``sync_debug``: the protocl step (forward + backward + EMA) and the whole DeepLab step with protocl under
-   ``torch.cuda.set_sync_debug_mode("error")`` and value checks off: any device-to-host sync raises.
-3. ``cuda_graph``: the protocl step (forward + backward + EMA updates) captured in a CUDA graph, replayed on new
-   inputs copied into the static tensors, compared with eager on a copy of the module, and timed.
+1. ``pipeline``: the Trainer, unchanged, trains DeepLab-V2 R101 from random weights on a synthetic dataset written
+   to a temporary directory (the demo's scene generator, source and target images upscaled to short side 850 by
+   the loader, 2 + 2 random crops of 730²) for ``--source-iters`` stage-1 steps and one round of
+   ``--round-iters`` stage-2 steps, with ``--sync-debug`` (every step but the first of a stage or round runs under
+   ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises and fails the configuration), in fp32 and
+   bf16 autocast, with the full method and without protocl's terms (``--no-contrastive --no-dynamic``:
+   self-training on the static labels, the orchestrator not called). Per configuration: median GPU time of a
+   step (CUDA events around each step, the first steps of a stage left out), stage-2 throughput over the whole
+   round (events from the first timed step to the last: includes any wait for data), peak GPU memory of the
+   stage-2 steps, and the static-label pass (images/s over the target train split: two passes over the images,
+   PNG writing included).
+2. ``protocl_step``: protocl's orchestrator alone at the release's shapes under sync-debug "error", and captured
+   in a CUDA graph, replayed on new inputs, compared with eager and timed.
 
-``--device cpu --tiny`` runs sections 1 (tiny network and crops) on the CPU, to check the code paths without a
-GPU; sections 2 and 3 need CUDA and are reported as skipped there.
+``--smoke`` runs section 1 end to end with the tiny CNN, tiny crops and a few steps (on the CPU by default): the
+code path of the GPU run, checked by the test suite. Figures of a smoke run say nothing about a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
 
 import bench_step
+import train_gta2cs
+from gta2cs.synthetic import write_demo_dataset
+from gta2cs.trainer import Trainer
 
 import protocl
 
-IGNORE = 255
+VARIANTS = {"full": [], "no_protocl": ["--no-contrastive", "--no-dynamic"]}
+PRECISIONS = {"fp32": "none", "bf16": "bf16"}
 
 
-def build_deeplab(num_classes: int, tiny: bool) -> torch.nn.Module:
-    r"""DeepLab-V2 R101 from ``examples/gta2cs/model.py`` (random init: timing only).
+class StepTimer:
+    """``Trainer.step_context``: CUDA events around every step and the running peak memory, no sync inside."""
 
-    ``tiny`` builds the examples' ``TinySegNet`` (same ``(logits, features)`` interface, D = 4K) so that the CPU
-    check of the code paths takes seconds.
-    """
-    from examples.gta2cs.model import DeepLabV2, TinySegNet
+    def __init__(self, device: torch.device, skip: int) -> None:
+        self.device, self.skip = device, skip
+        self.events: dict[str, list] = {"source": [], "adapt": []}
+        self.wall: dict[str, list] = {"source": [], "adapt": []}
+        self.peak_bytes = 0
 
-    return TinySegNet(num_classes, width=16) if tiny else DeepLabV2(num_classes)
+    @contextlib.contextmanager
+    def __call__(self, kind: str, checked: bool):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            if kind == "adapt" and not self.events["adapt"]:
+                torch.cuda.reset_peak_memory_stats()  # host-side allocator statistics: no sync
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        yield
+        self.wall[kind].append(1e3 * (time.perf_counter() - t0))
+        if cuda:
+            end.record()
+            self.events[kind].append((start, end))
+            if kind == "adapt":
+                self.peak_bytes = torch.cuda.max_memory_allocated()
+
+    def summary(self, kind: str) -> dict:
+        """Median GPU ms per step (CUDA events) or host ms (CPU) after ``skip`` warm-up steps; span throughput."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            pairs = self.events[kind][self.skip:]
+            times = [start.elapsed_time(end) for start, end in pairs]
+            span_ms = pairs[0][0].elapsed_time(pairs[-1][1]) if pairs else float("nan")
+            clock = "cuda events"
+        else:
+            times = self.wall[kind][self.skip:]
+            span_ms = sum(times)
+            clock = "host wall clock"
+        if not times:
+            return {"steps_timed": 0, "clock": clock}
+        return {"steps_timed": len(times), "median_ms": statistics.median(times), "min_ms": min(times),
+                "steps_per_s": len(times) / (span_ms / 1e3), "clock": clock}
 
 
-def make_batch(crop: int, num_classes: int, device: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(4, 3, crop, crop, generator=g) * 255
-    source_labels = bench_step.blocky_labels(2, crop, num_classes, ignore_fraction=0.05, generator=g)
-    static_labels = bench_step.blocky_labels(2, crop, num_classes, ignore_fraction=0.5, generator=g)
-    return {"source_images": images[:2].to(device), "target_images": images[2:].to(device),
-            "source_labels": source_labels.to(device), "static_labels": static_labels.to(device)}
+def write_data(root: Path, smoke: bool) -> tuple[Path, Path]:
+    """Synthetic GTA5/Cityscapes-layout data: small renders, upscaled by the loader to short side 850."""
+    if smoke:
+        return write_demo_dataset(root, seed=0, source_images=4, target_train=4, target_val=2, source_size=(72, 40),
+                                  target_size=(64, 32))
+    return write_demo_dataset(root, seed=0, source_images=16, target_train=16, target_val=4,
+                              source_size=(320, 180), target_size=(320, 160))
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(dim=1)
-    return -(logp.exp() * logp).sum(dim=1).mean()
+def pipeline_run(argv: list[str], device: torch.device, skip: int) -> dict:
+    """One configuration: the real Trainer with a step timer and a timed static-label pass."""
+    args = train_gta2cs.resolve(train_gta2cs.build_parser().parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    timer = StepTimer(device, skip)
+    trainer.step_context = timer
+    static = {}
+    generate = trainer.generate_static_labels
+
+    def timed_static(round_index: int):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = generate(round_index)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        static.update(images=len(trainer.target_train), seconds=seconds,
+                      images_per_s=len(trainer.target_train) / seconds)
+        return out
+
+    trainer.generate_static_labels = timed_static
+    t0 = time.perf_counter()
+    code = trainer.run()
+    result = {"exit_code": code, "wall_s": time.perf_counter() - t0,
+              "stage1": timer.summary("source"), "stage2": timer.summary("adapt"),
+              "static_labels": static,
+              "target_miou_after_round": trainer.state.metrics.get("adapted", {}).get("miou")}
+    if device.type == "cuda":
+        result["stage2_peak_memory_mib"] = timer.peak_bytes / 2**20
+    del trainer, timed_static  # (a reference cycle: collect it, with the DataLoader workers and GPU memory)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
-def train_step_fn(model, optimizer, contrast, batch, *, dtype: torch.dtype | None):
-    r"""One training step closure: forward both domains, losses, backward, SGD step; returns the loss."""
-    device_type = batch["source_images"].device.type
-    label_size = tuple(batch["source_labels"].shape[-2:])
+def pipeline_section(device: torch.device, smoke: bool, source_iters: int, round_iters: int, workers: int,
+                     budget_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        return _pipeline_configurations(Path(work), device, smoke, source_iters, round_iters, workers, budget_s)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, features = model(torch.cat([batch["source_images"], batch["target_images"]]))
-        logits = F.interpolate(logits.float(), size=label_size, mode="bilinear", align_corners=False)
-        src_logits, tgt_logits = logits[:2], logits[2:]
-        src_feat, tgt_feat = features[:2], features[2:]
-        target_labels = batch["static_labels"]
-        loss = F.cross_entropy(src_logits, batch["source_labels"], ignore_index=IGNORE)
-        loss = loss + 0.4 * (entropy(src_logits) + 0.3 * entropy(tgt_logits))
-        if contrast is not None:
-            out = contrast(src_feat, batch["source_labels"], tgt_feat, batch["static_labels"])
-            target_labels = out.target_labels
-            loss = loss + out.loss
-        loss = loss + 0.3 * F.cross_entropy(tgt_logits, target_labels, ignore_index=IGNORE)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
 
-    return step
+def _pipeline_configurations(work: Path, device: torch.device, smoke: bool, source_iters: int, round_iters: int,
+                             workers: int, budget_s: float) -> dict:
+    t_start = time.perf_counter()
+    source_root, cityscapes_root = write_data(work / "data", smoke)
+    crop, resize, eval_size = (32, 40, "64x32") if smoke else (730, 850, "1460x730")
+    shape = ["--arch", "tiny" if smoke else "deeplabv2", "--batch-size", "2", "--crop", str(crop), "--resize",
+             str(resize), "--eval-size", eval_size] + (["--threads", "1"] if smoke else [])
+    skip = 1 if smoke else 5
+    result = {"setting": {"arch": "tiny" if smoke else "deeplabv2 R101, random init", "crop": crop,
+                          "batch": "2 source + 2 target", "source_iters": source_iters,
+                          "round_iters": round_iters, "warmup_steps_left_out": skip, "workers": workers}}
+    for precision, amp in PRECISIONS.items():
+        for variant, flags in VARIANTS.items():
+            name = f"{precision}_{variant}"
+            if time.perf_counter() - t_start > budget_s:
+                result[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
+                continue
+            argv = ["--gta5-root", str(source_root), "--cityscapes-root", str(cityscapes_root), *shape,
+                    "--device", str(device), "--amp", amp, "--sync-debug", "--out", str(work / name),
+                    "--source-iters", str(source_iters), "--rounds", "1", "--round-iters", str(round_iters),
+                    "--log-every", str(max(1, round_iters // 2)), "--ckpt-every", str(10**9),
+                    "--workers", str(workers), "--no-control", "--no-diagnostics", *flags]
+            try:
+                result[name] = pipeline_run(argv, device, skip)
+            except Exception as exc:  # noqa: BLE001 - a failing configuration (e.g. a host sync) is a result too
+                result[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
+            print(f"[gpu_check] pipeline {name}: {_short(result[name])}", flush=True)
+    for precision in PRECISIONS:
+        full, base = result.get(f"{precision}_full", {}), result.get(f"{precision}_no_protocl", {})
+        try:
+            result[f"{precision}_protocl_share_of_step_pct"] = 100 * (
+                full["stage2"]["median_ms"] / base["stage2"]["median_ms"] - 1)
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    return result
+
+
+def _short(entry: dict) -> str:
+    if "error" in entry or "skipped" in entry:
+        return entry.get("error") or entry["skipped"]
+    mem = entry.get("stage2_peak_memory_mib")
+    return (f"stage 2 median {entry['stage2']['median_ms']:.1f} ms/step ({entry['stage2']['clock']}), "
+            f"{entry['stage2']['steps_per_s']:.2f} steps/s" + (f", peak {mem:.0f} MiB" if mem is not None else "")
+            + f"; static labels {entry['static_labels'].get('images_per_s', float('nan')):.2f} images/s")
+
+
+def protocl_step_section(device: torch.device) -> dict:
+    r"""protocl's orchestrator alone at the release's shapes: sync-debug "error", then a CUDA graph."""
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    case = bench_step.Case("release", 2, 76, 92, 730)
+    inputs = bench_step.make_inputs(case, "cuda")
+    contrast = protocl.BidirectionalContrast(case.num_classes, case.dim).to(device)
+    result = {}
+    protocl.set_value_checks(False)
+    try:
+        _protocl_step(contrast, inputs)  # warm-up outside debug mode (lazy init, cuBLAS handles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                _protocl_step(contrast, inputs)
+            result["sync_debug"] = "no host sync"
+        except RuntimeError as exc:
+            result["sync_debug"] = f"host sync: {exc}\n{traceback.format_exc(limit=12)}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    finally:
+        protocl.set_value_checks(True)
+    result["cuda_graph"] = cuda_graph_check()
+    return result
 
 
 def timed(fn, device: str, *, warmup: int, repeats: int) -> list[float]:
@@ -107,70 +240,6 @@ def timed(fn, device: str, *, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def deeplab_section(device: str, tiny: bool, crop: int, repeats: int) -> dict:
-    r"""Median DeepLab step time and peak memory, fp32/bf16, without/with protocl (interleaved per precision)."""
-    num_classes = 19
-    model = build_deeplab(num_classes, tiny).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9, weight_decay=5e-4)
-    batch = make_batch(crop, num_classes, device)
-    result = {"crop": crop, "tiny": tiny}
-    for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        if dtype is torch.bfloat16 and device == "cpu" and not tiny:
-            continue
-        contrast = protocl.BidirectionalContrast(num_classes, model.feature_dim).to(device)
-        fns = {"without": train_step_fn(model, optimizer, None, batch, dtype=dtype),
-               "with": train_step_fn(model, optimizer, contrast, batch, dtype=dtype)}
-        res = {}
-        for name, fn in fns.items():
-            protocl.set_value_checks(True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times = timed(fn, device, warmup=2, repeats=repeats)
-            res[name] = {"median_ms": statistics.median(times), "times_ms": times}
-            if device == "cuda":
-                res[name]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        res["protocl_overhead_pct"] = 100 * (res["with"]["median_ms"] / res["without"]["median_ms"] - 1)
-        result[dtype_name] = res
-        print(f"[gpu_check] deeplab {dtype_name}: without {res['without']['median_ms']:.1f} ms, "
-              f"with {res['with']['median_ms']:.1f} ms ({res['protocl_overhead_pct']:+.1f}%)", flush=True)
-    return result
-
-
-def sync_debug_section(device: str, tiny: bool, crop: int) -> dict:
-    r"""protocl step and the whole DeepLab step with sync debug mode "error", value checks off."""
-    if device != "cuda":
-        return {"skipped": "needs CUDA"}
-    case = bench_step.Case("release", 2, 76, 92, 730)
-    inputs = bench_step.make_inputs(case, device)
-    contrast = protocl.BidirectionalContrast(case.num_classes, case.dim).to(device)
-    model = build_deeplab(19, tiny).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
-    batch = make_batch(crop, 19, device)
-    step = train_step_fn(model, optimizer, protocl.BidirectionalContrast(19, model.feature_dim).to(device), batch,
-                         dtype=None)
-    protocl.set_value_checks(False)
-    out = {}
-    try:
-        for label, fn in (("protocl_step", lambda: _protocl_step(contrast, inputs)), ("deeplab_step", step)):
-            fn()  # warm-up outside debug mode (lazy init, cuBLAS handles)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                for _ in range(2):
-                    fn()
-                out[label] = "no host sync"
-            except RuntimeError as exc:
-                out[label] = f"host sync: {exc}\n{traceback.format_exc(limit=12)}"
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.synchronize()
-    finally:
-        protocl.set_value_checks(True)
-    print(f"[gpu_check] sync debug: { {k: v.splitlines()[0] for k, v in out.items()} }", flush=True)
-    return out
-
-
 def _protocl_step(contrast, inputs):
     inputs["source_features"].grad = None
     inputs["target_features"].grad = None
@@ -180,10 +249,8 @@ def _protocl_step(contrast, inputs):
     return out
 
 
-def cuda_graph_section(device: str) -> dict:
+def cuda_graph_check(device: str = "cuda") -> dict:
     r"""Capture the protocl step in a CUDA graph; replay on new inputs; compare with eager; time the replay."""
-    if device != "cuda":
-        return {"skipped": "needs CUDA"}
     case = bench_step.Case("release", 2, 76, 92, 730)
     static = bench_step.make_inputs(case, device, seed=0)
     fresh = bench_step.make_inputs(case, device, seed=1)
@@ -230,22 +297,63 @@ def cuda_graph_section(device: str) -> dict:
     return result
 
 
+def markdown(report: dict) -> str:
+    """The pipeline figures as a Markdown table (with the machine)."""
+    m = report["machine"]
+    lines = ["# GPU check of the reference pipeline", "",
+             f"Machine: {m.get('gpu', 'no GPU')} / {m.get('cpu_model')} ({m.get('cpu_count')} CPUs), torch {m['torch']}, "
+             f"device {m['device']}{' (smoke run: tiny network, not a GPU figure)' if report['smoke'] else ''}.",
+             f"Command: `{report['command']}`", ""]
+    p = report.get("pipeline", {})
+    if "error" in p:
+        return "\n".join(lines + [f"pipeline failed: {p['error']}"])
+    setting = p.get("setting", {})
+    lines += [f"Setting: {setting}", "",
+              "| configuration | stage-2 step, median ms | stage-2 steps/s | stage-1 step, median ms | "
+              "stage-2 peak MiB | static labels, images/s | sync-debug |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for precision in PRECISIONS:
+        for variant in VARIANTS:
+            e = p.get(f"{precision}_{variant}", {})
+            if "error" in e or "skipped" in e:
+                lines.append(f"| {precision} {variant} | {(e.get('error') or e.get('skipped'))[:80]} | | | | | |")
+                continue
+            if not e:
+                continue
+            mem = e.get("stage2_peak_memory_mib")
+            lines.append(
+                f"| {precision} {variant} | {e['stage2']['median_ms']:.1f} | {e['stage2']['steps_per_s']:.2f} | "
+                f"{e['stage1']['median_ms']:.1f} | {'n/a' if mem is None else f'{mem:.0f}'} | "
+                f"{e['static_labels'].get('images_per_s', float('nan')):.2f} | "
+                f"{'no sync raised' if m['device'].startswith('cuda') else 'not applicable on CPU'} |")
+    for precision in PRECISIONS:
+        key = f"{precision}_protocl_share_of_step_pct"
+        if key in p:
+            lines.append(f"\n{precision}: the full step takes {p[key]:+.1f}% against the step without protocl.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--tiny", action="store_true", help="one block per ResNet stage and small crops (CPU check)")
-    p.add_argument("--crop", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default=None, help="cuda (default) or cpu (default for --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny network, tiny crops, a few steps: checks the code path")
+    p.add_argument("--source-iters", type=int, default=None, help="stage-1 steps per configuration (30; smoke 3)")
+    p.add_argument("--round-iters", type=int, default=None, help="stage-2 steps per configuration (100; smoke 4)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (6; smoke 0)")
+    p.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining configurations after this")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("expected a CUDA device for --device cuda, got torch.cuda.is_available() == False")
-    crop = args.crop or (64 if args.tiny else 730)
-    report = {"machine": bench_step.machine_description(args.device), "command": " ".join(sys.argv)}
+    source_iters = args.source_iters or (3 if args.smoke else 30)
+    round_iters = args.round_iters or (4 if args.smoke else 100)
+    workers = args.workers if args.workers is not None else (0 if args.smoke else 6)
+    report = {"machine": bench_step.machine_description(str(device)), "command": " ".join(sys.argv),
+              "smoke": args.smoke}
     sections = (
-        ("deeplab", lambda: deeplab_section(args.device, args.tiny, crop, args.repeats)),
-        ("sync_debug", lambda: sync_debug_section(args.device, args.tiny, crop)),
-        ("cuda_graph", lambda: cuda_graph_section(args.device)),
+        ("pipeline", lambda: pipeline_section(device, args.smoke, source_iters, round_iters, workers, args.budget_s)),
+        ("protocl_step", lambda: protocl_step_section(device)),
     )
     for name, fn in sections:
         try:
@@ -254,9 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
             report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=15)}
             print(f"[gpu_check] {name} failed: {exc}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_check_{args.device}{'_tiny' if args.tiny else ''}.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"[gpu_check] wrote {path}", flush=True)
+    stem = f"gpu_check_{device.type}{'_smoke' if args.smoke else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(f"[gpu_check] wrote {args.out / stem}.json and .md", flush=True)
     return report
 
 

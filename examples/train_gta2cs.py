@@ -1,18 +1,21 @@
-r"""GTA5 -> Cityscapes with bi-directional prototype contrast (protocl's reference pipeline, spec §4).
+r"""GTA5 (or SYNTHIA) -> Cityscapes with bi-directional prototype contrast (protocl's reference pipeline, spec §4).
 
 Without dataset paths it runs the embedded demo: a small synthetic two-domain dataset is written in the
-GTA5 and Cityscapes layouts (flat rendering -> textured, noisy, colour-shifted "real" images), a tiny CNN is
-trained source-only, then adapted, in a few minutes on a CPU:
+GTA5 (or, with ``--source synthia``, SYNTHIA) and Cityscapes layouts (flat rendering -> textured, noisy,
+colour-shifted "real" images), a tiny CNN is trained source-only, then adapted, in a few minutes on a CPU:
 
     python examples/train_gta2cs.py
+    python examples/train_gta2cs.py --source synthia --amp bf16
 
 On the real datasets (DeepLab-V2 ResNet-101, the paper's settings are the defaults):
 
     python examples/train_gta2cs.py --gta5-root /data/GTA5 --cityscapes-root /data/cityscapes \
-        --init resnet101-imagenet.pth --out runs/gta2cs --device cuda
+        --init resnet101-imagenet.pth --out runs/gta2cs --device cuda --amp bf16
+    python examples/train_gta2cs.py --synthia-root /data/RAND_CITYSCAPES --cityscapes-root /data/cityscapes ...
     torchrun --nproc_per_node=4 examples/train_gta2cs.py ... (the same arguments)
 
-The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY``. See docs/examples.md.
+The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY`` (for SYNTHIA: over the 16 shared
+classes; metrics.json also has ``miou13``). See docs/examples.md.
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit both roots for the embedded demo")
+    d.add_argument("--source", choices=("gta5", "synthia"),
+                   help="source dataset (default: synthia when --synthia-root is given, else gta5)")
+    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
+    d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
+                                          "over the 16 shared classes (miou16) and 13 (miou13)")
     d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/)")
     d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
     d.add_argument("--out", default="runs/gta2cs", help="output directory (checkpoints, figures, log, metrics.json)")
@@ -87,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
     r = p.add_argument_group("run")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun picks LOCAL_RANK)")
+    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
+    r.add_argument("--value-checks", choices=("first", "always"), default="first",
+                   help="protocl's label-value checks (one host sync per label map): on the first step of each "
+                        "stage and round only, or on every step")
+    r.add_argument("--sync-debug", action="store_true",
+                   help="run the training steps (not the first of a stage/round, not logging) under "
+                        "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
+    r.add_argument("--diagnostics", action=argparse.BooleanOptionalAction,
+                   help="per-class coverage and precision of static/dynamic/hybrid labels against target train "
+                        "ground truth, logged and in metrics.json (reads target labels; never trained on; "
+                        "default: on for the demo, off otherwise)")
+    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", help="checkpoint to continue from (e.g. <out>/checkpoint.pt)")
     r.add_argument("--log-every", type=int)
@@ -101,9 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill arch-dependent defaults and the embedded demo dataset; validate the combination."""
-    demo = args.gta5_root is None and args.cityscapes_root is None
-    if (args.gta5_root is None) != (args.cityscapes_root is None):
-        raise SystemExit("error: give both --gta5-root and --cityscapes-root (or neither for the embedded demo)")
+    if args.source is None:
+        args.source = "synthia" if args.synthia_root is not None else "gta5"
+    source_root, other = ("gta5_root", "synthia_root") if args.source == "gta5" else ("synthia_root", "gta5_root")
+    if getattr(args, other) is not None:
+        raise SystemExit(f"error: --{other.replace('_', '-')} given with --source {args.source}")
+    demo = getattr(args, source_root) is None and args.cityscapes_root is None
+    if (getattr(args, source_root) is None) != (args.cityscapes_root is None):
+        raise SystemExit(f"error: give both --{source_root.replace('_', '-')} and --cityscapes-root (or neither "
+                         "for the embedded demo)")
     if args.arch is None:
         args.arch = "tiny" if demo else "deeplabv2"
     for key, value in DEFAULTS[args.arch].items():
@@ -116,15 +142,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
         root = Path(args.demo_root or Path(args.out) / "demo_data")
         if int(os.environ.get("RANK", "0")) == 0:
-            write_demo_dataset(root, seed=args.seed)
+            write_demo_dataset(root, seed=args.seed, source=args.source)
         else:  # other ranks wait for rank 0's copy
             import time
 
             while not (root / ".complete").is_file():
                 time.sleep(0.2)
-        args.gta5_root, args.cityscapes_root = str(root / "gta5"), str(root / "cityscapes")
+        setattr(args, source_root, str(root / args.source))
+        args.cityscapes_root = str(root / "cityscapes")
     if args.control is None:
         args.control = demo
+    if args.diagnostics is None:
+        args.diagnostics = demo
     args.demo = demo
     return args
 

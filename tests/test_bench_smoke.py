@@ -100,14 +100,24 @@ def test_bench_step_timings_on_same_inputs_agree_in_value():
     torch.testing.assert_close(new, ref)
 
 
-def test_gpu_check_cpu_paths(tmp_path):
+def test_gpu_check_smoke_trains_the_real_trainer(tmp_path):
+    """``gpu_check.py --smoke``: every configuration of the GPU run (fp32/bf16, with/without protocl) end to end."""
     import gpu_check
 
-    report = gpu_check.main(["--device", "cpu", "--tiny", "--crop", "32", "--repeats", "1", "--out", str(tmp_path)])
-    assert "error" not in report["deeplab"], report["deeplab"]
-    assert report["deeplab"]["fp32"]["with"]["median_ms"] > 0
-    assert report["sync_debug"] == {"skipped": "needs CUDA"}
-    assert report["cuda_graph"] == {"skipped": "needs CUDA"}
+    report = gpu_check.main(["--smoke", "--out", str(tmp_path)])
+    pipeline = report["pipeline"]
+    for precision in ("fp32", "bf16"):
+        for variant in ("full", "no_protocl"):
+            entry = pipeline[f"{precision}_{variant}"]
+            assert "error" not in entry, entry
+            assert entry["exit_code"] == 0 and entry["stage2"]["steps_timed"] == 3  # 4 steps, 1 left out
+            assert entry["stage2"]["median_ms"] > 0 and entry["static_labels"]["images"] == 4
+            assert entry["static_labels"]["images_per_s"] > 0
+        assert f"{precision}_protocl_share_of_step_pct" in pipeline
+    assert report["protocl_step"] == {"skipped": "needs CUDA"}
+    assert json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())["smoke"] is True
+    table = (tmp_path / "gpu_check_cpu_smoke.md").read_text()
+    assert "| bf16 no_protocl |" in table and "not a GPU figure" in table
 
 
 def test_bench_step_rejects_missing_cuda():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from examples_helpers import TINY_RUN, assert_same_state, write_fixture
 
 import train_gta2cs
 from gta2cs import data, evaluate, figures, model, synthetic
@@ -22,17 +20,12 @@ from gta2cs import data, evaluate, figures, model, synthetic
 SPEC_ID_TO_TRAIN_ID = [(7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8), (22, 9),
                        (23, 10), (24, 11), (25, 12), (26, 13), (27, 14), (28, 15), (31, 16), (32, 17), (33, 18)]
 
-TINY_RUN = ["--source-iters", "6", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
-            "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
-            "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def fixture_roots(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny dataset in the GTA5 / Cityscapes layouts (the demo generator at a small size)."""
-    root = tmp_path_factory.mktemp("fixture")
-    return synthetic.write_demo_dataset(root, seed=3, source_images=6, target_train=6, target_val=3,
-                                        source_size=(72, 40), target_size=(64, 32))
+    return write_fixture(tmp_path_factory.mktemp("fixture"))
 
 
 def run_cli(args: list[str], capsys) -> list[str]:
@@ -44,11 +37,23 @@ def run_cli(args: list[str], capsys) -> list[str]:
 
 @pytest.fixture(scope="module")
 def full_run(fixture_roots, tmp_path_factory):
+    """One uninterrupted run; records every file it opens with PIL (``opened.txt``)."""
     gta, cs = fixture_roots
     out = tmp_path_factory.mktemp("full")
-    code = train_gta2cs.main(["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny",
-                              "--out", str(out), *TINY_RUN])
+    opened, real_open = [], Image.open
+
+    def spy(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    Image.open = spy
+    try:
+        code = train_gta2cs.main(["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny",
+                                  "--out", str(out), *TINY_RUN])
+    finally:
+        Image.open = real_open
     assert code == 0
+    (out / "opened.txt").write_text("\n".join(opened))
     return out
 
 
@@ -101,7 +106,7 @@ def test_train_crops_are_deterministic_and_aligned(fixture_roots):
     ds = data.TrainSet(samples, resize=40, crop=24, scales=(0.8, 1.0, 1.2))
     a, b = ds[(1, 123)], ds[(1, 123)]
     assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.uint8
-    assert a["label"].shape == (24, 24) and a["label"].dtype == torch.int64
+    assert a["label"].shape == (24, 24) and a["label"].dtype == torch.uint8  # widened to int64 on the device
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     # the crop window of image and label agree: sky (10) pixels are the bluest in the flat source rendering
     sky = a["label"] == 10
@@ -182,7 +187,7 @@ def test_init_torchvision_and_deeplab_layouts(tmp_path):
     assert layout == "torchvision"
     model.load_backbone(net, loaded, layout)
     assert torch.equal(net.backbone.layer4[0].conv3.weight, state["layer4.0.conv3.weight"])
-    assert not bool(net.bgr)
+    assert net.bgr is False
 
     deeplab = {f"Scale.{k}": v for k, v in state.items() if not k.startswith("fc.")}
     deeplab["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(19, 2048, 3, 3)
@@ -191,7 +196,7 @@ def test_init_torchvision_and_deeplab_layouts(tmp_path):
     assert layout == "deeplab"
     net2 = model.DeepLabV2(19, blocks=blocks, stride_in_1x1=True)
     model.load_backbone(net2, loaded, layout)
-    assert torch.equal(net2.backbone.conv1.weight, state["conv1.weight"]) and bool(net2.bgr)
+    assert torch.equal(net2.backbone.conv1.weight, state["conv1.weight"]) and net2.bgr is True
     assert net2.backbone.layer2[0].conv1.stride == (2, 2)  # caffe layout: stride in the first 1x1
 
 
@@ -258,6 +263,7 @@ def test_pipeline_outputs(full_run, fixture_roots):
     assert not list(out.glob("*.tmp"))
     log = (out / "log.txt").read_text().strip().splitlines()
     assert any("it/s" in line and "eta" in line and "coverage" in line for line in log)
+    assert "diagnostics" not in metrics and not any("target GT" in line for line in log)  # off off the demo
     so, ad = metrics["source_only"]["miou"], metrics["adapted"]["miou"]
     assert log[-1] == f"target mIoU: source-only {so:.2f} -> adapted {ad:.2f}"
 
@@ -286,6 +292,13 @@ def test_deeplabv2_pipeline_smoke(fixture_roots, tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["arch"] == "deeplabv2"
 
 
+def test_target_train_labels_are_never_read_without_diagnostics(full_run):
+    opened = (full_run / "opened.txt").read_text().splitlines()
+    assert any("gtFine/val" in path for path in opened)  # evaluation reads the val labels
+    assert any("leftImg8bit/train" in path for path in opened)
+    assert not [path for path in opened if "gtFine/train" in path]
+
+
 def _final_state(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
 
@@ -304,15 +317,10 @@ def test_resume_is_exact(full_run, fixture_roots, tmp_path, capsys):
     assert train_gta2cs.main(base + resume) == 0
     capsys.readouterr()
     a, b = _final_state(full_run), _final_state(tmp_path)
-    for key in ("model", "contrast"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    for key in ("model", "contrast", "optimizer", "scaler", "diagnostics", "streams"):
+        assert_same_state(a[key], b[key], key)
     assert json.dumps(a["state"]["metrics"]) == json.dumps(b["state"]["metrics"])  # (NaN for absent classes)
     assert a["state"]["thresholds"] == b["state"]["thresholds"]
-    assert a["streams"] == b["streams"]
 
 
 def test_demo_dataset_is_deterministic_and_shifted(tmp_path):

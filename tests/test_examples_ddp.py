@@ -23,7 +23,7 @@ from gta2cs import data, model, synthetic
 SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
 RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
        "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
-       "--threads", "1"]
+       "--threads", "1", "--diagnostics"]
 
 
 def _env() -> dict:
@@ -89,3 +89,15 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
                     f"{metrics['adapted']['miou']:.2f}")
     assert "checkpoint from 2 ranks resumed on 1" in resumed.stdout
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    # per-class label diagnostics summed over the ranks (round 0: 2 ranks; round 1: 2 ranks, then 1 process)
+    assert [d["round"] for d in metrics["diagnostics"]] == [0, 1]
+    for entry in metrics["diagnostics"]:
+        counts = {kind: entry[kind]["counts"] for kind in ("static", "dynamic", "hybrid")}
+        assert counts["static"]["gt"] == counts["dynamic"]["gt"] == counts["hybrid"]["gt"]
+        for c in counts.values():
+            assert all(0 <= cov <= gt for cov, gt in zip(c["covered"], c["gt"]))
+            assert all(0 <= ok <= n for ok, n in zip(c["correct"], c["labelled"]))
+    # 4 steps x 2 ranks x 2 crops of 32 x 32 target pixels in round 0; at least 26 of 32 rows of a crop are image
+    # (the smallest scale, 0.8, makes the 32-pixel-high images 26 high), the rest is padding: so the sum is more
+    # than one rank alone can count
+    assert 4 * 1 * 2 * 32 * 32 < sum(metrics["diagnostics"][0]["static"]["counts"]["gt"]) <= 4 * 2 * 2 * 32 * 32

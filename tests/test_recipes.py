@@ -28,17 +28,14 @@ def test_every_documented_recipe_exists():
     assert EXPECTED <= {recipe.name for recipe in RECIPES}
 
 
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
 def test_recipe_runs(recipe: Path, tmp_path: Path):
     # Run from an empty directory: a recipe must not depend on the working directory or leave files behind.
-    result = subprocess.run(
-        [sys.executable, str(recipe)],
-        cwd=tmp_path,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run([sys.executable, str(recipe)], tmp_path)
     report = (
         f"{recipe.name} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     )
@@ -46,3 +43,16 @@ def test_recipe_runs(recipe: Path, tmp_path: Path):
     assert result.stdout.strip(), f"{recipe.name} printed nothing\n{report}"
     assert "Traceback" not in result.stderr, report
     assert list(tmp_path.iterdir()) == [], f"{recipe.name} wrote files: {list(tmp_path.iterdir())}"
+    if recipe.name == "lightning_module.py":  # `lightning` is in the test extra: the real Trainer ran it
+        assert "training with Lightning 2." in result.stdout, report
+
+
+def test_lightning_recipe_without_lightning(tmp_path: Path):
+    """The recipe's fallback: the same hooks in Lightning's order from a plain loop when Lightning is absent."""
+    recipe = RECIPE_DIR / "lightning_module.py"
+    hide = ("import sys, runpy; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None; "
+            f"runpy.run_path({str(recipe)!r}, run_name='__main__')")
+    result = _run([sys.executable, "-c", hide], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lightning is not installed: training with the plain loop" in result.stdout
+    assert "epoch 2: static coverage" in result.stdout and "checkpointed state" in result.stdout

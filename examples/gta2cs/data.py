@@ -1,12 +1,17 @@
-r"""GTA5 and Cityscapes readers, transforms and a resumable, shardable batch stream.
+r"""GTA5, SYNTHIA and Cityscapes readers, transforms and a resumable, shardable batch stream.
 
 On-disk layouts (the datasets' own, see the protocl method spec §4):
 
 * GTA5: ``<root>/images/*.png`` and ``<root>/labels/*.png`` (same file names; Cityscapes label ids).
+* SYNTHIA-RAND-CITYSCAPES: ``<root>/RGB/*.png`` and ``<root>/GT/LABELS/*.png`` (same file names). The label
+  PNGs have 16 bits per channel; the first channel holds the SYNTHIA class id (the second an instance id).
+  Pillow reduces 16-bit RGB PNGs to their high bytes, which would turn every class id into 0, so
+  :func:`read_png_channels` decodes them at full depth.
 * Cityscapes: ``<root>/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
   ``<root>/gtFine/{train,val}/<city>/*_gtFine_labelIds.png``.
 
-Label ids are mapped to the 19 train ids (everything else -> 255). Training samples go through: resize of
+Label ids are mapped to the 19 Cityscapes train ids (everything else -> 255); SYNTHIA has 16 of the 19 classes
+(no terrain, truck, train), see :data:`SYNTHIA_ID_TO_TRAIN_ID`. Training samples go through: resize of
 the short side, random scale, random crop (padding with ignore when needed), horizontal flip. Every random
 choice of a sample comes from a seed handed out by :class:`BatchStream` with its index, so a batch depends
 only on (seed, stream, epoch, position): the same whatever the number of workers, and reproducible after a
@@ -35,42 +40,82 @@ ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 2
                   26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
-def id_to_train_id_lut() -> np.ndarray:
-    """A (256,) uint8 lookup table from Cityscapes label ids to train ids (255 elsewhere)."""
-    lut = np.full(256, IGNORE, dtype=np.uint8)
-    for label_id, train_id in ID_TO_TRAIN_ID.items():
+def lookup_table(mapping: dict[int, int], size: int) -> np.ndarray:
+    """A (size,) uint8 lookup table from label ids to train ids (255 for ids not in ``mapping``)."""
+    lut = np.full(size, IGNORE, dtype=np.uint8)
+    for label_id, train_id in mapping.items():
         lut[label_id] = train_id
     return lut
 
 
+def id_to_train_id_lut() -> np.ndarray:
+    """A (256,) uint8 lookup table from Cityscapes label ids to train ids (255 elsewhere)."""
+    return lookup_table(ID_TO_TRAIN_ID, 256)
+
+
 _LUT = id_to_train_id_lut()
+
+# SYNTHIA-RAND-CITYSCAPES class id (first channel of GT/LABELS/*.png, the dataset's README) -> Cityscapes train
+# id. Ids 0 void, 13 parking-slot, 14 road-work and 22 lane-marking are ignored; 16 terrain, 18 truck and
+# 20 train exist in the id table but are never used in the images, so they are ignored as well.
+SYNTHIA_ID_TO_TRAIN_ID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
+                          19: 15, 12: 17, 11: 18}
+# the benchmark's classes (train ids): the 16 that SYNTHIA and Cityscapes share, and the usual 13 (without
+# wall, fence and pole)
+SYNTHIA_CLASSES_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+SYNTHIA_CLASSES_13 = tuple(k for k in SYNTHIA_CLASSES_16 if k not in (3, 4, 5))
+
+
+def synthia_id_to_train_id_lut() -> np.ndarray:
+    """A (65536,) uint8 lookup table from SYNTHIA class ids (16-bit) to Cityscapes train ids (255 elsewhere)."""
+    return lookup_table(SYNTHIA_ID_TO_TRAIN_ID, 2**16)
+
+
+_SYNTHIA_LUT = synthia_id_to_train_id_lut()
+LABEL_FORMATS = ("cityscapes", "synthia")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file, its label file (or None) and a unique name (used for pseudo-label files)."""
+    """One image file, its label file (or None), a unique name (used for pseudo-label files) and the label
+    format: ``"cityscapes"`` (8-bit Cityscapes label ids: GTA5 and Cityscapes) or ``"synthia"``."""
 
     image: Path
     label: Path | None
     name: str
+    label_format: str = "cityscapes"
+
+
+def _paired_files(root: str | Path, option: str, dataset: str, layout: str, image_dir: str, label_dir: str,
+                  label_format: str) -> list[Sample]:
+    """``<root>/<image_dir>/*.png`` with labels of the same names in ``<root>/<label_dir>``; ``ValueError`` naming
+    the path and the layout when the root, the images or a label is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"expected {option} to be a directory in the {dataset} layout ({layout}), got {str(root)!r}")
+    images = sorted((root / image_dir).glob("*.png"))
+    if not images:
+        raise ValueError(f"expected PNG images in {str(root / image_dir)!r} ({dataset} layout: {layout}), found none")
+    samples = []
+    for image in images:
+        label = root / label_dir / image.name
+        if not label.is_file():
+            raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} ({dataset} layout: {layout})")
+        samples.append(Sample(image, label, image.stem, label_format))
+    return samples
 
 
 def gta5_files(root: str | Path) -> list[Sample]:
     """List GTA5 samples under ``root``; ``ValueError`` naming the path and the layout if there are none."""
-    root = Path(root)
-    layout = "<root>/images/*.png with <root>/labels/*.png of the same names"
-    if not root.is_dir():
-        raise ValueError(f"expected --gta5-root to be a directory in the GTA5 layout ({layout}), got {str(root)!r}")
-    images = sorted((root / "images").glob("*.png"))
-    if not images:
-        raise ValueError(f"expected PNG images in {str(root / 'images')!r} (GTA5 layout: {layout}), found none")
-    samples = []
-    for image in images:
-        label = root / "labels" / image.name
-        if not label.is_file():
-            raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (GTA5 layout: {layout})")
-        samples.append(Sample(image, label, image.stem))
-    return samples
+    return _paired_files(root, "--gta5-root", "GTA5", "<root>/images/*.png with <root>/labels/*.png of the same names",
+                         "images", "labels", "cityscapes")
+
+
+def synthia_files(root: str | Path) -> list[Sample]:
+    """List SYNTHIA-RAND-CITYSCAPES samples; ``ValueError`` naming the path and the layout if there are none."""
+    return _paired_files(root, "--synthia-root", "SYNTHIA-RAND-CITYSCAPES",
+                         "<root>/RGB/*.png with <root>/GT/LABELS/*.png of the same names (16-bit, class id in "
+                         "channel 1)", "RGB", "GT/LABELS", "synthia")
 
 
 def cityscapes_files(root: str | Path, split: str, *, require_labels: bool = True) -> list[Sample]:
@@ -102,14 +147,53 @@ def read_image(path: Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def read_label(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Read a label-id PNG, map it to train ids, nearest-resize to ``size`` = (W, H) when it differs."""
-    label = Image.open(path)
-    if label.mode not in ("L", "P", "I", "I;16"):
-        label = label.convert("L")
+def read_png_channels(path: str | Path) -> np.ndarray:
+    """The pixel values of a PNG at their full bit depth: ``(H, W)`` or ``(H, W, C)``, uint8 or uint16.
+
+    Pillow decodes 16-bit RGB(A) PNGs to 8 bits by keeping the high byte of each sample. Here such a file is
+    decoded twice by Pillow's own decoder, once keeping the high and once the low byte of every sample
+    (big-endian and little-endian raw modes), and the two are recombined: exact 16-bit values at C speed.
+    """
+    with Image.open(path) as image:
+        tile = image.tile[0] if len(image.tile) == 1 else None
+        rawmode = tile[3] if tile is not None and isinstance(tile[3], str) else None
+        if image.mode not in ("RGB", "RGBA") or rawmode not in ("RGB;16B", "RGBA;16B"):
+            return np.asarray(image)
+    planes = []
+    for raw in (rawmode, rawmode.replace(";16B", ";16L")):  # high bytes, then low bytes
+        with Image.open(path) as image:
+            tile = image.tile[0]
+            image.tile = [tile._replace(args=raw) if hasattr(tile, "_replace") else (*tile[:3], raw)]
+            planes.append(np.asarray(image).astype(np.uint16))
+    return (planes[0] << 8) | planes[1]
+
+
+def read_label(path: Path, size: tuple[int, int], label_format: str = "cityscapes") -> np.ndarray:
+    """Read a label PNG, map it to train ids (uint8), nearest-resize to ``size`` = (W, H) when it differs.
+
+    ``label_format``: ``"cityscapes"`` (8-bit Cityscapes label ids; GTA5 uses them too) or ``"synthia"``
+    (16-bit SYNTHIA class ids in the first channel).
+    """
+    if label_format == "synthia":
+        ids = read_png_channels(path)
+        ids = ids[..., 0] if ids.ndim == 3 else ids
+        label = Image.fromarray(_SYNTHIA_LUT[ids.astype(np.uint16)])
+    elif label_format == "cityscapes":
+        label = Image.open(path)
+        if label.mode not in ("L", "P", "I", "I;16"):
+            label = label.convert("L")
+    else:
+        raise ValueError(f"expected label_format in {LABEL_FORMATS}, got {label_format!r}")
     if label.size != size:  # a few GTA5 labels differ in size from their image
         label = label.resize(size, Image.NEAREST)
+    if label_format == "synthia":
+        return np.asarray(label)
     return _LUT[np.asarray(label).astype(np.int64).clip(0, 255)]
+
+
+def read_sample_label(sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    """The train-id label map of ``sample`` at ``size`` = (W, H)."""
+    return read_label(sample.label, size, sample.label_format)
 
 
 def short_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
@@ -124,18 +208,23 @@ def resize_pair(image: Image.Image, labels: list[Image.Image], size: tuple[int, 
 
 
 class TrainSet(Dataset):
-    r"""Training crops: ``dataset[(index, seed)]`` -> dict of ``image`` uint8 (3, c, c), ``label`` int64 (c, c)
-    and, when ``pseudo_dir`` is set, ``static`` int64 (c, c) read from ``<pseudo_dir>/<name>.png``.
+    r"""Training crops: ``dataset[(index, seed)]`` -> dict of ``image`` uint8 (3, c, c), ``index`` and
 
-    ``label`` is the ground truth (for the target set: used only for a logged precision diagnostic).
-    Static pseudo labels are stored at the short-side-resized resolution (see :func:`pseudo_label_size`).
+    - ``label`` uint8 (c, c), the ground truth, when ``labels=True`` (for the target set it is read only for
+      the opt-in ``--diagnostics``; without them the target ground truth is never opened);
+    - ``static`` uint8 (c, c) read from ``<pseudo_dir>/<name>.png`` when ``pseudo_dir`` is set.
+
+    Label maps stay uint8 (train ids and 255 fit a byte) so that the host-to-device copy moves an eighth of the
+    bytes of int64; the trainer widens them to int64 on the device. Static pseudo labels are stored at the
+    short-side-resized resolution (see :func:`pseudo_label_size`).
     """
 
     def __init__(self, samples: Sequence[Sample], *, resize: int, crop: int, scales: Sequence[float] = (1.0,),
-                 flip: bool = True, pseudo_dir: str | Path | None = None) -> None:
+                 flip: bool = True, pseudo_dir: str | Path | None = None, labels: bool = True) -> None:
         self.samples = list(samples)
         self.resize, self.crop, self.scales, self.flip = resize, crop, tuple(scales), flip
         self.pseudo_dir = None if pseudo_dir is None else Path(pseudo_dir)
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -146,25 +235,29 @@ class TrainSet(Dataset):
         sample = self.samples[index]
         image = read_image(sample.image)
         size = short_side_size(image.size, self.resize)
-        gt = Image.fromarray(read_label(sample.label, image.size)) if sample.label else Image.new("L", image.size, IGNORE)
-        image, (gt,) = resize_pair(image, [gt], size)
-        labels = [gt]
+        names, labels = [], []
+        if self.labels:
+            gt = read_sample_label(sample, image.size) if sample.label else np.full(image.size[::-1], IGNORE, np.uint8)
+            names.append("label")
+            labels.append(Image.fromarray(gt))
+        image, labels = resize_pair(image, labels, size)
         if self.pseudo_dir is not None:
             static = Image.open(self.pseudo_dir / f"{sample.name}.png")
             if static.size != size:
                 raise ValueError(f"expected static labels of size {size} in {self.pseudo_dir}, got {static.size}")
+            names.append("static")
             labels.append(static)
         scale = float(rng.choice(self.scales))
         scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         image, labels = resize_pair(image, labels, scaled)
-        arrays = [np.asarray(image)] + [np.asarray(lab) for lab in labels]
+        arrays = [np.asarray(image)] + [np.asarray(lab, dtype=np.uint8) for lab in labels]
         arrays = random_crop(arrays, self.crop, rng)
         if self.flip and rng.random() < 0.5:
             arrays = [a[:, ::-1] for a in arrays]
         out = {"image": torch.from_numpy(np.ascontiguousarray(arrays[0].transpose(2, 0, 1))),
-               "label": torch.from_numpy(arrays[1].astype(np.int64)), "index": torch.tensor(index)}
-        if self.pseudo_dir is not None:
-            out["static"] = torch.from_numpy(arrays[2].astype(np.int64))
+               "index": torch.tensor(index)}
+        for name, array in zip(names, arrays[1:]):
+            out[name] = torch.from_numpy(np.ascontiguousarray(array))
         return out
 
 
@@ -182,7 +275,7 @@ def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -
 
 
 class EvalSet(Dataset):
-    """Evaluation: image resized to ``size`` = (W, H), train-id label at its full resolution."""
+    """Evaluation: image resized to ``size`` = (W, H), train-id label (uint8) at its full resolution."""
 
     def __init__(self, samples: Sequence[Sample], *, size: tuple[int, int]) -> None:
         self.samples, self.size = list(samples), tuple(size)
@@ -193,10 +286,10 @@ class EvalSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         image = read_image(sample.image)
-        label = read_label(sample.label, image.size)
+        label = read_sample_label(sample, image.size)
         image = np.asarray(image.resize(self.size, Image.BILINEAR))
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "label": torch.from_numpy(label.astype(np.int64)), "index": torch.tensor(index)}
+                "label": torch.from_numpy(label), "index": torch.tensor(index)}
 
 
 def pseudo_label_size(sample: Sample, short: int) -> tuple[int, int]:
@@ -238,23 +331,48 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, stream: int, epoch: int
     return batches
 
 
+class _EndlessBatches:
+    """A batch sampler over all epochs from ``(epoch, position)`` on; never exhausted (one DataLoader, whose
+    workers stay alive across epochs)."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
+
+    def __iter__(self):
+        s = self.stream
+        epoch, position = s.epoch, s.position
+        while True:
+            batches = epoch_batches(len(s.dataset), s.batch_size, seed=s.seed, stream=s.stream, epoch=epoch,
+                                    rank=s.rank, world=s.world)
+            yield from batches[position:]
+            epoch, position = epoch + 1, 0
+
+
 class BatchStream:
     r"""An endless, resumable stream of training batches over epochs.
 
     The state is ``(epoch, position)`` in consumed batches; :meth:`state_dict` / :meth:`load_state_dict`
     restore it exactly (prefetched batches are simply produced again). Sharded like ``DistributedSampler``
     when ``world > 1``.
+
+    One ``DataLoader`` serves every epoch (its batch sampler is endless), so worker processes start once and
+    stay alive across epochs (``persistent_workers`` also keeps them over a :meth:`restart` that does not
+    change the dataset). ``pin_memory=True`` (use it for CUDA) returns page-locked batches, which the trainer
+    copies to the GPU with ``non_blocking=True``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, stream: int, rank: int = 0, world: int = 1,
-                 workers: int = 0) -> None:
+                 workers: int = 0, pin_memory: bool = False) -> None:
         if len(dataset) < batch_size * world:
             raise ValueError(
                 f"expected at least batch_size x world_size = {batch_size * world} images, got {len(dataset)}"
             )
         self.dataset, self.batch_size, self.seed, self.stream = dataset, batch_size, seed, stream
-        self.rank, self.world, self.workers = rank, world, workers
+        self.rank, self.world, self.workers, self.pin_memory = rank, world, workers, pin_memory
         self.epoch, self.position = 0, 0
+        self.per_epoch = len(epoch_batches(len(dataset), batch_size, seed=seed, stream=stream, epoch=0, rank=rank,
+                                           world=world))
+        self._loader: DataLoader | None = None
         self._iter = None
 
     def state_dict(self) -> dict[str, int]:
@@ -262,31 +380,25 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.restart()
+        if self.position >= self.per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._iter = None  # same dataset: the (persistent) workers are kept
 
     def restart(self) -> None:
-        """Drop prefetched batches (e.g. after ``dataset.pseudo_dir`` changed); continue at the same position."""
-        self._iter = None
-
-    def _open(self) -> None:
-        batches = epoch_batches(len(self.dataset), self.batch_size, seed=self.seed, stream=self.stream,
-                                epoch=self.epoch, rank=self.rank, world=self.world)
-        if self.position >= len(batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            return self._open()
-        loader = DataLoader(self.dataset, batch_sampler=batches[self.position:], num_workers=self.workers,
-                            persistent_workers=False)
-        self._iter = iter(loader)
+        """Drop prefetched batches and the workers, which hold a copy of the dataset, e.g. after
+        ``dataset.pseudo_dir`` changed (once per round); continue at the same position."""
+        self._iter, self._loader = None, None
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, batch_sampler=_EndlessBatches(self), num_workers=self.workers,
+                                      persistent_workers=self.workers > 0, pin_memory=self.pin_memory)
         if self._iter is None:
-            self._open()
-        try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.epoch, self.position, self._iter = self.epoch + 1, 0, None
-            return next(self)
+            self._iter = iter(self._loader)
+        batch = next(self._iter)
         self.position += 1
+        if self.position == self.per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
     def __iter__(self):

@@ -131,23 +131,41 @@ class ASPPV2(nn.Module):
 
 
 class _Normalized(nn.Module):
-    """Base class holding the input normalisation as buffers: x (RGB, 0..255) -> (x[perm] - mean) / std."""
+    """Base class holding the input normalisation: x (RGB, 0..255) -> (x[perm] - mean) / std.
+
+    ``mean`` and ``std`` are buffers (they follow ``.to()``); the channel order ``bgr`` is a plain Python bool,
+    so :meth:`normalize` branches on the host without reading a device tensor (a buffer would cost one
+    device-to-host sync per forward). It travels in the state dict as extra state (``_extra_state``); a legacy
+    ``bgr`` buffer entry of older checkpoints is read back as well.
+    """
 
     def _init_normalization(self, mean: tuple[float, ...], std: tuple[float, ...], bgr: bool) -> None:
         self.register_buffer("pixel_mean", rearrange(torch.tensor(mean), "c -> 1 c 1 1"))
         self.register_buffer("pixel_std", rearrange(torch.tensor(std), "c -> 1 c 1 1"))
-        self.register_buffer("bgr", torch.tensor(bgr))
+        self.bgr = bool(bgr)
 
     def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...], bgr: bool) -> None:
         self.pixel_mean.copy_(rearrange(torch.tensor(mean), "c -> 1 c 1 1"))
         self.pixel_std.copy_(rearrange(torch.tensor(std), "c -> 1 c 1 1"))
-        self.bgr.fill_(bgr)
+        self.bgr = bool(bgr)
+
+    def get_extra_state(self) -> dict:
+        return {"bgr": self.bgr}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bgr = bool(state["bgr"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy = state_dict.pop(prefix + "bgr", None)  # checkpoints written when ``bgr`` was a buffer
+        if legacy is not None and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"bgr": bool(legacy)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def normalize(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         images = images.float()
-        if bool(self.bgr):
+        if self.bgr:
             images = images.flip(1)
         return (images - self.pixel_mean) / self.pixel_std
 

@@ -1,4 +1,4 @@
-r"""A small deterministic two-domain street-scene dataset, written in the GTA5 and Cityscapes layouts.
+r"""A small deterministic two-domain street-scene dataset, written in the GTA5 (or SYNTHIA) and Cityscapes layouts.
 
 Both domains share one scene generator (sky, buildings, trees, road, sidewalk, terrain, cars, people, poles
 and signs laid out like a street) and differ only in rendering, the synthetic -> real kind of shift:
@@ -7,20 +7,27 @@ and signs laid out like a street) and differ only in rendering, the synthetic ->
 * target ("Cityscapes"): a different camera response (colour cast, lower contrast, gamma, per-image
   exposure), class textures (windows, foliage, asphalt grain, tiles, sky gradient), sensor noise and blur.
 
-Labels are written as Cityscapes label ids, so the real readers (and their id -> train-id mapping) run
-unchanged. Everything is a pure function of the seed.
+Labels are written as Cityscapes label ids (for the SYNTHIA layout: 16-bit PNGs with SYNTHIA class ids in the
+first channel and an instance id in the second), so the real readers (and their id -> train-id mappings) run
+unchanged. SYNTHIA has no terrain class: in its layout the source scenes' terrain becomes vegetation. The source
+and target images drawn for one seed are the same whichever source layout is written. Everything is a pure
+function of the seed.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .data import ID_TO_TRAIN_ID
+from .data import ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID
 
 TRAIN_TO_ID = {v: k for k, v in ID_TO_TRAIN_ID.items()}
+TRAIN_TO_SYNTHIA_ID = {v: k for k, v in SYNTHIA_ID_TO_TRAIN_ID.items()}
+SOURCE_LAYOUTS = ("gta5", "synthia")
 # train ids used by the demo scenes
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 5, 7, 8, 9, 10, 11, 13
 DEMO_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
@@ -158,27 +165,72 @@ def _to_ids(train_ids: np.ndarray) -> np.ndarray:
     return lut[train_ids]
 
 
+def _to_synthia_label(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint16 SYNTHIA label: class id, instance id (>= 256 on cars and people, else 0), 0."""
+    lut = np.zeros(256, dtype=np.uint16)  # SYNTHIA id 0 = void -> ignored by the reader
+    for train_id, synthia_id in TRAIN_TO_SYNTHIA_ID.items():
+        lut[train_id] = synthia_id
+    label = np.zeros(train_ids.shape + (3,), dtype=np.uint16)
+    label[..., 0] = lut[train_ids]
+    label[..., 1] = np.where(np.isin(train_ids, (PERSON, CAR)), 256 + train_ids.astype(np.uint16), 0)
+    return label
+
+
+def write_png16(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` (H, W, 3) uint16 as a 16-bit RGB PNG (Pillow cannot write 16-bit RGB)."""
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint16:
+        raise ValueError(f"expected a (H, W, 3) uint16 array, got {array.shape} {array.dtype}")
+    h, w, _ = array.shape
+    rows = array.astype(">u2").reshape(h, w * 3).view(np.uint8)  # big-endian samples, as PNG stores them
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter type 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB), no interlace
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def write_demo_dataset(root: str | Path, *, seed: int = 0, source_images: int = 160, target_train: int = 160,
                        target_val: int = 60, source_size: tuple[int, int] = (128, 72),
-                       target_size: tuple[int, int] = (128, 64)) -> tuple[Path, Path]:
-    """Write the demo dataset under ``root`` (GTA5 layout in ``root/gta5``, Cityscapes in ``root/cityscapes``).
+                       target_size: tuple[int, int] = (128, 64), source: str = "gta5") -> tuple[Path, Path]:
+    """Write the demo dataset under ``root``: the source in the GTA5 layout (``root/gta5``) or, with
+    ``source="synthia"``, in the SYNTHIA-RAND-CITYSCAPES layout (``root/synthia``), the target in the Cityscapes
+    layout (``root/cityscapes``).
 
-    Sizes are (W, H). Returns ``(gta5_root, cityscapes_root)``. Skips writing when a complete copy for the
-    same arguments is already there (a ``.complete`` marker holds them).
+    Sizes are (W, H). Returns ``(source_root, cityscapes_root)``. Skips writing when a complete copy for the same
+    arguments is already there (a ``.complete`` marker holds them).
     """
+    if source not in SOURCE_LAYOUTS:
+        raise ValueError(f"expected source in {SOURCE_LAYOUTS}, got {source!r}")
     root = Path(root)
     marker = root / ".complete"
     stamp = f"{seed} {source_images} {target_train} {target_val} {source_size} {target_size} v1"
-    gta, cs = root / "gta5", root / "cityscapes"
+    if source != "gta5":
+        stamp += f" {source}"
+    src, cs = root / source, root / "cityscapes"
     if marker.is_file() and marker.read_text() == stamp:
-        return gta, cs
+        return src, cs
+    marker.unlink(missing_ok=True)
     rng = np.random.default_rng([seed, 1234])
-    (gta / "images").mkdir(parents=True, exist_ok=True)
-    (gta / "labels").mkdir(parents=True, exist_ok=True)
+    image_dir, label_dir = (src / "images", src / "labels") if source == "gta5" else (src / "RGB", src / "GT" / "LABELS")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
     for i in range(source_images):
         label = make_scene(rng, source_size[1], source_size[0])
-        Image.fromarray(render_source(label, rng)).save(gta / "images" / f"{i:05d}.png")
-        Image.fromarray(_to_ids(label)).save(gta / "labels" / f"{i:05d}.png")
+        if source == "synthia":
+            label[label == TERRAIN] = VEGETATION  # SYNTHIA has no terrain class
+        image = Image.fromarray(render_source(label, rng))
+        if source == "gta5":
+            image.save(image_dir / f"{i:05d}.png")
+            Image.fromarray(_to_ids(label)).save(label_dir / f"{i:05d}.png")
+        else:
+            image.save(image_dir / f"{i:07d}.png")
+            write_png16(label_dir / f"{i:07d}.png", _to_synthia_label(label))
     for split, count in (("train", target_train), ("val", target_val)):
         city = f"demo{split}"
         (cs / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
@@ -189,4 +241,4 @@ def write_demo_dataset(root: str | Path, *, seed: int = 0, source_images: int = 
             Image.fromarray(render_target(label, rng)).save(cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             Image.fromarray(_to_ids(label)).save(cs / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     marker.write_text(stamp)
-    return gta, cs
+    return src, cs
