@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 
-import bench_step
+import bench
 import train_gta2cs
 from gta2cs.synthetic import write_demo_dataset
 from gta2cs.trainer import Trainer
@@ -201,8 +201,8 @@ def protocl_step_section(device: torch.device) -> dict:
     r"""protocl's orchestrator alone at the release's shapes: sync-debug "error", then a CUDA graph."""
     if device.type != "cuda":
         return {"skipped": "needs CUDA"}
-    case = bench_step.Case("release", 2, 76, 92, 730)
-    inputs = bench_step.make_inputs(case, "cuda")
+    case = bench.Case("release", 2, 76, 92, 730)
+    inputs = bench.make_inputs(case, "cuda")
     contrast = protocl.BidirectionalContrast(case.num_classes, case.dim).to(device)
     result = {}
     protocl.set_value_checks(False)
@@ -251,9 +251,9 @@ def _protocl_step(contrast, inputs):
 
 def cuda_graph_check(device: str = "cuda") -> dict:
     r"""Capture the protocl step in a CUDA graph; replay on new inputs; compare with eager; time the replay."""
-    case = bench_step.Case("release", 2, 76, 92, 730)
-    static = bench_step.make_inputs(case, device, seed=0)
-    fresh = bench_step.make_inputs(case, device, seed=1)
+    case = bench.Case("release", 2, 76, 92, 730)
+    static = bench.make_inputs(case, device, seed=0)
+    fresh = bench.make_inputs(case, device, seed=1)
     module = protocl.BidirectionalContrast(case.num_classes, case.dim).to(device)
     protocl.set_value_checks(False)
     try:
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     source_iters = args.source_iters or (3 if args.smoke else 30)
     round_iters = args.round_iters or (4 if args.smoke else 100)
     workers = args.workers if args.workers is not None else (0 if args.smoke else 6)
-    report = {"machine": bench_step.machine_description(str(device)), "command": " ".join(sys.argv),
+    report = {"machine": bench.machine_description(str(device)), "command": " ".join(sys.argv),
               "smoke": args.smoke}
     sections = (
         ("pipeline", lambda: pipeline_section(device, args.smoke, source_iters, round_iters, workers, args.budget_s)),

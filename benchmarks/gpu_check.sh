@@ -7,7 +7,7 @@
 # 1. gpu_check.py: the reference pipeline's real Trainer on DeepLab-V2 R101 (random init, 2 + 2 crops of 730²),
 #    fp32 and bf16, with and without protocl's terms, every step under sync-debug "error": step time, peak memory,
 #    static-label throughput; protocl's orchestrator alone under sync-debug and in a CUDA graph;
-# 2. bench_step.py on cuda (protocl step and losses against the release loops) with the time that is left.
+# 2. bench.py on cuda (protocl's losses against the release loops) with the time that is left.
 # Each command has its own timeout so that one hang cannot eat the budget; a failure does not stop the rest.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,9 @@ status=0
 timeout 400 python benchmarks/gpu_check.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
 LEFT=$(( 470 - ($(date +%s) - START) ))
 if [ "$LEFT" -gt 60 ]; then
-  timeout "$LEFT" python benchmarks/bench_step.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
+  timeout "$LEFT" python benchmarks/bench.py --device cuda --rounds 3 --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
 else
-  echo "bench_step.py skipped: ${LEFT}s left of the 8-minute budget" | tee -a "$LOG"
+  echo "bench.py skipped: ${LEFT}s left of the 8-minute budget" | tee -a "$LOG"
 fi
 date -u | tee -a "$LOG"
 exit $status

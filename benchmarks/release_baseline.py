@@ -21,9 +21,7 @@ go through the same ``CrossEntropyLoss(weight=overlap)`` (L71), so source pixels
 in both resized label maps get weight 0 in BCL too. Where a pair has no overlap class (or a label map is all
 ignore) ``F.cross_entropy`` divides 0 by 0: the release's pair loss and its gradients are NaN.
 
-:class:`ReleaseStep` wraps the same loss into a whole adaptation step in the release's loop style for the
-benchmark (spec §3 order: source prototypes, calibration by the EMA domain bias, dynamic labels, "fill" fusion,
-losses, EMA updates with per-class Python branches); §6 fixes only the loss, the extra parts use the same idiom.
+``benchmarks/bench.py`` times :func:`release_losses` against protocl (the release's loops, as they run).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 IGNORE_INDEX = 255
 RELEASE = "cvlab-yonsei/DASS trainer/damnet_trainer.py @ 4e945b9"
@@ -221,127 +219,3 @@ class ReleaseStepOutput(NamedTuple):
     fcl: Tensor
     bcl: Tensor
     target_labels: Tensor
-
-
-def _resize_labels_nearest(labels: Tensor, size) -> Tensor:
-    r"""One label map ``(H, W)`` nearest-resized through a float ``F.interpolate``, as L41/L44 do."""
-    return F.interpolate(labels[None, None].float(), size=tuple(size))[0, 0].long()
-
-
-def _prototypes(features: Tensor, labels_small: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    r"""Per-image prototypes ``(K, D)`` with a class loop over ``torch.unique`` (the idiom of L54-59)."""
-    prototypes = features.new_zeros(num_classes, features.shape[0])
-    for k in torch.unique(labels_small).tolist():
-        if k != ignore_index:
-            prototypes[k] = features[:, labels_small == k].mean(dim=1)
-    return prototypes
-
-
-class ReleaseStep(nn.Module):
-    r"""A whole adaptation step in the release's loop style (spec §3 order, §6 loss).
-
-    Per pair: source prototypes (class loop), calibration by the EMA domain bias (class loop), dynamic labels
-    (cosine to the calibrated source prototypes of the classes present, threshold), "fill" fusion with the static
-    labels at label resolution, then :func:`release_losses` on the hybrid labels and EMA updates of batch-pooled
-    prototypes with per-class Python branches.
-
-    Args:
-        num_classes: K.
-        dim: D.
-        fcl_weight: :math:`\lambda_F`.
-        bcl_weight: :math:`\lambda_B`.
-        temperature: logit temperature.
-        momentum: EMA momentum.
-        threshold: dynamic-label cosine threshold.
-        ignore_index: ignore label.
-
-    Shape:
-        - source_features, target_features: :math:`(B, D, h, w)`
-        - source_labels, static_labels: :math:`(B, H, W)` int64
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        dim: int,
-        *,
-        fcl_weight: float = 0.1,
-        bcl_weight: float = 0.1,
-        temperature: float = 0.1,
-        momentum: float = 0.999,
-        threshold: float = 0.7,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.fcl_weight = fcl_weight
-        self.bcl_weight = bcl_weight
-        self.temperature = temperature
-        self.momentum = momentum
-        self.threshold = threshold
-        self.ignore_index = ignore_index
-        self.register_buffer("source_ema", torch.zeros(num_classes, dim))
-        self.register_buffer("target_ema", torch.zeros(num_classes, dim))
-        self.register_buffer("source_init", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("target_init", torch.zeros(num_classes, dtype=torch.bool))
-
-    def _dynamic_labels(self, target_features: Tensor, source_protos: Tensor, present: list[int]) -> Tensor:
-        # calibrate the present classes' prototypes with the EMA bias, class by class (host reads of the flags)
-        calibrated = source_protos.detach().clone()
-        for k in present:
-            if bool(self.source_init[k]) and bool(self.target_init[k]):
-                calibrated[k] = calibrated[k] + self.target_ema[k] - self.source_ema[k]
-        cosine = torch.einsum(
-            "kd,dhw->khw", F.normalize(calibrated, dim=1), F.normalize(target_features.detach(), dim=0)
-        )
-        absent = torch.ones(self.num_classes, dtype=torch.bool, device=cosine.device)
-        absent[present] = False
-        cosine = cosine.masked_fill(absent[:, None, None], float("-inf"))
-        best, labels = cosine.max(dim=0)
-        return torch.where(best > self.threshold, labels, torch.full_like(labels, self.ignore_index))
-
-    @torch.no_grad()
-    def _ema_update(self, ema: Tensor, init: Tensor, features: Tensor, labels_small: Tensor) -> None:
-        # batch-pooled prototypes, then a per-class Python branch (host sync per class)
-        feats = features.permute(1, 0, 2, 3).reshape(features.shape[1], -1)  # b d h w -> d (b h w)
-        flat = labels_small.reshape(-1)
-        for k in torch.unique(flat).tolist():
-            if k == self.ignore_index:
-                continue
-            mean = feats[:, flat == k].mean(dim=1)
-            if bool(init[k]):
-                ema[k] = self.momentum * ema[k] + (1 - self.momentum) * mean
-            else:
-                ema[k] = mean
-                init[k] = True
-
-    def forward(
-        self, source_features: Tensor, source_labels: Tensor, target_features: Tensor, static_labels: Tensor
-    ) -> ReleaseStepOutput:
-        r"""Run one step; returns the loss parts and the hybrid target labels at label resolution."""
-        feature_size = tuple(source_features.shape[-2:])
-        label_size = tuple(static_labels.shape[-2:])
-        hybrid, source_small_all, target_small_all, fcl_terms, bcl_terms = [], [], [], [], []
-        for b in range(source_features.shape[0]):
-            source_small = _resize_labels_nearest(source_labels[b], feature_size)
-            source_protos = _prototypes(source_features[b], source_small, self.num_classes, self.ignore_index)
-            present = [k for k in torch.unique(source_small).tolist() if k != self.ignore_index]
-            dynamic = self._dynamic_labels(target_features[b], source_protos, present)
-            dynamic = _resize_labels_nearest(dynamic, label_size)
-            fused = torch.where(static_labels[b] != self.ignore_index, static_labels[b], dynamic)
-            pair = release_metric_loss(
-                source_features[b : b + 1], source_labels[b : b + 1], target_features[b : b + 1], fused[None],
-                num_classes=self.num_classes, lamb_metric1=self.fcl_weight, lamb_metric2=self.bcl_weight,
-            )
-            fcl, bcl = pair.fcl, pair.bcl
-            fcl_terms.append(fcl)
-            bcl_terms.append(bcl)
-            hybrid.append(fused)
-            source_small_all.append(source_small)
-            target_small_all.append(_resize_labels_nearest(fused, feature_size))
-        fcl = torch.stack(fcl_terms).mean()
-        bcl = torch.stack(bcl_terms).mean()
-        loss = self.fcl_weight * fcl + self.bcl_weight * bcl
-        self._ema_update(self.source_ema, self.source_init, source_features.detach(), torch.stack(source_small_all))
-        self._ema_update(self.target_ema, self.target_init, target_features.detach(), torch.stack(target_small_all))
-        return ReleaseStepOutput(loss, fcl, bcl, torch.stack(hybrid))

@@ -1,0 +1,336 @@
+r"""protocl's losses against the authors' release loops, side by side: one question, one table per machine.
+
+    python benchmarks/bench.py                      # CPU, 2 threads: the table of docs/benchmarks.md
+    python benchmarks/bench.py --device cuda        # on a GPU
+    python benchmarks/bench.py --compile            # also protocl under torch.compile
+
+What is timed, forward + backward, on the same inputs in one process: FCL + BCL with per-image prototypes
+(``masked_average_pool`` of both domains), i.e. the contrastive part of one training step.
+
+- ``release``: ``release_baseline.release_losses``, the release's ``metric_loss`` ported statement by statement
+  (its loops over pairs and classes, ``torch.unique`` host reads, ``F.normalize``, the cosine map upsampled to
+  label resolution, ``CrossEntropyLoss(weight=overlap)``); the same code is the oracle of
+  ``tests/test_release_compat.py``. The release's dead dynamic-label draft (lines 73-91) is left out: the real
+  release is slower than this baseline.
+- ``protocl``: ``masked_average_pool`` x 2 + ``fcl_loss`` + ``bcl_loss``, default settings.
+- ``protocl_rc``: the release-compatible setting, ``BidirectionalContrast(release_compatible=True,
+  dynamic=False)`` without the EMA updates (``absent="min_similarity"``, ``at="label"``, the overlap class weight
+  on both terms, the mean over pairs): equal in value to ``release`` up to fp32 rounding (tested).
+
+Timing: ``torch.utils.benchmark.Timer`` with ``--threads`` threads; ``--rounds`` rounds, each timing every
+implementation once in turn (so that machine load hits all alike); the median of the rounds. Value checks off.
+Peak memory: on CUDA ``max_memory_allocated`` above the inputs; on CPU the peak RSS above the resident size, in a
+fresh interpreter per (case, implementation). Results: ``<out>/bench_<device>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as tb
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import release_baseline  # noqa: E402
+
+import protocl  # noqa: E402
+
+IGNORE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    r"""One input shape: B pairs, D channels, h x w features, H x W labels, K classes."""
+
+    name: str
+    batch: int
+    dim: int
+    feature_size: int
+    label_size: int
+    num_classes: int = 19
+
+    @property
+    def feature_mb(self) -> float:
+        r"""Size of the two feature tensors (source + target) in MiB, fp32."""
+        return 2 * self.batch * self.dim * self.feature_size**2 * 4 / 2**20
+
+
+CASES = {
+    "issue": [Case("d76-46", 2, 76, 46, 365), Case("d2048-46", 2, 2048, 46, 365),
+              Case("d76-92", 2, 76, 92, 730), Case("d2048-92", 2, 2048, 92, 730)],
+    "quick": [Case("quick-a", 2, 8, 6, 24, 5), Case("quick-b", 2, 8, 12, 48, 5)],
+}
+# the goals of issue 12: (case, implementation, minimum speed-up over the release)
+GOALS = [("d76-46", "protocl", 15.0), ("d76-46", "protocl_rc", 6.0), ("d2048-46", "protocl", 4.0),
+         ("d76-92", "protocl", 15.0), ("d76-92", "protocl_rc", 6.0), ("d2048-92", "protocl", 4.0)]
+
+
+def blocky_labels(batch: int, size: int, num_classes: int, *, ignore_fraction: float, generator) -> torch.Tensor:
+    r"""Piecewise-constant labels (regions, as in real scenes) with a fraction of ignore regions, (B, H, W)."""
+    cells = max(2, size // 32)
+    coarse = torch.randint(0, num_classes, (batch, 1, cells, cells), generator=generator).float()
+    drop = torch.rand(batch, 1, cells, cells, generator=generator) < ignore_fraction
+    coarse = torch.where(drop, torch.full_like(coarse, IGNORE), coarse)
+    return F.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
+
+
+def make_inputs(case: Case, device: str, *, seed: int = 0) -> dict:
+    r"""Source/target features (leaves with grad) that cluster by class, source labels and static labels."""
+    g = torch.Generator().manual_seed(seed)
+    source_labels = blocky_labels(case.batch, case.label_size, case.num_classes, ignore_fraction=0.05, generator=g)
+    target_truth = blocky_labels(case.batch, case.label_size, case.num_classes, ignore_fraction=0.05, generator=g)
+    keep = blocky_labels(case.batch, case.label_size, 2, ignore_fraction=0.0, generator=g) == 0
+    static_labels = torch.where(keep, target_truth, torch.full_like(target_truth, IGNORE))
+    centres = torch.randn(case.num_classes + 1, case.dim, generator=g)
+
+    def features(labels):
+        small = F.interpolate(labels[:, None].float(), size=(case.feature_size,) * 2, mode="nearest")[:, 0].long()
+        small = small.clamp_max(case.num_classes)  # ignore -> an extra "background" centre
+        noise = torch.randn(case.batch, case.feature_size, case.feature_size, case.dim, generator=g)
+        return (centres[small] + 1.5 * noise).permute(0, 3, 1, 2).contiguous()  # b h w d -> b d h w
+
+    out = {"source_features": features(source_labels), "source_labels": source_labels,
+           "target_features": features(target_truth), "static_labels": static_labels}
+    out = {k: v.to(device) for k, v in out.items()}
+    out["source_features"].requires_grad_(True)
+    out["target_features"].requires_grad_(True)
+    return out
+
+
+def protocl_losses(source_features, source_labels, target_features, target_labels, num_classes, *,
+                   fcl_weight: float = 0.1, bcl_weight: float = 0.1):
+    r"""FCL + BCL with per-image prototypes, default settings: what a trainer writes with the functional API."""
+    source = protocl.masked_average_pool(source_features, source_labels, num_classes)
+    target = protocl.masked_average_pool(target_features, target_labels, num_classes)
+    fcl = protocl.fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0)
+    bcl = protocl.bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0)
+    return fcl_weight * fcl + bcl_weight * bcl
+
+
+def implementations(case: Case, inputs: dict, *, compile: bool = False) -> dict:
+    r"""Zero-argument callables doing forward + backward on ``inputs``; each returns the (detached) loss."""
+    args = (inputs["source_features"], inputs["source_labels"], inputs["target_features"], inputs["static_labels"])
+
+    def run(fn):
+        def call():
+            inputs["source_features"].grad = None
+            inputs["target_features"].grad = None
+            loss = fn(*args)
+            loss.backward()
+            return loss.detach()
+
+        return call
+
+    def release(*a):
+        return release_baseline.release_losses(*a, case.num_classes).loss
+
+    def default(*a):
+        return protocl_losses(*a, case.num_classes)
+
+    step = protocl.BidirectionalContrast(case.num_classes, case.dim, release_compatible=True, dynamic=False)
+
+    def compatible(*a):
+        return step(*a, update=False).loss
+
+    impls = {"release": run(release), "protocl": run(default), "protocl_rc": run(compatible)}
+    if compile:
+        impls["protocl_compiled"] = run(torch.compile(default))
+    return impls
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool) -> dict:
+    r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds."""
+    inputs = make_inputs(case, device)
+    impls = implementations(case, inputs, compile=compile)
+    protocl.set_value_checks(False)
+    try:
+        timers = {}
+        for name, fn in impls.items():
+            fn()  # warm-up (and compilation)
+            _sync(device)
+            timers[name] = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=case.name,
+                                    description=name)
+        per_round = {name: [] for name in impls}
+        for _ in range(rounds):
+            for name, timer in timers.items():
+                per_round[name].append(timer.blocked_autorange(min_run_time=min_time).median)
+    finally:
+        protocl.set_value_checks(True)
+    return {name: {"median_ms": 1e3 * statistics.median(times), "rounds_ms": [1e3 * t for t in times]}
+            for name, times in per_round.items()}
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory(case: Case, name: str, device: str) -> dict:
+    r"""Peak memory of one call above what is resident before it (inputs built, one warm-up call done)."""
+    inputs = make_inputs(case, device)
+    fn = implementations(case, inputs)[name]
+    protocl.set_value_checks(False)
+    fn()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    base = _rss_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    fn()
+    return {"peak_extra_mb": (_rss_kb("VmHWM") * 1024 - base) / 2**20}
+
+
+def memory_in_subprocess(case: Case, name: str, device: str, threads: int) -> dict:
+    r""":func:`measure_memory` in a fresh interpreter (earlier cases cannot pollute the peak); glibc's mmap
+    threshold is fixed so that freed large blocks leave the resident size."""
+    payload = json.dumps({"case": dataclasses.asdict(case), "impl": name, "device": device, "threads": threads})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", payload],
+                          capture_output=True, text=True, timeout=900, env=env, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def machine_description(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else "unknown"
+    except OSError:
+        info["cpu_model"] = "unknown"
+    try:
+        info["load_avg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(report: dict) -> str:
+    r"""The results as a Markdown table: one row per case, times and speed-ups against the release."""
+    names = [n for n in report["cases"][0]["timing"] if n != "release"]
+    head = ["case", "release ms"] + [f"{n} ms | speed-up" for n in names] + ["peak extra MiB (release / protocl)"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) + len(names) - 1)) + " |"]
+    for c in report["cases"]:
+        t = c["timing"]
+        base = t["release"]["median_ms"]
+        cells = [f"{c['case']['name']} (D={c['case']['dim']}, {c['case']['feature_size']}²/{c['case']['label_size']}²)",
+                 f"{base:.1f}"]
+        for n in names:
+            cells.append(f"{t[n]['median_ms']:.1f} | {base / t[n]['median_ms']:.1f}×")
+        mem = c.get("memory", {})
+        cells.append(" / ".join(f"{mem[n]['peak_extra_mb']:.0f}" if "peak_extra_mb" in mem.get(n, {}) else "-"
+                                for n in ("release", "protocl")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(report: dict) -> list[dict]:
+    by_name = {c["case"]["name"]: c["timing"] for c in report["cases"]}
+    out = []
+    for case, impl, target in GOALS:
+        if case in by_name and impl in by_name[case]:
+            speedup = by_name[case]["release"]["median_ms"] / by_name[case][impl]["median_ms"]
+            out.append({"case": case, "implementation": impl, "goal": target, "speedup": round(speedup, 2),
+                        "met": speedup >= target})
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# protocl vs the release's loops ({m['device']})", "",
+             f"Machine: {m.get('cpu_model')} ({m['cpu_count']} CPUs), {m.get('gpu', 'no GPU')}, torch threads "
+             f"{report['threads']}, torch {m['torch']}, Python {m['python']}; load average at start "
+             f"{m.get('load_avg_1_5_15')}.", f"Command: `{report['command']}`.", "",
+             "FCL + BCL with `masked_average_pool` of both domains, forward + backward, 2 pairs, K = 19, value "
+             f"checks off; median of {report['rounds']} interleaved rounds (`torch.utils.benchmark`); speed-up = "
+             "release / protocl.", "", table(report), ""]
+    if report["goals"]:
+        lines += ["| goal | speed-up | met |", "| --- | ---: | --- |"]
+        lines += [f"| {g['case']} {g['implementation']} ≥ {g['goal']:g}× | {g['speedup']:.1f}× | "
+                  f"{'yes' if g['met'] else 'no'} |" for g in report["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the table of the docs: 2)")
+    p.add_argument("--cases", choices=sorted(CASES), default="issue")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement (blocked_autorange)")
+    p.add_argument("--compile", action="store_true", help="also time protocl under torch.compile")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_worker:
+        spec = json.loads(args.memory_worker)
+        torch.set_num_threads(spec["threads"])
+        print(json.dumps(measure_memory(Case(**spec["case"]), spec["impl"], spec["device"])))
+        return {}
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device: expected a CUDA device for {args.device!r}, got none (torch.cuda.is_available() "
+                         "is False)")
+    torch.set_num_threads(args.threads)
+    report = {"machine": machine_description(args.device), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "threads": args.threads, "rounds": args.rounds, "cases": []}
+    for case in CASES[args.cases]:
+        entry = {"case": dataclasses.asdict(case), "feature_mb": case.feature_mb,
+                 "timing": time_case(case, args.device, threads=args.threads, rounds=args.rounds,
+                                     min_time=args.min_time, compile=args.compile)}
+        if not args.no_memory:
+            entry["memory"] = {n: memory_in_subprocess(case, n, args.device, args.threads)
+                               for n in ("release", "protocl")}
+        report["cases"].append(entry)
+        print(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in entry["timing"].items()),
+              flush=True)
+    report["goals"] = goals(report)
+    text = markdown(report)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device.split(":")[0]
+    (out / f"bench_{device}.json").write_text(json.dumps(report, indent=2))
+    (out / f"bench_{device}.md").write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
