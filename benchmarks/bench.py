@@ -278,7 +278,7 @@ def markdown(report: dict) -> str:
              f"Machine: {m.get('cpu_model')} ({m['cpu_count']} CPUs), {m.get('gpu', 'no GPU')}, torch threads "
              f"{report['threads']}, torch {m['torch']}, Python {m['python']}; load average at start "
              f"{m.get('load_avg_1_5_15')}.", f"Command: `{report['command']}`.", "",
-             "FCL + BCL with `masked_average_pool` of both domains, forward + backward, 2 pairs, K = 19, value "
+             "FCL + BCL with `masked_average_pool` of both domains, forward + backward, 2 pairs, value "
              f"checks off; median of {report['rounds']} interleaved rounds (`torch.utils.benchmark`); speed-up = "
              "release / protocl.", "", table(report), ""]
     if report["goals"]:
