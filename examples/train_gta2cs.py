@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--control", action=argparse.BooleanOptionalAction,
                    help="also continue source-only training from stage 1 for the stage 2 budget, a baseline with "
                         "the same iterations (default: on for the demo, off otherwise)")
+    t.add_argument("--source-checkpoint",
+                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, or any "
+                        "checkpoint with a 'model' entry); the same-budget control starts from them too")
     t.add_argument("--stage1-best-on-target-val", action="store_true",
                    help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
                         "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(args)
             if args.resume:
                 trainer.resume(args.resume)
+            elif args.source_checkpoint:
+                trainer.start_from_source(args.source_checkpoint)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -421,6 +421,34 @@ class Trainer:
         self.save()
         return True
 
+    def start_from_source(self, path: str) -> None:
+        """``--source-checkpoint``: skip stage 1 and start stage 2 from the model weights in ``path``.
+
+        Accepts ``source_only.pt`` / ``adapted.pt`` (``{"model": ...}``) or a ``checkpoint.pt`` of another run; the
+        weights are copied to ``<out>/source_only.pt`` (the same-budget control starts from them) and evaluated.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"expected --source-checkpoint to be a checkpoint file, got {str(file)!r} (not a file)")
+        ckpt = checkpoint.load(file)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold {{'model': state_dict}}, "
+                             f"got {type(ckpt).__name__} with keys {sorted(ckpt)[:5] if isinstance(ckpt, dict) else []}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as error:
+            raise ValueError(f"expected --source-checkpoint {str(file)!r} to match --arch {self.args.arch}: {error}")
+        a, s = self.args, self.state
+        if self.rank == 0:
+            checkpoint.save_atomic({"model": self.model.state_dict(), "config": vars(a).copy(), "from": str(file)},
+                                   self.out / "source_only.pt")
+        dist.barrier()
+        self.log(f"stage 1 skipped: source model loaded from {file}")
+        s.metrics["source_only"] = self._evaluate("source-only (loaded with --source-checkpoint)")
+        s.stage, s.round, s.iteration = "adapt", 0, 0
+        self.optimizer = self._new_optimizer(a.lr)
+        self.save()
+
     def _keep_if_best(self) -> None:
         """``--stage1-best-on-target-val``: keep the stage-1 weights with the best target-val mIoU."""
         result = self._evaluate(f"stage 1 it {self.state.iteration} (checkpoint selection on target val)")
