@@ -90,7 +90,8 @@ class StudyTrainer(Trainer):
 def class_diagnostics(confusion: np.ndarray) -> dict:
     """Per class k (rows = ground truth, columns = label, last column = unlabelled): coverage = labelled share
     of the class's pixels, precision = correct share of the pixels labelled k, share = k's share of the labelled
-    pixels (against its share of the ground truth); class means over the classes in the ground truth."""
+    pixels (against its share of the ground truth). Class means: coverage over the classes in the ground truth,
+    precision over the classes that were labelled (a spurious class counts with precision 0)."""
     confusion = np.asarray(confusion, dtype=np.float64)
     gt_count = confusion.sum(1)
     labelled = confusion[:, :K]
@@ -106,7 +107,7 @@ def class_diagnostics(confusion: np.ndarray) -> dict:
         "coverage": [100 * v for v in cov.tolist()], "precision": [100 * v for v in prec.tolist()],
         "share": [100 * v for v in share.tolist()], "gt_share": [100 * v for v in gt_share.tolist()],
         "coverage_mean": 100 * float(np.nanmean(cov[present])),
-        "precision_mean": 100 * float(np.nanmean(np.where(present, prec, np.nan))),
+        "precision_mean": 100 * float(np.nanmean(prec)) if (predicted > 0).any() else math.nan,
         "pixel_coverage": 100 * pixel_cov, "pixel_precision": 100 * pixel_prec,
     }
 

@@ -99,6 +99,12 @@ def safe_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return total / (labels != IGNORE).sum().clamp_min(1)
 
 
+def gate_dynamic(static: Tensor, hybrid: Tensor, prediction: Tensor) -> Tensor:
+    """``--gate-dynamic prediction``: keep the hybrid label where a static label exists, and elsewhere (a label
+    the dynamic branch filled in) only where it equals the classifier's own prediction; else ignore."""
+    return torch.where((static != IGNORE) | (hybrid == prediction), hybrid, torch.full_like(hybrid, IGNORE))
+
+
 def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> float:
     return base * (1 - iteration / max(1, total)) ** power
 
@@ -540,6 +546,8 @@ class Trainer:
         if self.uses_contrast:
             out = self.contrast(features[:b], y_s, features[b:], y_f)
             y_d, y_t, contrast_loss, fcl, bcl = out.dynamic_labels, out.target_labels, out.loss, out.fcl, out.bcl
+            if self.args.gate_dynamic == "prediction":  # a dynamic label counts only where the classifier agrees
+                y_t = gate_dynamic(y_f, y_t, up_t.detach().argmax(1))
         else:  # --no-contrastive --no-dynamic: self-training on the static labels, protocl's step not run at all
             y_d, y_t = torch.full_like(y_f, IGNORE), y_f
             contrast_loss = fcl = bcl = torch.zeros((), device=self.device)
