@@ -15,8 +15,8 @@ For each shift (the embedded demo and the two shifts of ``examples/gta2cs/shifts
 
 Per-class label diagnostics, against target ground truth (a diagnostic: never trained on): for the static labels
 from the PNGs written under ``<run>/pseudo_labels/round_XX`` over the whole target train split, and for the
-static / dynamic / hybrid labels of the training crops of every stage-2 step (confusion matrices accumulated
-per round by a subclass of the trainer; trainer.py is not changed for this).
+static / dynamic / hybrid labels of the training crops of every stage-2 step (the trainer's own
+``--diagnostics``, per class and round, stored in each run's metrics.json).
 
 Writes ``<out>/<tag>/results.json`` and ``results.md`` (per shift, per seed) and ``stage1_curves.png``; every
 finished run is cached as JSON under ``--work`` so an interrupted study continues where it stopped.
@@ -50,8 +50,18 @@ from gta2cs.trainer import Trainer  # noqa: E402
 from train_gta2cs import build_parser, resolve  # noqa: E402
 
 K = len(CLASS_NAMES)
+DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its source in the GTA5 / SYNTHIA layout
+SHIFT_NAMES = (*DEMOS, *SHIFTS)
+
+
+def source_flag(shift: str) -> str:
+    return "--synthia-root" if shift == "synthia" else "--gta5-root"
 VARIANTS = {
     "full": ["--control"],
+    "gated": ["--no-control", "--gate-dynamic", "prediction"],
+    "threshold_0.95": ["--no-control", "--threshold", "0.95"],
+    "agreement": ["--no-control", "--gate-dynamic", "agreement"],
+    "either": ["--no-control", "--gate-dynamic", "either"],
     "no_contrastive": ["--no-control", "--no-contrastive"],
     "no_dynamic": ["--no-control", "--no-dynamic"],
     "no_calibration": ["--no-control", "--no-calibration"],
@@ -60,31 +70,20 @@ VARIANTS = {
 
 
 class StudyTrainer(Trainer):
-    """The pipeline's trainer plus two study hooks: a stage-1 target-val curve and per-class label confusions."""
+    """The pipeline's trainer plus one study hook: the stage-1 target-val curve."""
 
     def __init__(self, args, *, curve_every: int = 0) -> None:
         super().__init__(args)
         self.curve_every = curve_every
         self.curve: list[tuple[int, float]] = []
-        self.label_confusion: dict[str, np.ndarray] = {}
 
     def save(self, name: str = "checkpoint.pt") -> None:
         s = self.state
         if self.curve_every and s.stage == "source" and 0 < s.iteration < self.args.source_iters:
-            self.curve.append((s.iteration, evaluate(self.model, self.val_loader, K, self.device)["miou"]))
+            result = evaluate(self.model, self.val_loader, self.num_classes, self.device, subsets=self.subsets,
+                              amp_dtype=self.amp_dtype)  # the trainer's protocol (SYNTHIA: mIoU16)
+            self.curve.append((s.iteration, result["miou"]))
         super().save(name)
-
-    @torch.no_grad()
-    def _label_stats(self, static, dynamic, hybrid, gt):
-        stats = Trainer._label_stats(static, dynamic, hybrid, gt)
-        known = gt != IGNORE
-        for name, labels in (("static", static), ("dynamic", dynamic), ("hybrid", hybrid)):
-            column = torch.where(labels == IGNORE, torch.full_like(labels, K), labels)
-            index = torch.where(known, gt * (K + 1) + column, torch.full_like(gt, K * (K + 1)))
-            counts = torch.bincount(index.flatten(), minlength=K * (K + 1) + 1)[:-1].reshape(K, K + 1).numpy()
-            key = f"round{self.state.round}/{name}"
-            self.label_confusion[key] = self.label_confusion.get(key, 0) + counts
-        return stats
 
 
 def class_diagnostics(confusion: np.ndarray) -> dict:
@@ -127,8 +126,8 @@ def static_png_confusion(run_dir: Path, cityscapes_root: str, round_index: int) 
 
 def dataset(shift: str, seed: int, work: Path) -> tuple[str, str]:
     root = work / "data" / f"{shift}_seed{seed}"
-    if shift == "demo":
-        gta, cs = write_demo_dataset(root, seed=seed)
+    if shift in DEMOS:
+        gta, cs = write_demo_dataset(root, seed=seed, source=DEMOS[shift])
     else:
         gta, cs = write_shift(shift, root, seed=seed)
     return str(gta), str(cs)
@@ -144,7 +143,7 @@ def stage1(shift: str, seed: int, work: Path, source_iters: int, curve_every: in
     if cached.is_file():
         return json.loads(cached.read_text())
     gta, cs = dataset(shift, seed, work)
-    argv = ["--gta5-root", gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
+    argv = [source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
             "--source-iters", str(source_iters), "--ckpt-every", str(curve_every), "--no-control"]
     t0 = time.time()
     trainer = StudyTrainer(trainer_args(argv), curve_every=curve_every)
@@ -157,14 +156,17 @@ def stage1(shift: str, seed: int, work: Path, source_iters: int, curve_every: in
     return result
 
 
-def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: dict, extra: list[str]) -> dict:
+def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: dict, extra: list[str],
+           cached_only: bool = False) -> dict | None:
     out = work / "runs" / f"{shift}_seed{seed}" / f"{tag}_{variant}"
     cached = out / "result.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    if cached_only:
+        return None
     gta, cs = dataset(shift, seed, work)
-    argv = (["--gta5-root", gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
-             "--source-checkpoint", source["checkpoint"]] + VARIANTS[variant] + extra)
+    argv = ([source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
+             "--source-checkpoint", source["checkpoint"], "--diagnostics"] + VARIANTS[variant] + extra)
     t0 = time.time()
     args = trainer_args(argv)
     trainer = StudyTrainer(args)
@@ -178,7 +180,7 @@ def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: di
     if "source_only_continued" in metrics:
         result["control"] = metrics["source_only_continued"]["miou"]
         result["control_iou"] = metrics["source_only_continued"]["iou"]
-    result["labels_train_crops"] = {k: class_diagnostics(v) for k, v in trainer.label_confusion.items()}
+    result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the trainer's --diagnostics
     result["static_png"] = {f"round{r}": class_diagnostics(static_png_confusion(out, cs, r))
                             for r in range(args.rounds)}
     losses = [line for line in (out / "log.txt").read_text().splitlines() if "ce_tgt" in line]
@@ -191,7 +193,24 @@ def fmt(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+LABELS = {
+    "full": "**adapted (full method)**", "gated": "`--gate-dynamic prediction`",
+    "threshold_0.95": "`--threshold 0.95`", "agreement": "`--gate-dynamic agreement`",
+    "either": "`--gate-dynamic either`",
+    "no_contrastive": "`--no-contrastive`", "no_dynamic": "`--no-dynamic`", "no_calibration": "`--no-calibration`",
+    "static_only": "static labels only (`--no-dynamic --no-contrastive`)",
+}
+
+
+def _mean(values: list) -> float | None:
+    done = [v for v in values if v is not None]
+    return sum(done) / len(done) if done else None
+
+
 def tables(results: dict, seeds: list[int], stage1_info: dict) -> str:
+    """A summary (per shift: means over the seeds) and one table per shift (per seed)."""
+    summary = ["| shift | source-only | same-budget control | adapted (full method) | adapted − control |",
+               "| --- | ---: | ---: | ---: | ---: |"]
     lines = []
     for shift, per_seed in results.items():
         lines += [f"### {shift}", "", "| run (target val mIoU %) | " + " | ".join(f"seed {s}" for s in seeds)
@@ -202,22 +221,35 @@ def tables(results: dict, seeds: list[int], stage1_info: dict) -> str:
             rows["same-budget control"] = [f["control"] for f in full]
         for variant in VARIANTS:
             values = [per_seed[s].get(variant) for s in seeds]
-            rows["adapted (full method)" if variant == "full" else variant] = [
-                v["adapted"] if v else None for v in values]
+            if any(values):
+                rows[LABELS.get(variant, variant)] = [v["adapted"] if v else None for v in values]
         control = rows.get("same-budget control")
         for name, values in rows.items():
-            done = [v for v in values if v is not None]
-            mean = sum(done) / len(done) if done else None
-            delta = ""
-            if control and done and name != "same-budget control":
+            mean, delta = _mean(values), ""
+            if control and mean is not None and name != "same-budget control":
                 pairs = [(v, c) for v, c in zip(values, control) if v is not None]
                 delta = f"{sum(v - c for v, c in pairs) / len(pairs):+.2f}"
             lines.append(f"| {name} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} | {delta} |")
+        if control and all(full):
+            adapted = [f["adapted"] for f in full]
+            summary.append(f"| {shift} | {fmt(_mean(rows['source-only (stage 1, plateau)']))} | {fmt(_mean(control))} "
+                           f"| {fmt(_mean(adapted))} | {_mean(adapted) - _mean(control):+.2f} |")
         walls = [per_seed[s][v]["wall_s"] for s in seeds for v in per_seed[s]]
         s1 = [stage1_info[shift][s]["wall_s"] for s in seeds]
         lines += ["", f"Wall time: stage 1 {min(s1):.0f}–{max(s1):.0f} s per seed; stage-2 runs "
                   f"{min(walls):.0f}–{max(walls):.0f} s each (the full run includes its control)." if walls else "", ""]
-    return "\n".join(lines)
+    return "\n".join(["Means over the seeds:", "", *summary, "", *lines])
+
+
+def _compact(value):
+    """Floats to 2 decimals and without the raw pixel counts of the diagnostics (derivable from the rest)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 2)
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if k != "counts"}
+    if isinstance(value, (list, tuple)):
+        return [_compact(v) for v in value]
+    return value
 
 
 def plot_curves(stage1_info: dict, path: Path) -> None:
@@ -243,7 +275,7 @@ def plot_curves(stage1_info: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shifts", nargs="+", default=["demo", *SHIFTS], choices=["demo", *SHIFTS])
+    p.add_argument("--shifts", nargs="+", default=list(SHIFT_NAMES), choices=SHIFT_NAMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--ablation-seeds", nargs="+", type=int, help="seeds for the ablations (default: --seeds)")
@@ -253,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="before", help="name of this set of stage-2 runs (results/<tag>/)")
     p.add_argument("--work", default="/tmp/adaptation_study", help="datasets, runs and the per-run cache")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptation_study"))
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the finished runs in --work; start no stage-2 run (n/a for missing)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     work, out = Path(a.work), Path(a.out) / a.tag
@@ -270,15 +304,18 @@ def main(argv: list[str] | None = None) -> int:
             for variant in a.variants:
                 if variant != "full" and seed not in ablation_seeds:
                     continue
-                r = stage2(shift, seed, work, variant, a.tag, info, extra)
+                r = stage2(shift, seed, work, variant, a.tag, info, extra, a.cached_only)
+                if r is None:
+                    continue
                 results[shift][seed][variant] = r
                 print(f"  {variant}: adapted {r['adapted']:.2f}"
                       + (f" control {r['control']:.2f}" if "control" in r else "")
                       + f" ({r['wall_s']:.0f} s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
+    (out / "results.json").write_text(json.dumps(_compact(
         {"stage1": stage1_info, "stage2": results, "stage2_args": extra, "source_iters": a.source_iters,
-         "class_names": list(CLASS_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}, indent=1))
+         "class_names": list(CLASS_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}),
+        separators=(",", ":")))
     md = (f"# Adaptation study: {a.tag}\n\nCommand: `python benchmarks/adaptation_study.py "
           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])) + "`\n\n"
           + f"Stage 1: {a.source_iters} iterations; stage-2 extra options: `{' '.join(extra) or '(none)'}`.\n\n"

@@ -31,11 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULTS = {
     "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
                   "resize": 850, "eval_size": (1460, 730), "lr": 7.5e-5, "source_lr": 2.5e-4, "ema_momentum": 0.999,
-                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7, "threads": None,
-                  "gate_dynamic": "none"},
+                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7, "threads": None},
     "tiny": {"source_iters": 500, "rounds": 3, "round_iters": 200, "batch_size": 4, "crop": 48, "resize": 64,
              "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
-             "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1, "gate_dynamic": "none"},
+             "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
 }
 
 
@@ -93,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7; tiny demo 0.9)")
     c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
     c.add_argument("--proportion", type=float, default=0.1, help="class-balanced / per-image static label proportion")
-    c.add_argument("--gate-dynamic", choices=("none", "prediction"),
-                   help="target CE labels: 'prediction' drops a dynamic (prototype) label that the classifier's "
-                        "argmax disagrees with (static labels kept); the FCL/BCL terms are unchanged "
-                        "(default: none for deeplabv2, the paper's rule; see docs/examples.md for tiny)")
+    c.add_argument("--gate-dynamic", choices=("none", "prediction", "agreement", "either"), default="none",
+                   help="which hybrid labels the target CE trains on (FCL/BCL unchanged): 'none' all (the paper's "
+                        "rule, default); 'prediction' a dynamic fill-in only where the classifier's argmax agrees; "
+                        "'agreement' a dynamic fill-in of class c only if the batch's dynamic c labels agree with "
+                        "its static labels on >= half of the pixels carrying both; 'either' a fill-in kept by "
+                        "either rule (docs/examples.md: none helps on every shift)")
     c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
     c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
     c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")

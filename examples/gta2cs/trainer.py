@@ -105,6 +105,31 @@ def gate_dynamic(static: Tensor, hybrid: Tensor, prediction: Tensor) -> Tensor:
     return torch.where((static != IGNORE) | (hybrid == prediction), hybrid, torch.full_like(hybrid, IGNORE))
 
 
+def gate_by_agreement(static: Tensor, dynamic: Tensor, hybrid: Tensor, num_classes: int,
+                      min_agreement: float = 0.5, prediction: Tensor | None = None) -> Tensor:
+    """``--gate-dynamic agreement``: keep a dynamic fill-in of class c only if, in this batch, the dynamic labels
+    of class c agree with the static labels on at least ``min_agreement`` of the pixels that carry both.
+
+    A label-free estimate of each class's dynamic-label precision: static labels are the precise ones (most
+    classes 90-100 %), so where both exist their agreement measures how often a dynamic c is right. A class
+    whose dynamic labels never meet a static label keeps them (no evidence against). Static labels are always
+    kept. With ``prediction`` (``--gate-dynamic either``), a dynamic fill-in that equals the classifier's argmax
+    is kept as well. Per-class counts with ``scatter_add_`` on the device: no host sync.
+    """
+    K = num_classes
+    has_static, has_dynamic = static != IGNORE, dynamic != IGNORE
+    column = torch.where(has_static & has_dynamic, dynamic, K).flatten()  # class K: not counted
+    overlap = torch.zeros(K + 1, device=dynamic.device).scatter_add_(0, column, torch.ones_like(column,
+                                                                                                dtype=torch.float))
+    agree = torch.zeros(K + 1, device=dynamic.device).scatter_add_(
+        0, column, (static == dynamic).flatten().float())
+    reliable = agree >= min_agreement * overlap  # K + 1 flags; True where no overlap (0 >= 0)
+    keep = has_static | reliable[torch.where(has_dynamic, dynamic, K)]
+    if prediction is not None:
+        keep = keep | (hybrid == prediction)
+    return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE))
+
+
 def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> float:
     return base * (1 - iteration / max(1, total)) ** power
 
@@ -548,6 +573,10 @@ class Trainer:
             y_d, y_t, contrast_loss, fcl, bcl = out.dynamic_labels, out.target_labels, out.loss, out.fcl, out.bcl
             if self.args.gate_dynamic == "prediction":  # a dynamic label counts only where the classifier agrees
                 y_t = gate_dynamic(y_f, y_t, up_t.detach().argmax(1))
+            elif self.args.gate_dynamic == "agreement":  # only classes whose dynamic labels agree with static ones
+                y_t = gate_by_agreement(y_f, y_d, y_t, self.num_classes)
+            elif self.args.gate_dynamic == "either":  # agreement, or the classifier's own prediction
+                y_t = gate_by_agreement(y_f, y_d, y_t, self.num_classes, prediction=up_t.detach().argmax(1))
         else:  # --no-contrastive --no-dynamic: self-training on the static labels, protocl's step not run at all
             y_d, y_t = torch.full_like(y_f, IGNORE), y_f
             contrast_loss = fcl = bcl = torch.zeros((), device=self.device)
