@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--control", action=argparse.BooleanOptionalAction,
                    help="also continue source-only training from stage 1 for the stage 2 budget, a baseline with "
                         "the same iterations (default: on for the demo, off otherwise)")
+    t.add_argument("--source-checkpoint",
+                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, or any "
+                        "checkpoint with a 'model' entry); the same-budget control starts from them too")
     t.add_argument("--stage1-best-on-target-val", action="store_true",
                    help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
                         "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
@@ -89,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7; tiny demo 0.9)")
     c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
     c.add_argument("--proportion", type=float, default=0.1, help="class-balanced / per-image static label proportion")
+    c.add_argument("--gate-dynamic", choices=("none", "prediction", "agreement", "either"), default="none",
+                   help="which hybrid labels the target CE trains on (FCL/BCL unchanged): 'none' all (the paper's "
+                        "rule, default); 'prediction' a dynamic fill-in only where the classifier's argmax agrees; "
+                        "'agreement' a dynamic fill-in of class c only if the batch's dynamic c labels agree with "
+                        "its static labels on >= half of the pixels carrying both; 'either' a fill-in kept by "
+                        "either rule (docs/examples.md: none helps on every shift)")
     c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
     c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
     c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(args)
             if args.resume:
                 trainer.resume(args.resume)
+            elif args.source_checkpoint:
+                trainer.start_from_source(args.source_checkpoint)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -99,6 +99,37 @@ def safe_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return total / (labels != IGNORE).sum().clamp_min(1)
 
 
+def gate_dynamic(static: Tensor, hybrid: Tensor, prediction: Tensor) -> Tensor:
+    """``--gate-dynamic prediction``: keep the hybrid label where a static label exists, and elsewhere (a label
+    the dynamic branch filled in) only where it equals the classifier's own prediction; else ignore."""
+    return torch.where((static != IGNORE) | (hybrid == prediction), hybrid, torch.full_like(hybrid, IGNORE))
+
+
+def gate_by_agreement(static: Tensor, dynamic: Tensor, hybrid: Tensor, num_classes: int,
+                      min_agreement: float = 0.5, prediction: Tensor | None = None) -> Tensor:
+    """``--gate-dynamic agreement``: keep a dynamic fill-in of class c only if, in this batch, the dynamic labels
+    of class c agree with the static labels on at least ``min_agreement`` of the pixels that carry both.
+
+    A label-free estimate of each class's dynamic-label precision: static labels are the precise ones (most
+    classes 90-100 %), so where both exist their agreement measures how often a dynamic c is right. A class
+    whose dynamic labels never meet a static label keeps them (no evidence against). Static labels are always
+    kept. With ``prediction`` (``--gate-dynamic either``), a dynamic fill-in that equals the classifier's argmax
+    is kept as well. Per-class counts with ``scatter_add_`` on the device: no host sync.
+    """
+    K = num_classes
+    has_static, has_dynamic = static != IGNORE, dynamic != IGNORE
+    column = torch.where(has_static & has_dynamic, dynamic, K).flatten()  # class K: not counted
+    overlap = torch.zeros(K + 1, device=dynamic.device).scatter_add_(0, column, torch.ones_like(column,
+                                                                                                dtype=torch.float))
+    agree = torch.zeros(K + 1, device=dynamic.device).scatter_add_(
+        0, column, (static == dynamic).flatten().float())
+    reliable = agree >= min_agreement * overlap  # K + 1 flags; True where no overlap (0 >= 0)
+    keep = has_static | reliable[torch.where(has_dynamic, dynamic, K)]
+    if prediction is not None:
+        keep = keep | (hybrid == prediction)
+    return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE))
+
+
 def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> float:
     return base * (1 - iteration / max(1, total)) ** power
 
@@ -421,6 +452,34 @@ class Trainer:
         self.save()
         return True
 
+    def start_from_source(self, path: str) -> None:
+        """``--source-checkpoint``: skip stage 1 and start stage 2 from the model weights in ``path``.
+
+        Accepts ``source_only.pt`` / ``adapted.pt`` (``{"model": ...}``) or a ``checkpoint.pt`` of another run; the
+        weights are copied to ``<out>/source_only.pt`` (the same-budget control starts from them) and evaluated.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"expected --source-checkpoint to be a checkpoint file, got {str(file)!r} (not a file)")
+        ckpt = checkpoint.load(file)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold {{'model': state_dict}}, "
+                             f"got {type(ckpt).__name__} with keys {sorted(ckpt)[:5] if isinstance(ckpt, dict) else []}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as error:
+            raise ValueError(f"expected --source-checkpoint {str(file)!r} to match --arch {self.args.arch}: {error}")
+        a, s = self.args, self.state
+        if self.rank == 0:
+            checkpoint.save_atomic({"model": self.model.state_dict(), "config": vars(a).copy(), "from": str(file)},
+                                   self.out / "source_only.pt")
+        dist.barrier()
+        self.log(f"stage 1 skipped: source model loaded from {file}")
+        s.metrics["source_only"] = self._evaluate("source-only (loaded with --source-checkpoint)")
+        s.stage, s.round, s.iteration = "adapt", 0, 0
+        self.optimizer = self._new_optimizer(a.lr)
+        self.save()
+
     def _keep_if_best(self) -> None:
         """``--stage1-best-on-target-val``: keep the stage-1 weights with the best target-val mIoU."""
         result = self._evaluate(f"stage 1 it {self.state.iteration} (checkpoint selection on target val)")
@@ -512,6 +571,12 @@ class Trainer:
         if self.uses_contrast:
             out = self.contrast(features[:b], y_s, features[b:], y_f)
             y_d, y_t, contrast_loss, fcl, bcl = out.dynamic_labels, out.target_labels, out.loss, out.fcl, out.bcl
+            if self.args.gate_dynamic == "prediction":  # a dynamic label counts only where the classifier agrees
+                y_t = gate_dynamic(y_f, y_t, up_t.detach().argmax(1))
+            elif self.args.gate_dynamic == "agreement":  # only classes whose dynamic labels agree with static ones
+                y_t = gate_by_agreement(y_f, y_d, y_t, self.num_classes)
+            elif self.args.gate_dynamic == "either":  # agreement, or the classifier's own prediction
+                y_t = gate_by_agreement(y_f, y_d, y_t, self.num_classes, prediction=up_t.detach().argmax(1))
         else:  # --no-contrastive --no-dynamic: self-training on the static labels, protocl's step not run at all
             y_d, y_t = torch.full_like(y_f, IGNORE), y_f
             contrast_loss = fcl = bcl = torch.zeros((), device=self.device)

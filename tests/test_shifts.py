@@ -1,0 +1,266 @@
+"""The real-photo domain shifts (examples/gta2cs/shifts.py), --source-checkpoint and the study's diagnostics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_gta2cs
+from gta2cs import data, shifts
+
+TINY = {"source_images": 4, "target_train": 4, "target_val": 2, "size": (48, 24)}
+TINY_RUN = ["--source-iters", "4", "--rounds", "1", "--round-iters", "3", "--batch-size", "2", "--crop", "16",
+            "--resize", "24", "--eval-size", "48x24", "--log-every", "1", "--ckpt-every", "2", "--workers", "0",
+            "--threads", "1", "--arch", "tiny"]
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", params=shifts.SHIFTS)
+def shift_roots(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, shifts.write_shift(request.param, root, seed=5, **TINY)
+
+
+def test_images_are_read_from_the_installed_wheel():
+    folder = shifts.skimage_data_dir()
+    names = {name for name, _, _ in shifts.GRAY_TEXTURES.values()}
+    names |= {name for name, _ in shifts.PHOTO_CROPS.values()} | set(shifts.CLUTTER_PHOTOS)
+    for name in names:
+        assert (folder / name).is_file(), name
+        image = shifts._image(name)
+        assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 5  # a real, non-constant picture
+
+
+def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
+    shift, (gta, cs) = shift_roots
+    source = data.gta5_files(gta)
+    train = data.cityscapes_files(cs, "train")
+    val = data.cityscapes_files(cs, "val")
+    assert (len(source), len(train), len(val)) == (4, 4, 2)
+    allowed = set(shifts.SHIFT_CLASSES) | {data.IGNORE}
+    seen = set()
+    for sample in source + train + val:
+        with Image.open(sample.image) as image:
+            assert image.size == (48, 24) and image.mode == "RGB"
+        labels = data.read_label(sample.label, (48, 24))
+        assert set(np.unique(labels)) <= allowed
+        seen |= set(np.unique(labels).tolist())
+    assert {shifts.ROAD, shifts.SKY, shifts.BUILDING} <= seen
+    crop = data.TrainSet(train, resize=24, crop=16)[(0, 7)]
+    assert crop["image"].shape == (3, 16, 16) and crop["label"].shape == (16, 16)
+    item = data.EvalSet(val, size=(48, 24))[0]
+    assert item["image"].shape == (3, 24, 48) and item["label"].shape == (24, 48)
+
+
+def test_shift_is_deterministic_and_seeded(shift_roots, tmp_path):
+    shift, (gta, cs) = shift_roots
+    root = gta.parent
+    again = shifts.write_shift(shift, tmp_path / "again", seed=5, **TINY)
+    assert _digest(root) == _digest(again[0].parent)
+    other = shifts.write_shift(shift, tmp_path / "other", seed=6, **TINY)
+    assert _digest(root) != _digest(other[0].parent)
+
+
+def _texture_std(samples, cls: int) -> float:
+    """Mean over images of the within-image colour spread of one class's pixels (its texture)."""
+    spreads = []
+    for sample in samples:
+        image = np.asarray(Image.open(sample.image).convert("RGB"), np.float64)
+        labels = data.read_label(sample.label, image.shape[1::-1])
+        inner = labels == cls
+        inner[1:] &= labels[:-1] == cls  # skip the outline pixels of the cartoon rendering
+        inner[:, 1:] &= labels[:, :-1] == cls
+        if inner.sum() > 20:
+            spreads.append(image[inner].std(0).mean())
+    return float(np.mean(spreads))
+
+
+def test_the_two_shifts_differ_in_kind(tmp_path):
+    kw = {"source_images": 8, "target_train": 8, "target_val": 1, "size": (64, 32)}
+    photo_gta, photo_cs = shifts.write_shift("photo", tmp_path / "photo", seed=0, **kw)
+    clutter_gta, clutter_cs = shifts.write_shift("clutter", tmp_path / "clutter", seed=0, **kw)
+    # photo: the source road is flat (cartoon), the target road is a real gravel texture
+    src_road = _texture_std(data.gta5_files(photo_gta), shifts.ROAD)
+    assert _texture_std(data.cityscapes_files(photo_cs, "train"), shifts.ROAD) > 3 * src_road
+    # clutter: the source is already textured; the target has unlabelled photo occluders, the source none
+    clutter_src = [data.read_label(s.label, (64, 32)) for s in data.gta5_files(clutter_gta)]
+    clutter_tgt = [data.read_label(s.label, (64, 32)) for s in data.cityscapes_files(clutter_cs, "train")]
+    assert _texture_std(data.gta5_files(clutter_gta), shifts.ROAD) > 3 * src_road
+    assert all((lab == data.IGNORE).mean() == 0 for lab in clutter_src)
+    assert all((lab == data.IGNORE).mean() > 0.02 for lab in clutter_tgt)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="expected shift in"):
+        shifts.write_shift("fog", "/nonexistent")
+    with pytest.raises(ValueError, match="expected size"):
+        shifts.write_shift("photo", "/nonexistent", size=(8, 8))
+
+
+def test_cli_writes_a_shift(tmp_path, capsys):
+    assert shifts.main(["clutter", str(tmp_path), "--source-images", "2", "--target-train", "2", "--target-val",
+                        "1", "--width", "32", "--height", "16"]) == 0
+    assert "--gta5-root" in capsys.readouterr().out
+    assert len(data.cityscapes_files(tmp_path / "cityscapes", "val")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- --source-checkpoint
+@pytest.fixture(scope="module")
+def photo_tiny(tmp_path_factory):
+    return shifts.write_shift("photo", tmp_path_factory.mktemp("photo_tiny"), seed=1, **TINY)
+
+
+def test_source_checkpoint_skips_stage_one(photo_tiny, tmp_path, capsys):
+    gta, cs = photo_tiny
+    roots = ["--gta5-root", str(gta), "--cityscapes-root", str(cs)]
+    assert train_gta2cs.main([*roots, *TINY_RUN, "--out", str(tmp_path / "a"), "--no-control"]) == 0
+    source = tmp_path / "a" / "source_only.pt"
+    out = tmp_path / "b"
+    assert train_gta2cs.main([*roots, *TINY_RUN, "--out", str(out), "--control", "--source-checkpoint",
+                              str(source)]) == 0
+    log = (out / "log.txt").read_text()
+    assert "stage 1 it" not in log and "stage 1 skipped" in log and "control round 0" in log
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["source_only"] == first["source_only"]  # the same weights, evaluated on the same split
+    loaded = torch.load(source, weights_only=False)["model"]
+    copied = torch.load(out / "source_only.pt", weights_only=False)["model"]
+    assert loaded.keys() == copied.keys()
+    for k in loaded:  # tensors, and the model's extra state (a dict)
+        assert torch.equal(loaded[k], copied[k]) if torch.is_tensor(loaded[k]) else loaded[k] == copied[k]
+    assert "adapted" in second and "source_only_continued" in second
+
+
+def test_source_checkpoint_errors(photo_tiny, tmp_path, capsys):
+    gta, cs = photo_tiny
+    roots = ["--gta5-root", str(gta), "--cityscapes-root", str(cs)]
+    code = train_gta2cs.main([*roots, *TINY_RUN, "--out", str(tmp_path), "--source-checkpoint",
+                              str(tmp_path / "missing.pt")])
+    assert code == 2 and "expected --source-checkpoint to be a checkpoint file" in capsys.readouterr().err
+    torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "other.pt")
+    code = train_gta2cs.main([*roots, *TINY_RUN, "--out", str(tmp_path), "--source-checkpoint",
+                              str(tmp_path / "other.pt")])
+    assert code == 2 and "to match --arch tiny" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "list.pt")
+    code = train_gta2cs.main([*roots, *TINY_RUN, "--out", str(tmp_path), "--source-checkpoint",
+                              str(tmp_path / "list.pt")])
+    assert code == 2 and "to hold {'model': state_dict}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- study diagnostics
+def test_class_diagnostics_against_a_loop():
+    import adaptation_study
+
+    k = adaptation_study.K
+    rng = np.random.default_rng(0)
+    gt = rng.choice([0, 2, 5, 13, 255], size=500)
+    labels = np.where(rng.random(500) < 0.3, 255, np.where(rng.random(500) < 0.7, gt, rng.choice([0, 2, 8], 500)))
+    confusion = np.zeros((k, k + 1), np.int64)
+    for g, y in zip(gt, labels):
+        if g != 255:
+            confusion[g, k if y == 255 else y] += 1
+    got = adaptation_study.class_diagnostics(confusion)
+    known = gt != 255
+    for c in (0, 2, 5, 13):
+        of_class = known & (gt == c)
+        assert got["coverage"][c] == pytest.approx(100 * (labels[of_class] != 255).mean())
+    for c in (0, 2, 8):
+        labelled_c = known & (labels == c)
+        assert got["precision"][c] == pytest.approx(100 * (gt[labelled_c] == c).mean())
+    assert np.isnan(got["coverage"][8]) and got["precision"][8] == 0  # labelled 8, never 8 in the ground truth
+    assert got["precision_mean"] == pytest.approx(np.mean([got["precision"][c] for c in (0, 2, 5, 8, 13)]))
+    labelled = known & (labels != 255)
+    assert got["pixel_precision"] == pytest.approx(100 * (labels[labelled] == gt[labelled]).mean())
+    assert got["coverage_mean"] == pytest.approx(np.mean([got["coverage"][c] for c in (0, 2, 5, 13)]))
+
+
+# ---------------------------------------------------------------------------------------------- --gate-dynamic
+def test_gate_dynamic_keeps_static_and_agreeing_dynamic_labels():
+    from gta2cs.trainer import gate_dynamic
+
+    ig = data.IGNORE
+    static = torch.tensor([[0, ig, ig, ig, 2, ig]])
+    hybrid = torch.tensor([[0, 1, 3, ig, 2, 4]])  # fill: static where set, dynamic elsewhere
+    prediction = torch.tensor([[5, 1, 2, 3, 7, 4]])
+    # static labels stay even where the prediction differs; dynamic ones only where the prediction agrees
+    assert gate_dynamic(static, hybrid, prediction).tolist() == [[0, 1, ig, ig, 2, 4]]
+    loop = [h if (s != ig or h == p) else ig for s, h, p in zip(static[0].tolist(), hybrid[0].tolist(),
+                                                                   prediction[0].tolist())]
+    assert gate_dynamic(static, hybrid, prediction)[0].tolist() == loop
+
+
+@pytest.mark.parametrize("gate", ["prediction", "agreement", "either"])
+def test_gate_dynamic_option_runs_and_is_recorded(photo_tiny, tmp_path, gate):
+    gta, cs = photo_tiny
+    out = tmp_path / "gated"
+    assert train_gta2cs.main(["--gta5-root", str(gta), "--cityscapes-root", str(cs), *TINY_RUN, "--out", str(out),
+                              "--no-control", "--gate-dynamic", gate]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["gate_dynamic"] == gate and "adapted" in metrics
+    args = train_gta2cs.resolve(train_gta2cs.build_parser().parse_args(
+        ["--gta5-root", str(gta), "--cityscapes-root", str(cs)]))
+    assert args.gate_dynamic == "none"  # deeplabv2 keeps the paper's rule
+
+
+def _agreement_loop(static, dynamic, hybrid, k, min_agreement=0.5, prediction=None):
+    ig = data.IGNORE
+    overlap, agree = [0] * k, [0] * k
+    for s, d in zip(static, dynamic):
+        if s != ig and d != ig:
+            overlap[d] += 1
+            agree[d] += s == d
+    prediction = prediction if prediction is not None else [None] * len(static)
+    return [h if s != ig or (d != ig and agree[d] >= min_agreement * overlap[d]) or h == p else ig
+            for s, d, h, p in zip(static, dynamic, hybrid, prediction)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("either", [False, True])
+def test_gate_by_agreement_against_a_loop(seed, either):
+    from gta2cs.trainer import gate_by_agreement
+
+    ig, k = data.IGNORE, 5
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, k, (2, 9, 7), generator=g)
+    # static labels: sparse and mostly right; dynamic labels: dense, class 1 mostly wrong
+    static = torch.where(torch.rand(truth.shape, generator=g) < 0.4, truth, ig)
+    noise = torch.randint(0, k, truth.shape, generator=g)
+    dynamic = torch.where(torch.rand(truth.shape, generator=g) < 0.6, truth, noise)
+    dynamic = torch.where(truth == 1, (truth + 1) % k, dynamic)
+    dynamic = torch.where(torch.rand(truth.shape, generator=g) < 0.2, ig, dynamic)
+    hybrid = torch.where(static != ig, static, dynamic)
+    prediction = torch.randint(0, k, truth.shape, generator=g) if either else None
+    got = gate_by_agreement(static, dynamic, hybrid, k, prediction=prediction)
+    assert got.flatten().tolist() == _agreement_loop(
+        static.flatten().tolist(), dynamic.flatten().tolist(), hybrid.flatten().tolist(), k,
+        prediction=prediction.flatten().tolist() if either else None)
+    assert torch.equal(got[static != ig], static[static != ig])  # static labels always stay
+
+
+def test_gate_by_agreement_drops_a_class_that_disagrees():
+    from gta2cs.trainer import gate_by_agreement
+
+    ig = data.IGNORE
+    static = torch.tensor([[0, 0, 0, 2, ig, ig, ig, ig]])
+    dynamic = torch.tensor([[1, 1, 0, 2, 1, 0, 2, 3]])  # dynamic 1 meets static twice, never agrees
+    hybrid = torch.where(static != ig, static, dynamic)
+    # class 1 dropped; 0 and 2 agree; 3 never meets a static label: kept (no evidence against it)
+    assert gate_by_agreement(static, dynamic, hybrid, 4).tolist() == [[0, 0, 0, 2, ig, 0, 2, 3]]
