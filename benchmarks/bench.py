@@ -267,7 +267,7 @@ def goals(report: dict) -> list[dict]:
     for case, impl, target in GOALS:
         if case in by_name and impl in by_name[case]:
             speedup = by_name[case]["release"]["median_ms"] / by_name[case][impl]["median_ms"]
-            out.append({"case": case, "implementation": impl, "goal": target, "speedup": round(speedup, 2),
+            out.append({"case": case, "implementation": impl, "goal": target, "speedup": speedup,
                         "met": speedup >= target})
     return out
 
