@@ -42,12 +42,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from gta2cs.data import CLASS_NAMES, IGNORE, cityscapes_files, read_label  # noqa: E402
-from gta2cs.evaluate import evaluate  # noqa: E402
-from gta2cs.shifts import SHIFTS, write_shift  # noqa: E402
-from gta2cs.synthetic import write_demo_dataset  # noqa: E402
-from gta2cs.trainer import Trainer  # noqa: E402
-from train_gta2cs import build_parser, resolve  # noqa: E402
+from gta2cs.data import CLASS_NAMES, IGNORE, cityscapes_files, read_label
+from gta2cs.evaluate import evaluate
+from gta2cs.shifts import SHIFTS, write_shift
+from gta2cs.synthetic import write_demo_dataset
+from gta2cs.trainer import Trainer
+from train_gta2cs import build_parser, resolve
 
 K = len(CLASS_NAMES)
 DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its source in the GTA5 / SYNTHIA layout

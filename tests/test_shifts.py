@@ -50,7 +50,7 @@ def test_images_are_read_from_the_installed_wheel():
 
 
 def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
-    shift, (gta, cs) = shift_roots
+    _, (gta, cs) = shift_roots
     source = data.gta5_files(gta)
     train = data.cityscapes_files(cs, "train")
     val = data.cityscapes_files(cs, "val")
@@ -71,7 +71,7 @@ def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
 
 
 def test_shift_is_deterministic_and_seeded(shift_roots, tmp_path):
-    shift, (gta, cs) = shift_roots
+    shift, (gta, _) = shift_roots
     root = gta.parent
     again = shifts.write_shift(shift, tmp_path / "again", seed=5, **TINY)
     assert _digest(root) == _digest(again[0].parent)

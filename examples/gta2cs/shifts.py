@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,7 @@ def skimage_data_dir() -> Path:
     return Path(skimage.__file__).resolve().parent / "data"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _image(name: str) -> np.ndarray:
     """A bundled image as float32 (H, W, 3) RGB in [0, 255]; read from the package folder, never fetched."""
     path = skimage_data_dir() / name
