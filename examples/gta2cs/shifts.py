@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from .data import ID_TO_TRAIN_ID
+from .synthetic import gaussian_blur
 
 TRAIN_TO_ID = {v: k for k, v in ID_TO_TRAIN_ID.items()}
 ROAD, SIDEWALK, BUILDING, WALL, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 13
@@ -228,15 +229,6 @@ def render_photo(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    radius = max(1, round(2 * sigma))
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    k /= k.sum()
-    pad = np.pad(img, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-    tmp = sum(k[i] * pad[:, i:i + img.shape[1]] for i in range(2 * radius + 1))
-    return sum(k[i] * tmp[i:i + img.shape[0]] for i in range(2 * radius + 1))
-
-
 def render_photo_target(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Target of ``photo``: photo textures under a warm low sun, a cast shadow, vignetting, blur and noise."""
     h, w = label.shape
@@ -253,7 +245,7 @@ def render_photo_target(label: np.ndarray, rng: np.random.Generator) -> np.ndarr
     # vignetting, lens blur, sensor noise
     r2 = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2
     img *= (1 - 0.35 * r2 / 2)[..., None]
-    img = _blur(img, sigma=rng.uniform(0.6, 1.0))
+    img = gaussian_blur(img, sigma=rng.uniform(0.6, 1.0))
     img += rng.normal(0, 6, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

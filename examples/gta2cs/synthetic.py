@@ -112,7 +112,8 @@ def render_source(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W, C) float image, edges replicated (radius 2·sigma, at least 1)."""
     radius = max(1, round(2 * sigma))
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     k /= k.sum()
@@ -153,7 +154,7 @@ def render_target(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = 128 + 0.75 * (img - 128) + np.array([22, 6, -18], dtype=np.float32)
     img = 255 * (np.clip(img, 0, 255) / 255) ** rng.uniform(0.8, 1.2)
     img = img * rng.uniform(0.8, 1.15)
-    img = _blur(img, sigma=0.9)
+    img = gaussian_blur(img, sigma=0.9)
     img += rng.normal(0, 7, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
