@@ -114,7 +114,8 @@ def no_protocl_step(run: train_gta2cs.Run, src: dict, tgt: dict) -> tuple[dict, 
     b = src["image"].shape[0]
     y_s = src["label"].to(run.device, non_blocking=True).long()
     y_f = tgt["static"].to(run.device, non_blocking=True).long()
-    logits, _ = train_gta2cs.forward(run, run.net, torch.cat([src["image"], tgt["image"]]))
+    images = torch.cat([src["image"].to(run.device, non_blocking=True), tgt["image"].to(run.device, non_blocking=True)])
+    logits, _ = train_gta2cs.forward(run, run.net, images)
     up = F.interpolate(logits, size=y_s.shape[-2:], mode="bilinear", align_corners=False)
     ce_src, ce_tgt = train_gta2cs.safe_cross_entropy(up[:b], y_s), train_gta2cs.safe_cross_entropy(up[b:], y_f)
     ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up[b:])

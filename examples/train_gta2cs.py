@@ -66,6 +66,7 @@ __all__ = [  # the loop, in the order a run calls it (Run, setup and finish come
     "Run", "setup", "start", "new_state", "save_checkpoint", "train", "train_source", "end_source",
     "make_static_labels", "adapt_round", "adapt_step", "source_step", "evaluate", "log_point", "finish", "main",
 ]
+
 StepContext = Callable[[str, bool], contextlib.AbstractContextManager]  # (kind, checked) -> context manager
 
 
@@ -203,7 +204,9 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
     ``out``; FCL/BCL always use the orchestrator's own y_T.
     """
     b = src["image"].shape[0]
-    images = src["image"] if tgt is None else torch.cat([src["image"], tgt["image"]])
+    images = src["image"].to(run.device, non_blocking=True)  # (page-locked on CUDA: copied one by one)
+    if tgt is not None:
+        images = torch.cat([images, tgt["image"].to(run.device, non_blocking=True)])
     y_s = src["label"].to(run.device, non_blocking=True).long()
     logits, features = forward(run, run.net, images)
     up = F.interpolate(logits, size=y_s.shape[-2:], mode="bilinear", align_corners=False)
