@@ -127,6 +127,7 @@ def start(run: Run) -> dict:
         state["step"] = a.source_iters
         state["metrics"]["source_only"] = evaluate(run, state, "source-only (loaded with --source-checkpoint)")
         begin_phase(run, state, "adapt")
+    run.started = (time.time(), state["step"])
     return state
 
 
@@ -405,7 +406,6 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
 
 def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: StepContext | None = None) -> None:
     """Both stages (and the same-budget control with ``--control``) from wherever ``state`` is."""
-    run.started = (time.time(), state["step"])
     if state["phase"] == "source":
         train_source(run, state, step_context=step_context)
         end_source(run, state)
