@@ -41,7 +41,6 @@ import torch.nn.functional as F
 import torch.utils.benchmark as tb
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 import release_baseline  # noqa: E402
 

@@ -1,15 +1,20 @@
-r"""GPU evidence for the reference pipeline: the real :class:`Trainer` of ``examples/train_gta2cs.py`` on DeepLab-V2
-ResNet-101 (one command, under 8 minutes on an H100; ``bash benchmarks/gpu_check.sh`` runs it first).
+r"""GPU evidence for the reference pipeline: the real loop of ``examples/train_gta2cs.py`` on DeepLab-V2
+ResNet-101 (one command, under 8 minutes on an H100; ``bash benchmarks/gpu_check.sh`` runs it first):
+
+    python -m benchmarks.gpu_check --device cuda
+    python -m benchmarks.gpu_check --smoke          # the code path on the CPU, seconds
 
 Sections (each records its result or its error in the JSON, so one failure does not hide the others):
 
-1. ``pipeline``: the Trainer, unchanged, trains DeepLab-V2 R101 from random weights on a synthetic dataset written
+1. ``pipeline``: the pipeline's own functions (``setup``, ``start``, ``train_source``, ``end_source``,
+   ``make_static_labels``, ``adapt_round``; a run built as ``train_gta2cs.main`` builds it), with the step timer
+   handed in as their ``step_context``, train DeepLab-V2 R101 from random weights on a synthetic dataset written
    to a temporary directory (the demo's scene generator, source and target images upscaled to short side 850 by
    the loader, 2 + 2 random crops of 730²) for ``--source-iters`` stage-1 steps and one round of
    ``--round-iters`` stage-2 steps, with ``--sync-debug`` (every step but the first of a stage or round runs under
    ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises and fails the configuration), in fp32 and
-   bf16 autocast, with the full method and without protocl's terms (``--no-contrastive --no-dynamic``:
-   self-training on the static labels, the orchestrator not called). Per configuration: median GPU time of a
+   bf16 autocast, with the full method (``adapt_step``) and without protocl (:func:`no_protocl_step`, passed
+   as ``adapt_round``'s step: the same CE + entropy on the static labels, the orchestrator not called). Per configuration: median GPU time of a
    step (CUDA events around each step, the first steps of a stage left out), stage-2 throughput over the whole
    round (events from the first timed step to the last: includes any wait for data), peak GPU memory of the
    stage-2 steps, and the static-label pass (images/s over the target train split: two passes over the images,
@@ -36,25 +41,22 @@ import traceback
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "examples"))
-
-import bench
+import torch.nn.functional as F
 import train_gta2cs
+from gta2cs import options
 from gta2cs.synthetic import write_demo_dataset
-from gta2cs.trainer import Trainer
 
 import protocl
 
-VARIANTS = {"full": [], "no_protocl": ["--no-contrastive", "--no-dynamic"]}
+from . import bench
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ("full", "no_protocl")
 PRECISIONS = {"fp32": "none", "bf16": "bf16"}
 
 
 class StepTimer:
-    """``Trainer.step_context``: CUDA events around every step and the running peak memory, no sync inside."""
+    """A ``step_context`` for the pipeline's loops: CUDA events around every step and the running peak memory, no sync inside."""
 
     def __init__(self, device: torch.device, skip: int) -> None:
         self.device, self.skip = device, skip
@@ -106,39 +108,53 @@ def write_data(root: Path, smoke: bool) -> tuple[Path, Path]:
                               source_size=(320, 180), target_size=(320, 160))
 
 
-def pipeline_run(argv: list[str], device: torch.device, skip: int) -> dict:
-    """One configuration: the real Trainer with a step timer and a timed static-label pass."""
-    args = train_gta2cs.resolve(train_gta2cs.build_parser().parse_args(argv))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    trainer = Trainer(args)
+def no_protocl_step(run: train_gta2cs.Run, src: dict, tgt: dict) -> tuple[dict, None]:
+    """The baseline step without protocl: the pipeline's CE(source) + 0.3·CE(target, static) + entropy terms,
+    no orchestrator (the cost of protocl is the difference to ``train_gta2cs.adapt_step``)."""
+    b = src["image"].shape[0]
+    y_s = src["label"].to(run.device, non_blocking=True).long()
+    y_f = tgt["static"].to(run.device, non_blocking=True).long()
+    images = torch.cat([src["image"].to(run.device, non_blocking=True), tgt["image"].to(run.device, non_blocking=True)])
+    logits, _ = train_gta2cs.forward(run, run.net, images)
+    up = F.interpolate(logits, size=y_s.shape[-2:], mode="bilinear", align_corners=False)
+    ce_src, ce_tgt = train_gta2cs.safe_cross_entropy(up[:b], y_s), train_gta2cs.safe_cross_entropy(up[b:], y_f)
+    ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up[b:])
+    train_gta2cs.optimize(run, ce_src + 0.3 * ce_tgt + 0.4 * ent)
+    stats = {"ce_src": ce_src.detach(), "ce_tgt": ce_tgt.detach(), "ent": ent.detach()}
+    for name in ("static", "dynamic", "hybrid"):  # (the log point's coverage columns: the static labels)
+        stats[f"cov_{name}"] = torch.count_nonzero(y_f != protocl.IGNORE_INDEX) * (100.0 / y_f.numel())
+    return stats, None
+
+
+def pipeline_run(argv: list[str], device: torch.device, skip: int, variant: str = "full") -> dict:
+    """One configuration: stage 1 and one round of stage 2 through the pipeline's functions, every step timed,
+    the static-label pass timed."""
+    run = train_gta2cs.setup(options.parse_args(argv))
     timer = StepTimer(device, skip)
-    trainer.step_context = timer
-    static = {}
-    generate = trainer.generate_static_labels
-
-    def timed_static(round_index: int):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = generate(round_index)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        static.update(images=len(trainer.target_train), seconds=seconds,
-                      images_per_s=len(trainer.target_train) / seconds)
-        return out
-
-    trainer.generate_static_labels = timed_static
+    step = train_gta2cs.adapt_step if variant == "full" else no_protocl_step
     t0 = time.perf_counter()
-    code = trainer.run()
-    result = {"exit_code": code, "wall_s": time.perf_counter() - t0,
-              "stage1": timer.summary("source"), "stage2": timer.summary("adapt"),
-              "static_labels": static,
-              "target_miou_after_round": trainer.state.metrics.get("adapted", {}).get("miou")}
+    try:
+        state = train_gta2cs.start(run)
+        train_gta2cs.train_source(run, state, step_context=timer)
+        train_gta2cs.end_source(run, state)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_static = time.perf_counter()
+        state["thresholds"] = train_gta2cs.make_static_labels(run, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t_static
+        train_gta2cs.adapt_round(run, state, step=step, step_context=timer)
+    finally:
+        protocl.set_value_checks(True)
+    result = {"wall_s": time.perf_counter() - t0, "stage1": timer.summary("source"),
+              "stage2": timer.summary("adapt"),
+              "static_labels": {"images": len(run.target_train), "seconds": seconds,
+                                "images_per_s": len(run.target_train) / seconds},
+              "target_miou_after_round": state["metrics"].get("adapted", {}).get("miou")}
     if device.type == "cuda":
         result["stage2_peak_memory_mib"] = timer.peak_bytes / 2**20
-    del trainer, timed_static  # (a reference cycle: collect it, with the DataLoader workers and GPU memory)
+    del run, state  # (DataLoader workers and GPU memory)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -163,7 +179,7 @@ def _pipeline_configurations(work: Path, device: torch.device, smoke: bool, sour
                           "batch": "2 source + 2 target", "source_iters": source_iters,
                           "round_iters": round_iters, "warmup_steps_left_out": skip, "workers": workers}}
     for precision, amp in PRECISIONS.items():
-        for variant, flags in VARIANTS.items():
+        for variant in VARIANTS:
             name = f"{precision}_{variant}"
             if time.perf_counter() - t_start > budget_s:
                 result[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
@@ -172,9 +188,9 @@ def _pipeline_configurations(work: Path, device: torch.device, smoke: bool, sour
                     "--device", str(device), "--amp", amp, "--sync-debug", "--out", str(work / name),
                     "--source-iters", str(source_iters), "--rounds", "1", "--round-iters", str(round_iters),
                     "--log-every", str(max(1, round_iters // 2)), "--ckpt-every", str(10**9),
-                    "--workers", str(workers), "--no-control", "--no-diagnostics", *flags]
+                    "--workers", str(workers), "--no-control", "--no-diagnostics"]
             try:
-                result[name] = pipeline_run(argv, device, skip)
+                result[name] = pipeline_run(argv, device, skip, variant)
             except Exception as exc:  # noqa: BLE001 - a failing configuration (e.g. a host sync) is a result too
                 result[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
             print(f"[gpu_check] pipeline {name}: {_short(result[name])}", flush=True)
@@ -369,5 +385,5 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m benchmarks.gpu_check
     main()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU evidence in one command, for a lent H100/H200: under 8 minutes in all.
-# UNVERIFIED ON GPU: written and tested on a machine without a GPU (gpu_check.py --smoke runs in the test suite).
+# UNVERIFIED ON GPU: written and tested on a machine without a GPU (python -m benchmarks.gpu_check --smoke runs in the test suite).
 #
 #   bash benchmarks/gpu_check.sh            # results in $OUT (device tool) or benchmarks/results
 #
-# 1. gpu_check.py: the reference pipeline's real Trainer on DeepLab-V2 R101 (random init, 2 + 2 crops of 730²),
+# 1. python -m benchmarks.gpu_check: the reference pipeline's own loop functions on DeepLab-V2 R101 (random init, 2 + 2 crops of 730²),
 #    fp32 and bf16, with and without protocl's terms, every step under sync-debug "error": step time, peak memory,
 #    static-label throughput; protocl's orchestrator alone under sync-debug and in a CUDA graph;
 # 2. bench.py on cuda (protocl's losses against the release loops) with the time that is left.
@@ -28,7 +28,7 @@ START=$(date +%s)
 } 2>&1 | tee "$LOG"
 
 status=0
-timeout 400 python benchmarks/gpu_check.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
+timeout 400 python -m benchmarks.gpu_check --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" || status=1
 LEFT=$(( 470 - ($(date +%s) - START) ))
 if [ "$LEFT" -gt 60 ]; then
   timeout "$LEFT" python benchmarks/bench.py --device cuda --rounds 3 --out "$OUT" 2>&1 | tee -a "$LOG" || status=1

@@ -1,5 +1,11 @@
 r"""GTA5 (or SYNTHIA) -> Cityscapes with bi-directional prototype contrast (protocl's reference pipeline, spec §4).
 
+A script to read and copy: plain functions on protocl's public API, in the order a run calls them
+(``setup`` -> ``start`` -> ``train`` = ``train_source`` -> ``end_source`` -> per round ``make_static_labels`` +
+``adapt_round`` (whose step is ``adapt_step``) -> ``finish``). Data, model, evaluation, figures and
+checkpoint files are modules of ``gta2cs/``; everything a restart needs is one checkpoint dict
+(:func:`save_checkpoint`).
+
 Without dataset paths it runs the embedded demo: a small synthetic two-domain dataset is written in the
 GTA5 (or, with ``--source synthia``, SYNTHIA) and Cityscapes layouts (flat rendering -> textured, noisy,
 colour-shifted "real" images), a tiny CNN is trained source-only, then adapted, in a few minutes on a CPU:
@@ -14,179 +20,488 @@ On the real datasets (DeepLab-V2 ResNet-101, the paper's settings are the defaul
     python examples/train_gta2cs.py --synthia-root /data/RAND_CITYSCAPES --cityscapes-root /data/cityscapes ...
     torchrun --nproc_per_node=4 examples/train_gta2cs.py ... (the same arguments)
 
+Stage 1 trains on labelled source crops (cross-entropy) and keeps the last weights. Stage 2 adapts in rounds:
+at the start of each round static pseudo labels are regenerated over the target train split and written to
+disk; every step the orchestrator :class:`protocl.BidirectionalContrast` turns them into hybrid labels y_T and
+returns the FCL + BCL loss; the step loss (:func:`adapt_step`) is
+
+    CE(source) + 0.3·CE(target, y_T) + 0.4·(H(source) + 0.3·H(target)) + λ_FCL·FCL + λ_BCL·BCL.
+
+The training step never synchronises with the host: batches come from page-locked memory with non-blocking
+copies, losses and statistics are accumulated on the device and read only at the log point (every
+``--log-every`` steps, :func:`log_point`), and protocl's value checks (one host read per label map) run on the
+first step of each stage and round only (``--value-checks always`` keeps them on). ``--sync-debug`` runs every
+other step under ``torch.cuda.set_sync_debug_mode("error")``, so that any sync raises.
+
 The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY`` (for SYNTHIA: over the 16 shared
 classes; metrics.json also has ``miou13``). See docs/examples.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import contextlib
+import json
+import shutil
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from gta2cs import checkpoint, diagnostics, dist
+from gta2cs.data import CLASS_NAMES, PseudoLabelSet
+from gta2cs.evaluate import evaluate as evaluate_model
+from gta2cs.options import parse_args
+from gta2cs.run import AMP_DTYPES, Run, finish, new_optimizer, round_diagnostics, round_figure, scalars, setup
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-# paper settings for DeepLab-V2 (spec §4); the tiny demo's own budget
-DEFAULTS = {
-    "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
-                  "resize": 850, "eval_size": (1460, 730), "lr": 7.5e-5, "source_lr": 2.5e-4, "ema_momentum": 0.999,
-                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7, "threads": None},
-    "tiny": {"source_iters": 500, "rounds": 3, "round_iters": 200, "batch_size": 4, "crop": 48, "resize": 64,
-             "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
-             "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
-}
+import protocl
+from protocl import IGNORE_INDEX
+from protocl.distributed import all_reduce_sum_
 
+__all__ = [  # the loop, in the order a run calls it (Run, setup and finish come from gta2cs.run)
+    "Run", "setup", "start", "new_state", "save_checkpoint", "train", "train_source", "end_source",
+    "make_static_labels", "adapt_round", "adapt_step", "source_step", "evaluate", "log_point", "finish", "main",
+]
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1460x730, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--source", choices=("gta5", "synthia"),
-                   help="source dataset (default: synthia when --synthia-root is given, else gta5)")
-    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
-    d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
-                                          "over the 16 shared classes (miou16) and 13 (miou13)")
-    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/)")
-    d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
-    d.add_argument("--out", default="runs/gta2cs", help="output directory (checkpoints, figures, log, metrics.json)")
-    d.add_argument("--batch-size", type=int, help="source and target images per step and rank (2 + 2 in the paper)")
-    d.add_argument("--crop", type=int, help="random square crop (730)")
-    d.add_argument("--resize", type=int, help="short side before random scaling (850)")
-    d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
-    d.add_argument("--eval-size", type=_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
-    d.add_argument("--workers", type=int, help="DataLoader worker processes")
-    m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=("deeplabv2", "tiny"), help="default: tiny for the demo, deeplabv2 otherwise")
-    m.add_argument("--init", help="ImageNet ResNet-101 weights (torchvision or DeepLab init layout); never downloaded")
-    m.add_argument("--features", choices=("aspp", "layer4"), default="aspp",
-                   help="contrast features: ASPP branch outputs (D=4K) or layer4 + 1x1 projection")
-    m.add_argument("--proj-dim", type=int, default=256, help="D of the layer4 projection")
-    t = p.add_argument_group("schedule")
-    t.add_argument("--source-iters", type=int, help="stage 1 iterations")
-    t.add_argument("--rounds", type=int, help="stage 2 rounds (static labels regenerated at each start)")
-    t.add_argument("--round-iters", type=int, help="iterations per round")
-    t.add_argument("--lr", type=float, help="stage 2 backbone lr (classifier x10), poly per round, halved per round")
-    t.add_argument("--source-lr", type=float, help="stage 1 backbone lr (classifier x10), poly")
-    t.add_argument("--control", action=argparse.BooleanOptionalAction,
-                   help="also continue source-only training from stage 1 for the stage 2 budget, a baseline with "
-                        "the same iterations (default: on for the demo, off otherwise)")
-    t.add_argument("--source-checkpoint",
-                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, or any "
-                        "checkpoint with a 'model' entry); the same-budget control starts from them too")
-    t.add_argument("--stage1-best-on-target-val", action="store_true",
-                   help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
-                        "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
-    c = p.add_argument_group("method")
-    c.add_argument("--fcl-weight", type=float, default=0.1)
-    c.add_argument("--bcl-weight", type=float, default=0.1)
-    c.add_argument("--temperature", type=float, default=0.1)
-    c.add_argument("--ema-momentum", type=float)
-    c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7; tiny demo 0.9)")
-    c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
-    c.add_argument("--proportion", type=float, default=0.1, help="class-balanced / per-image static label proportion")
-    c.add_argument("--gate-dynamic", choices=("none", "prediction", "agreement", "either"), default="none",
-                   help="which hybrid labels the target CE trains on (FCL/BCL unchanged): 'none' all (the paper's "
-                        "rule, default); 'prediction' a dynamic fill-in only where the classifier's argmax agrees; "
-                        "'agreement' a dynamic fill-in of class c only if the batch's dynamic c labels agree with "
-                        "its static labels on >= half of the pixels carrying both; 'either' a fill-in kept by "
-                        "either rule (docs/examples.md: none helps on every shift)")
-    c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
-    c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
-    c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
-    r = p.add_argument_group("run")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun picks LOCAL_RANK)")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
-    r.add_argument("--value-checks", choices=("first", "always"), default="first",
-                   help="protocl's label-value checks (one host sync per label map): on the first step of each "
-                        "stage and round only, or on every step")
-    r.add_argument("--sync-debug", action="store_true",
-                   help="run the training steps (not the first of a stage/round, not logging) under "
-                        "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
-    r.add_argument("--diagnostics", action=argparse.BooleanOptionalAction,
-                   help="per-class coverage and precision of static/dynamic/hybrid labels against target train "
-                        "ground truth, logged and in metrics.json (reads target labels; never trained on; "
-                        "default: on for the demo, off otherwise)")
-    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--resume", help="checkpoint to continue from (e.g. <out>/checkpoint.pt)")
-    r.add_argument("--log-every", type=int)
-    r.add_argument("--ckpt-every", type=int, help="checkpoint every N iterations (and at each stage/round end)")
-    r.add_argument("--threads", type=int,
-                   help="torch CPU threads (tiny: 1, its tensors are too small to gain from more and one thread "
-                        "stays fast on a busy machine; deeplabv2: torch's choice)")
-    r.add_argument("--pseudo-cache-mb", type=int, default=512, help="RAM for caching logits between threshold passes")
-    r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # test hook: simulate a crash
-    return p
+StepContext = Callable[[str, bool], contextlib.AbstractContextManager]  # (kind, checked) -> context manager
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill arch-dependent defaults and the embedded demo dataset; validate the combination."""
-    if args.source is None:
-        args.source = "synthia" if args.synthia_root is not None else "gta5"
-    source_root, other = ("gta5_root", "synthia_root") if args.source == "gta5" else ("synthia_root", "gta5_root")
-    if getattr(args, other) is not None:
-        raise SystemExit(f"error: --{other.replace('_', '-')} given with --source {args.source}")
-    demo = getattr(args, source_root) is None and args.cityscapes_root is None
-    if (getattr(args, source_root) is None) != (args.cityscapes_root is None):
-        raise SystemExit(f"error: give both --{source_root.replace('_', '-')} and --cityscapes-root (or neither "
-                         "for the embedded demo)")
-    if args.arch is None:
-        args.arch = "tiny" if demo else "deeplabv2"
-    for key, value in DEFAULTS[args.arch].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
-        raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
-    if demo:
-        from gta2cs.synthetic import write_demo_dataset
+# ---------------------------------------------------------------------------------------------- the checkpoint dict
+def new_state(run: Run) -> dict:
+    """The state that survives a restart, besides the modules' own: phase ("source", "adapt", "control",
+    "done"), round and iteration within the phase, ``step`` (iterations since the start of stage 1, the x axis of
+    logs and curves), results so far and this round's per-class label counts (``--diagnostics``)."""
+    return {"phase": "source", "round": 0, "iteration": 0, "step": 0, "thresholds": None, "metrics": {},
+            "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
+                        "coverage_dynamic": [], "coverage_hybrid": []},
+            "label_counts": torch.zeros(3, 4, len(CLASS_NAMES), dtype=torch.int64, device=run.device)}
 
-        root = Path(args.demo_root or Path(args.out) / "demo_data")
-        if int(os.environ.get("RANK", "0")) == 0:
-            write_demo_dataset(root, seed=args.seed, source=args.source)
-        else:  # other ranks wait for rank 0's copy
-            import time
 
-            while not (root / ".complete").is_file():
-                time.sleep(0.2)
-        setattr(args, source_root, str(root / args.source))
-        args.cityscapes_root = str(root / "cityscapes")
-    if args.control is None:
-        args.control = demo
-    if args.diagnostics is None:
-        args.diagnostics = demo
-    args.demo = demo
-    return args
+def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
+    """Write the ONE checkpoint dict (rank 0, atomically; every rank calls it: it sums the label counts)."""
+    counts = all_reduce_sum_(state["label_counts"].clone())
+    if run.rank == 0:
+        checkpoint.save_atomic({
+            **state, "label_counts": counts.cpu(), "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "contrast": run.contrast.state_dict(), "rng": checkpoint.rng_state(), "config": run.config,
+            "streams": {"source": run.source_stream.state_dict(), "target": run.target_stream.state_dict()},
+            "world_size": run.world}, run.out / name)
+    dist.barrier()
+
+
+def start(run: Run) -> dict:
+    """The run's state: new, resumed from ``--resume`` (exactly), or at stage 2 from ``--source-checkpoint``."""
+    a, state = run.args, new_state(run)
+    if a.resume:
+        ckpt = checkpoint.load(a.resume)
+        state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics",
+                                           "history")})
+        if run.rank == 0:  # the counts were summed over ranks when saved
+            state["label_counts"].copy_(ckpt["label_counts"])
+        run.model.load_state_dict(ckpt["model"])
+        if state["phase"] != "source":
+            new_optimizer(run, a.lr)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        elif run.scaler.is_enabled():
+            run.log("note: the checkpoint has no fp16 GradScaler state (it was trained without --amp fp16): "
+                    "starting a fresh scaler")
+        run.contrast.load_state_dict(ckpt["contrast"])
+        streams = ckpt["streams"]
+        if ckpt.get("world_size", 1) != run.world:  # another world size shards differently: next epoch
+            streams = {k: {"epoch": v["epoch"] + 1, "position": 0} for k, v in streams.items()}
+            run.log(f"note: checkpoint from {ckpt.get('world_size')} ranks resumed on {run.world}: data streams "
+                    "restart at the next epoch (model, optimizer, EMA, thresholds restored exactly)")
+        run.source_stream.load_state_dict(streams["source"])
+        run.target_stream.load_state_dict(streams["target"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        run.log(f"resumed {a.resume}: {state['phase']}, round {state['round']}, iteration {state['iteration']}")
+    elif a.source_checkpoint:
+        load_source_model(run, a.source_checkpoint)
+        state["step"] = a.source_iters
+        state["metrics"]["source_only"] = evaluate(run, state, "source-only (loaded with --source-checkpoint)")
+        begin_phase(run, state, "adapt")
+    run.started = (time.time(), state["step"])
+    return state
+
+
+def load_source_model(run: Run, path: str) -> None:
+    """``--source-checkpoint``: model weights of a ``source_only.pt`` / ``adapted.pt`` / ``checkpoint.pt``, copied
+    to ``<out>/source_only.pt`` (the same-budget control starts from them)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"expected --source-checkpoint to be a checkpoint file, got {str(file)!r} (not a file)")
+    ckpt = checkpoint.load(file)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold {{'model': state_dict}}, got "
+                         f"{type(ckpt).__name__} with keys {sorted(ckpt)[:5] if isinstance(ckpt, dict) else []}")
+    try:
+        run.model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        raise ValueError(f"expected --source-checkpoint {str(file)!r} to match --arch {run.args.arch}: {error}")
+    if run.rank == 0:
+        checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config, "from": str(file)},
+                               run.out / "source_only.pt")
+    dist.barrier()
+    run.log(f"stage 1 skipped: source model loaded from {file}")
+
+
+def begin_phase(run: Run, state: dict, phase: str) -> None:
+    """Start stage 2 ("adapt") or the same-budget control ("control", from source_only.pt) or end ("done")."""
+    if phase == "control":
+        run.model.load_state_dict(checkpoint.load(run.out / "source_only.pt")["model"])
+    state.update(phase=phase, round=0, iteration=0)
+    if phase != "done":
+        new_optimizer(run, run.args.lr)
+    save_checkpoint(run, state)
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def forward(run: Run, net: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The network under autocast (``--amp``); logits back in fp32 for the losses (protocl's losses upcast the
+    features themselves, so those stay in the autocast dtype)."""
+    dtype = AMP_DTYPES[run.args.amp]
+    with torch.autocast(run.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        logits, features = net(images.to(run.device, non_blocking=True))
+    return logits.float(), features
+
+
+def safe_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE over non-ignored pixels; 0 (in the graph) when every pixel is ignored, never NaN."""
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def optimize(run: Run, loss: Tensor) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def source_step(run: Run, batch: dict) -> dict[str, Tensor]:
+    """One stage-1 step: CE on the source crops."""
+    labels = batch["label"].to(run.device, non_blocking=True).long()
+    logits, _ = forward(run, run.net, batch["image"])
+    loss = safe_cross_entropy(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False),
+                              labels)
+    optimize(run, loss)
+    return {"ce_src": loss.detach()}
+
+
+def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """One stage-2 step on a source and a target batch; ``tgt=None`` is the source-only control step.
+
+    Returns the step's statistics (device tensors, read at the log point) and the target labels it used
+    (``static`` y_F, ``dynamic`` y_D, ``hybrid`` = what the target CE trained on). ``target_labels(out, y_f,
+    target_logits)`` (a study hook, default None) chooses the target CE's labels from the orchestrator's output
+    ``out``; FCL/BCL always use the orchestrator's own y_T.
+    """
+    b = src["image"].shape[0]
+    images = src["image"].to(run.device, non_blocking=True)  # (page-locked on CUDA: copied one by one)
+    if tgt is not None:
+        images = torch.cat([images, tgt["image"].to(run.device, non_blocking=True)])
+    y_s = src["label"].to(run.device, non_blocking=True).long()
+    logits, features = forward(run, run.net, images)
+    up = F.interpolate(logits, size=y_s.shape[-2:], mode="bilinear", align_corners=False)
+    ce_src = safe_cross_entropy(up[:b], y_s)
+    if tgt is None:  # source-only control with the same schedule: no target term at all
+        optimize(run, ce_src)
+        return {"ce_src": ce_src.detach()}, None
+    up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
+    out = run.contrast(features[:b], y_s, features[b:], y_f)  # FCL + BCL on y_T = hybrid(y_F, y_D)
+    y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach())
+    ce_tgt = safe_cross_entropy(up_t, y_t)
+    ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)
+    loss = ce_src + 0.3 * ce_tgt + 0.4 * ent + out.loss
+    optimize(run, loss)
+    labels = {"static": y_f, "dynamic": out.dynamic_labels, "hybrid": y_t}
+    stats = {"ce_src": ce_src.detach(), "ce_tgt": ce_tgt.detach(), "ent": ent.detach(), "fcl": out.fcl.detach(),
+             "bcl": out.bcl.detach()}
+    for name, y in labels.items():
+        stats[f"cov_{name}"] = torch.count_nonzero(y != IGNORE_INDEX) * (100.0 / y.numel())
+    return stats, labels
+
+
+@contextlib.contextmanager
+def step_scope(run: Run, kind: str, checked: bool, step_context: StepContext | None):
+    """Around one training step: protocl's value checks when ``checked``, ``--sync-debug`` on the other steps
+    (CUDA), and the caller's ``step_context(kind, checked)`` (timing, tests). ``kind``: source/adapt/control."""
+    protocl.set_value_checks(checked)
+    debug = contextlib.nullcontext()
+    if run.args.sync_debug and not checked and run.device.type == "cuda":
+        debug = sync_debug_error()
+    with debug, step_context(kind, checked) if step_context else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+# ---------------------------------------------------------------------------------------------- the loops
+def train_source(run: Run, state: dict, *, until: int | None = None, step_context: StepContext | None = None
+                 ) -> None:
+    """Stage 1 from ``state["iteration"]`` to ``until`` (default ``--source-iters``), poly lr; checkpoints every
+    ``--ckpt-every`` iterations (``--stage1-best-on-target-val``: also keeps the best on target val)."""
+    a, sums = run.args, {}
+    checked = True  # protocl's value checks on the first step of a stage (or always)
+    while state["iteration"] < min(until or a.source_iters, a.source_iters):
+        set_lr(run.optimizer, (1 - state["iteration"] / a.source_iters) ** 0.9)
+        batch = next(run.source_stream)  # host-side data loading, before the step
+        with step_scope(run, "source", checked or a.value_checks == "always", step_context):
+            accumulate(sums, source_step(run, batch))
+        checked = False
+        state["iteration"] += 1
+        state["step"] += 1
+        if state["iteration"] % a.log_every == 0 or state["iteration"] == a.source_iters:  # ---- log point
+            log_point(run, state, "source", sums)
+        if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < a.source_iters:
+            if a.stage1_best_on_target_val:
+                keep_if_best(run, state)
+            save_checkpoint(run, state)
+
+
+def end_source(run: Run, state: dict) -> None:
+    """After stage 1: ``source_only.pt`` (the last weights, or the best on target val when asked), its
+    evaluation, then stage 2 begins."""
+    if run.args.stage1_best_on_target_val:
+        keep_if_best(run, state)
+        best = checkpoint.load(run.out / "source_best.pt")
+        run.model.load_state_dict(best["model"])
+        run.log(f"stage 1: using the checkpoint of iteration {best['iteration']} (best target-val mIoU "
+                f"{best['miou']:.2f}; this selection reads target labels)")
+    if run.rank == 0:
+        checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config}, run.out / "source_only.pt")
+    state["metrics"]["source_only"] = evaluate(run, state, "source-only (stage 1, last checkpoint)")
+    begin_phase(run, state, "adapt")
+
+
+def keep_if_best(run: Run, state: dict) -> None:
+    """``--stage1-best-on-target-val``: keep the stage-1 weights with the best target-val mIoU."""
+    result = evaluate(run, state, f"stage 1 it {state['iteration']} (checkpoint selection on target val)")
+    if result["miou"] > state["metrics"].get("stage1_best_miou", -1.0):
+        state["metrics"]["stage1_best_miou"] = result["miou"]
+        if run.rank == 0:
+            checkpoint.save_atomic({"model": run.model.state_dict(), "iteration": state["iteration"],
+                                    "miou": result["miou"]}, run.out / "source_best.pt")
+        dist.barrier()
+
+
+@torch.no_grad()
+def make_static_labels(run: Run, round_index: int) -> list[float]:
+    """Static labels of the whole target train split (sharded over ranks; class-balanced thresholds merged),
+    written to ``<out>/pseudo_labels/round_XX`` and handed to the target stream; returns the class thresholds.
+    A round whose labels are complete on disk (a resumed run) is not recomputed."""
+    a, final = run.args, run.out / "pseudo_labels" / f"round_{round_index:02d}"
+    run.target_set.pseudo_dir = final
+    run.target_stream.restart()  # the stream's workers hold a copy of the dataset
+    marker = final / ".complete"
+    if marker.is_file():
+        return json.loads(marker.read_text())["class_thresholds"]
+    tmp = final.with_name(final.name + ".tmp")
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    run.model.eval()
+    shard = run.target_train[run.rank::run.world]
+    loader = DataLoader(PseudoLabelSet(shard, resize=a.resize), batch_size=1, num_workers=min(a.workers, 2),
+                        pin_memory=run.device.type == "cuda")
+    thresholds = protocl.ClassBalancedThresholds(len(CLASS_NAMES), proportion=a.proportion, sync=False).to(run.device)
+    cache, budget = [], a.pseudo_cache_mb * 2**20  # logits kept for the second pass, within the budget
+
+    def full_logits(images: Tensor) -> Tensor:
+        return F.interpolate(forward(run, run.model, images)[0], size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
+
+    for batch in loader:
+        logits = full_logits(batch["image"])
+        thresholds.update(logits)
+        budget -= logits.numel() * logits.element_size()
+        cache.append(logits.cpu() if budget > 0 else None)
+    all_reduce_sum_(thresholds.histogram)  # merged thresholds: identical on every rank
+    class_thresholds = thresholds.compute()
+    covered = torch.zeros(2, dtype=torch.int64, device=run.device)  # labelled pixels, all pixels
+    second_pass = loader if any(c is None for c in cache) else [None] * len(cache)
+    for index, (batch, cached) in enumerate(zip(second_pass, cache)):
+        logits = cached.to(run.device) if cached is not None else full_logits(batch["image"])
+        labels = protocl.static_pseudo_label(logits, class_thresholds=class_thresholds, proportion=a.proportion)
+        covered += torch.stack([torch.count_nonzero(labels != IGNORE_INDEX),
+                                torch.full((), labels.numel(), dtype=torch.int64, device=labels.device)])
+        Image.fromarray(labels[0].to(torch.uint8).cpu().numpy()).save(tmp / f"{shard[index].name}.png")
+    all_reduce_sum_(covered)
+    dist.barrier()
+    if run.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        marker.write_text(json.dumps({"class_thresholds": class_thresholds.tolist()}))
+    dist.barrier()
+    run.model.train()
+    finite = class_thresholds[torch.isfinite(class_thresholds)]
+    run.log(f"round {round_index}: static labels for {len(run.target_train)} target images, coverage "
+            f"{100 * float(covered[0]) / max(1, int(covered[1])):.1f}%, class thresholds median "
+            f"{float(finite.median()) if finite.numel() else float('nan'):.3f} ({finite.numel()} classes seen)")
+    return class_thresholds.tolist()
+
+
+def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: int | None = None,
+                step_context: StepContext | None = None) -> None:
+    """One round of stage 2 (phase "adapt", on the static labels of :func:`make_static_labels`) or of the
+    same-budget control (phase "control": source batches only), from ``state["iteration"]`` to ``until``
+    (default: the round's end, then evaluation, diagnostics, the round's figure and a checkpoint).
+
+    ``step(run, src, tgt)`` is the training step (default :func:`adapt_step`; studies pass their own)."""
+    a, sums, last = run.args, {}, None
+    control = state["phase"] == "control"
+    checked = True  # new static labels: check their values on the round's first step
+    while state["iteration"] < min(until or a.round_iters, a.round_iters):
+        set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
+        src = next(run.source_stream)  # host-side data loading, before the step
+        tgt = None if control else next(run.target_stream)  # the control never looks at the target
+        with step_scope(run, state["phase"], checked or a.value_checks == "always", step_context):
+            stats, labels = step(run, src, tgt)
+            accumulate(sums, stats)
+            if a.diagnostics and labels is not None:  # opt-in: target ground truth, never trained on
+                gt = tgt["label"].to(run.device, non_blocking=True).long()
+                for i, kind in enumerate(diagnostics.LABEL_KINDS):
+                    state["label_counts"][i] += diagnostics.class_counts(labels[kind], gt, len(CLASS_NAMES))
+        checked, last = False, (tgt, labels)
+        state["iteration"] += 1
+        state["step"] += 1
+        if state["iteration"] % a.log_every == 0 or state["iteration"] == a.round_iters:  # ---- log point
+            log_point(run, state, state["phase"], sums)
+        if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < a.round_iters:
+            save_checkpoint(run, state)
+    if state["iteration"] < a.round_iters:
+        return
+    name = "source_only_continued" if control else "adapted"
+    result = evaluate(run, state, f"{'control' if control else 'adapted'} round {state['round']}")
+    if not control:
+        state["metrics"].setdefault("rounds", []).append({"round": state["round"], "miou": result["miou"]})
+        if a.diagnostics:
+            round_diagnostics(run, state)
+        if run.rank == 0 and last is not None and last[1] is not None:
+            round_figure(run, state["round"], *last)
+    state["round"], state["iteration"] = state["round"] + 1, 0
+    state["label_counts"].zero_()
+    if state["round"] < a.rounds:
+        save_checkpoint(run, state)
+    else:
+        state["metrics"][name] = result
+
+
+def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: StepContext | None = None) -> None:
+    """Both stages (and the same-budget control with ``--control``) from wherever ``state`` is."""
+    if state["phase"] == "source":
+        train_source(run, state, step_context=step_context)
+        end_source(run, state)
+    while state["phase"] in ("adapt", "control"):
+        if state["phase"] == "adapt":
+            state["thresholds"] = make_static_labels(run, state["round"])
+        adapt_round(run, state, step=step, step_context=step_context)
+        if state["round"] == run.args.rounds and state["phase"] == "adapt":
+            if run.rank == 0:
+                checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config},
+                                       run.out / "adapted.pt")
+            begin_phase(run, state, "control" if run.args.control else "done")
+        elif state["round"] == run.args.rounds:
+            begin_phase(run, state, "done")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation, logs
+def evaluate(run: Run, state: dict, label: str) -> dict:
+    """Target val mIoU of the current model (sharded over ranks), logged and added to the curves."""
+    result = evaluate_model(run.model, run.val_loader, len(CLASS_NAMES), run.device, subsets=run.subsets,
+                            amp_dtype=AMP_DTYPES[run.args.amp])
+    h, a = state["history"], run.args
+    if state["phase"] == "control":  # plotted at the iteration count it matches (same budget as the adapted model)
+        h.setdefault("control_iter", []).append(a.source_iters + state["round"] * a.round_iters + state["iteration"])
+        h.setdefault("control_miou", []).append(result["miou"])
+    else:
+        h["eval_iter"].append(state["step"])
+        h["eval_miou"].append(result["miou"])
+    extra = "".join(f", mIoU{n} {result[f'miou{n}']:.2f}" for n in (run.subsets or {}))
+    run.log(f"eval {label}: target val mIoU {result['miou']:.2f}{extra}")
+    scalars(run, state, "eval_control" if state["phase"] == "control" else "eval",
+            {k: v for k, v in result.items() if k.startswith("miou")})
+    return result
+
+
+def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None:
+    """THE log point of both loops: the only host read of the step statistics (their means since the last log
+    point), then the log line, the curves and TensorBoard; ``sums`` is emptied."""
+    a = run.args
+    n = state["iteration"] % a.log_every or a.log_every  # steps since the last log point
+    means = {k: float(v) / n for k, v in sums.items()}
+    sums.clear()
+    total = a.source_iters + a.rounds * a.round_iters * (2 if a.control else 1)
+    rate = (state["step"] - run.started[1]) / max(1e-9, time.time() - run.started[0])
+    where = "stage 1" if kind == "source" else f"{'control' if kind == 'control' else 'stage 2'} round {state['round']}"
+    line = (f"[{state['step']}/{total}] {rate:.2f} it/s eta {(total - state['step']) / max(rate, 1e-9) / 60:.1f} min"
+            f" | {where} it {state['iteration']} | "
+            + " ".join(f"{k} {means[k]:.3f}" for k in ("ce_src", "ce_tgt", "ent", "fcl", "bcl") if k in means))
+    if kind == "adapt":
+        line += (" | coverage static/dynamic/hybrid "
+                 f"{means['cov_static']:.0f}/{means['cov_dynamic']:.0f}/{means['cov_hybrid']:.0f}%")
+        if a.diagnostics:  # the round so far, summed over ranks (a collective: every rank is here)
+            counts = all_reduce_sum_(state["label_counts"].clone())
+            summary = {n: diagnostics.summarize(counts[i]) for i, n in enumerate(diagnostics.LABEL_KINDS)}
+            line += " | class-mean coverage/precision " + " ".join(
+                f"{n} {diagnostics.pct(v['class_mean_coverage'])}/{diagnostics.pct(v['class_mean_precision'])}"
+                for n, v in summary.items()) + "% (round so far, target GT, diagnostic only)"
+            for n, v in summary.items():
+                means[f"class_mean_coverage_{n}"] = v["class_mean_coverage"]
+                means[f"class_mean_precision_{n}"] = v["class_mean_precision"]
+        state["history"]["log_iter"].append(state["step"] - a.source_iters)
+        for name in diagnostics.LABEL_KINDS:
+            state["history"][f"coverage_{name}"].append(means[f"cov_{name}"])
+    run.log(line)
+    scalars(run, state, "control" if kind == "control" else "train", means)
+
+
+def accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0) + v
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to ``base_lr * factor`` (the classifier group has a 10x base)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = resolve(build_parser().parse_args(argv))
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from gta2cs import dist
-    from gta2cs.trainer import Trainer
-
+    args = parse_args(argv)
     try:
         try:  # set-up errors (missing dataset roots, bad --init or --resume files) end with a clear message
-            trainer = Trainer(args)
-            if args.resume:
-                trainer.resume(args.resume)
-            elif args.source_checkpoint:
-                trainer.start_from_source(args.source_checkpoint)
+            run = setup(args)
+            state = start(run)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        return trainer.run()
+        checks_before = protocl.value_checks_enabled()
+        try:
+            train(run, state)
+            finish(run, state)
+        finally:
+            protocl.set_value_checks(checks_before)
+            if run.tb is not None:
+                run.tb.close()
+        return 0
     finally:
         dist.cleanup()
 

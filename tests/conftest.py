@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from every test module
 
 try:  # hypothesis is a test extra; the profile only matters where it is installed
     from hypothesis import HealthCheck, settings

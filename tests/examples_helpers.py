@@ -1,23 +1,42 @@
-"""Shared helpers of the tests of the reference pipeline (examples/train_gta2cs.py)."""
+"""Shared helpers of the tests of the reference pipeline (examples/train_gta2cs.py).
+
+``examples/`` (the script and its ``gta2cs`` package), ``benchmarks/`` and the repository root are on the
+import path through pytest's ``pythonpath`` option (pyproject.toml).
+"""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
 
 import torch
+import train_gta2cs
+from gta2cs import options, synthetic
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_gta2cs  # noqa: E402
-from gta2cs import synthetic, trainer  # noqa: E402
+import protocl
 
 # a few iterations of every stage on tiny crops
 TINY_RUN = ["--source-iters", "6", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
             "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
             "--threads", "1"]
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_after`: the process "dies" after a step, before anything else is saved."""
+
+
+def crash_after(steps: int):
+    """A ``step_context`` that raises :class:`Crash` when the ``steps``-th training step has ended."""
+    done = [0]
+
+    @contextlib.contextmanager
+    def context(kind: str, checked: bool):
+        yield
+        done[0] += 1
+        if done[0] == steps:
+            raise Crash(f"after {steps} steps")
+
+    return context
 
 
 def write_fixture(root: Path, source: str = "gta5", seed: int = 3) -> tuple[Path, Path]:
@@ -31,16 +50,29 @@ def data_args(source_root: Path, cityscapes_root: Path, out: Path, source: str =
             "--out", str(out)]
 
 
-def make_trainer(argv: list[str]) -> trainer.Trainer:
-    """A :class:`Trainer` built as ``train_gta2cs.main`` builds it (threads, defaults, demo data)."""
-    args = train_gta2cs.resolve(train_gta2cs.build_parser().parse_args(argv))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return trainer.Trainer(args)
+def build(argv: list[str]) -> train_gta2cs.Run:
+    """A run built as ``train_gta2cs.main`` builds it."""
+    return train_gta2cs.setup(options.parse_args(argv))
+
+
+def train_with(argv: list[str], step_context=None) -> int:
+    """``train_gta2cs.main`` with a ``step_context`` (e.g. :func:`crash_after`): 0 when the run finished, 1 when
+    it crashed (nothing saved after the last periodic checkpoint)."""
+    run = build(argv)
+    state = train_gta2cs.start(run)
+    checks_before = protocl.value_checks_enabled()
+    try:
+        train_gta2cs.train(run, state, step_context=step_context)
+        train_gta2cs.finish(run, state)
+    except Crash:
+        return 1
+    finally:
+        protocl.set_value_checks(checks_before)
+    return 0
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)  # (the RNG states: issue 17)
 
 
 def assert_same_state(a, b, where: str = "") -> None:

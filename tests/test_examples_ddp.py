@@ -11,16 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gta2cs import data, model, synthetic
 from PIL import Image
 
 import protocl
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from gta2cs import data, model, synthetic
-
 SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
+CRASH = str(ROOT / "tests" / "examples_crash.py")  # the pipeline, ended after N steps (a simulated crash)
 RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
        "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
        "--threads", "1", "--diagnostics"]
@@ -28,7 +26,8 @@ RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-si
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "examples"), str(ROOT / "tests"),
+                                         env.get("PYTHONPATH", "")])
     return env
 
 
@@ -61,15 +60,16 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
     data_args = ["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny", "--out", str(out)]
     # 2 ranks: stage 1, sharded eval, sharded static labels (7 images: uneven shards), round 0, then a "crash"
     # in round 1 after its iteration 3 (last checkpoint: round 1, iteration 2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-           *data_args, *RUN, "--stop-after", "11"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", CRASH, "11",
+           *data_args, *RUN]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     log = (out / "log.txt").read_text()
     assert "2 process(es)" in log, done.stdout + done.stderr
     assert "eval adapted round 0" in log, done.stdout + done.stderr
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["world_size"] == 2
-    assert (ckpt["state"]["stage"], ckpt["state"]["round"], ckpt["state"]["iteration"]) == ("adapt", 1, 2)
+    assert done.returncode != 0  # the simulated crash
+    assert (ckpt["phase"], ckpt["round"], ckpt["iteration"]) == ("adapt", 1, 2)
     # both ranks wrote their shard of static labels into one directory
     for r in range(2):
         labels = sorted((out / "pseudo_labels" / f"round_{r:02d}").glob("*.png"))

@@ -21,13 +21,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from examples_helpers import TINY_RUN, assert_same_state, data_args, load_checkpoint, make_trainer, write_fixture
+import train_gta2cs
+from examples_helpers import (
+    TINY_RUN,
+    assert_same_state,
+    build,
+    crash_after,
+    data_args,
+    load_checkpoint,
+    train_with,
+    write_fixture,
+)
+from gta2cs import data, diagnostics
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import protocl
-import train_gta2cs
-from gta2cs import data, trainer
 
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.nonzero_static",
             "aten.unique", "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
@@ -80,22 +89,24 @@ def _fake_static_labels(samples, resize: int, out: Path) -> Path:
 
 def test_steps_use_one_device_per_op_on_meta(roots, tmp_path):
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "meta", "--diagnostics"])
+    run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "meta", "--diagnostics"])
+    state = train_gta2cs.new_state(run)
     run.target_set.pseudo_dir = _fake_static_labels(run.target_train, 32, tmp_path / "static")
     protocl.set_value_checks(False)
     batches = [next(run.source_stream) for _ in range(3)] + [next(run.target_stream)]  # host-side, on the CPU
     recorder = OpRecorder()
     with recorder:
-        source = run._source_step(batches[0])
-        adapted = run._adapt_step(batches[1], batches[3])
-        control = run._adapt_step(batches[2], None)
+        source = train_gta2cs.source_step(run, batches[0])
+        adapted, labels_used = train_gta2cs.adapt_step(run, batches[1], batches[3])
+        control, none = train_gta2cs.adapt_step(run, batches[2], None)
         logits = torch.randn(1, 19, 8, 12, device="meta")
         thresholds = protocl.ClassBalancedThresholds(19, proportion=0.1, sync=False).to("meta")
         thresholds.update(logits)
         labels = protocl.static_pseudo_label(logits, class_thresholds=thresholds.compute(), proportion=0.1)
-        counted = [trainer.labelled_and_total(labels), trainer.class_counts(labels, labels, 19)]
-    assert recorder.mixed == [] and recorder.syncs == []
-    for value in [*source.values(), *adapted.values(), *control.values(), *counted, run.diag]:
+        counted = [diagnostics.class_counts(labels, labels, 19)]
+    assert recorder.mixed == [] and recorder.syncs == [] and none is None
+    for value in [*source.values(), *adapted.values(), *control.values(), *counted, *labels_used.values(),
+                  state["label_counts"]]:
         assert value.device.type == "meta"
     assert set(adapted) >= {"ce_tgt", "fcl", "bcl", "cov_static", "cov_dynamic", "cov_hybrid"}
     # the checker sees the bug this test exists for (a CPU count stacked with a device count)
@@ -109,7 +120,7 @@ def test_class_counts_against_a_loop():
     labels = torch.randint(0, 5, (2, 6, 7), generator=g)
     gt = torch.randint(0, 5, (2, 6, 7), generator=g)
     labels[labels == 4], gt[gt == 4] = 255, 255
-    got = trainer.class_counts(labels, gt, 4)
+    got = diagnostics.class_counts(labels, gt, 4)
     ref = torch.zeros(4, 4, dtype=torch.int64)
     for y, t in zip(labels.flatten().tolist(), gt.flatten().tolist()):
         if t != 255:
@@ -119,7 +130,7 @@ def test_class_counts_against_a_loop():
                 ref[2, y] += 1
                 ref[3, t] += y == t
     assert torch.equal(got, ref)
-    summary = trainer.diagnostics_summary(got)
+    summary = diagnostics.summarize(got)
     coverage = [100 * c / n for c, n in zip(ref[1].tolist(), ref[0].tolist())]
     precision = [100 * c / n for c, n in zip(ref[3].tolist(), ref[2].tolist())]
     assert summary["coverage"] == pytest.approx(coverage) and summary["precision"] == pytest.approx(precision)
@@ -132,8 +143,7 @@ def test_class_counts_against_a_loop():
 def test_training_steps_read_no_device_value_except_value_checks(roots, tmp_path):
     """The real loop (stage 1, rounds, control) with diagnostics: only checked steps may read device values."""
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--diagnostics", "--control",
-                        "--log-every", "3"])
+    argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--diagnostics", "--control", "--log-every", "3"]
     steps = []
 
     class Watch:
@@ -147,8 +157,7 @@ def test_training_steps_read_no_device_value_except_value_checks(roots, tmp_path
             self.recorder.__exit__(*exc)
             steps.append((self.kind, self.checked, self.recorder.syncs, protocl.value_checks_enabled()))
 
-    run.step_context = Watch
-    assert run.run() == 0
+    assert train_with(argv, Watch) == 0
     kinds = [kind for kind, *_ in steps]
     assert kinds == ["source"] * 6 + ["adapt"] * 8 + ["control"] * 8
     checked = [i for i, (_, flag, _, enabled) in enumerate(steps) if flag]
@@ -164,10 +173,9 @@ def test_training_steps_read_no_device_value_except_value_checks(roots, tmp_path
 
 def test_value_checks_always(roots, tmp_path):
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--value-checks", "always", "--rounds", "1"])
+    argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--value-checks", "always", "--rounds", "1"]
     seen = []
-    run.step_context = lambda kind, checked: seen.append((checked, protocl.value_checks_enabled())) or _Null()
-    assert run.run() == 0
+    assert train_with(argv, lambda kind, checked: seen.append((checked, protocl.value_checks_enabled())) or _Null()) == 0
     assert seen and all(flag and enabled for flag, enabled in seen)
 
 
@@ -182,14 +190,14 @@ class _Null:
 # ---------------------------------------------------------------------------------------------- precision
 def test_amp_forward_keeps_losses_in_fp32(roots, tmp_path):
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--amp", "bf16"])
-    logits, features = run._forward(run.model, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, "--amp", "bf16"])
+    logits, features = train_gta2cs.forward(run, run.model, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert logits.dtype == torch.float32 and features.dtype == torch.bfloat16
     labels = torch.randint(0, 19, (2, 32, 32))
     out = run.contrast(features, labels, features, labels)
     assert out.loss.dtype == torch.float32 and protocl.entropy_loss(logits).dtype == torch.float32
     assert not run.scaler.is_enabled()
-    assert make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--amp", "fp16"]).scaler.is_enabled()
+    assert build([*data_args(gta, cs, tmp_path), *TINY_RUN, "--amp", "fp16"]).scaler.is_enabled()
 
 
 def test_resume_is_exact_with_fp16_scaler_and_diagnostics(roots, tmp_path):
@@ -199,17 +207,17 @@ def test_resume_is_exact_with_fp16_scaler_and_diagnostics(roots, tmp_path):
     extra = [*TINY_RUN, "--amp", "fp16", "--diagnostics"]
     assert train_gta2cs.main([*data_args(gta, cs, tmp_path / "full"), *extra]) == 0
     base = [*data_args(gta, cs, tmp_path / "cut"), *extra]
-    assert train_gta2cs.main(base + ["--stop-after", "5"]) == 1
+    assert train_with(base, crash_after(5)) == 1
     resume = ["--resume", str(tmp_path / "cut" / "checkpoint.pt")]
-    assert train_gta2cs.main(base + resume + ["--stop-after", "13"]) == 1
+    assert train_with(base + resume, crash_after(13 - 4)) == 1
     ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
-    assert (ckpt["state"]["round"], ckpt["state"]["iteration"]) == (1, 2) and int(ckpt["diagnostics"].sum()) > 0
+    assert (ckpt["round"], ckpt["iteration"]) == (1, 2) and int(ckpt["label_counts"].sum()) > 0
     assert train_gta2cs.main(base + resume) == 0
     a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert set(a["scaler"]) >= {"scale", "_growth_tracker"}  # the fp16 scaler is on and saved
-    for key in ("model", "contrast", "optimizer", "scaler", "streams"):
+    for key in ("model", "contrast", "optimizer", "scaler", "streams", "label_counts"):
         assert_same_state(a[key], b[key], key)
-    assert json.dumps(a["state"]["metrics"]) == json.dumps(b["state"]["metrics"])
+    assert json.dumps(a["metrics"]) == json.dumps(b["metrics"])
 
 
 # ---------------------------------------------------------------------------------------------- tensorboard
@@ -240,11 +248,11 @@ def test_tensorboard_missing_is_a_clear_error(roots, tmp_path, monkeypatch, caps
 def test_cuda_pipeline_steps_under_sync_debug_error(roots, tmp_path, amp):
     """Every stage on CUDA, DataLoader workers with pinned memory, every unchecked step under sync-debug "error"."""
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "cuda", "--sync-debug", "--amp", amp,
-                        "--workers", "2", "--diagnostics", "--control"])
+    argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "cuda", "--sync-debug", "--amp", amp,
+            "--workers", "2", "--diagnostics", "--control"]
     modes = []
-    run.step_context = lambda kind, checked: modes.append((checked, torch.cuda.get_sync_debug_mode())) or _Null()
-    assert run.run() == 0
+    assert train_with(argv, lambda kind, checked: modes.append((checked, torch.cuda.get_sync_debug_mode()))
+                      or _Null()) == 0
     assert len(modes) == 22 and all(mode == (0 if checked else 2) for checked, mode in modes)
     assert torch.cuda.get_sync_debug_mode() == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -255,13 +263,12 @@ def test_cuda_pipeline_steps_under_sync_debug_error(roots, tmp_path, amp):
 @pytest.mark.needs_cuda
 def test_cuda_static_label_pass_and_step_tensors_on_one_device(roots, tmp_path):
     gta, cs = roots
-    run = make_trainer([*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "cuda", "--diagnostics"])
-    run.generate_static_labels(0)  # the pass that stacked a CUDA count with a CPU count
-    run.target_set.pseudo_dir = run._pseudo_dir(0)
+    run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, "--device", "cuda", "--diagnostics"])
+    train_gta2cs.make_static_labels(run, 0)  # the pass that stacked a CUDA count with a CPU count
     protocl.set_value_checks(False)
     src, tgt = next(run.source_stream), next(run.target_stream)
     recorder = OpRecorder()
     with recorder:
-        stats = run._adapt_step(src, tgt)
+        stats, _ = train_gta2cs.adapt_step(run, src, tgt)
     assert recorder.mixed == [] and all(v.is_cuda for v in stats.values())
     assert recorder.syncs == []

@@ -1,23 +1,23 @@
-"""The real-photo domain shifts (examples/gta2cs/shifts.py), --source-checkpoint and the study's diagnostics."""
+"""The study's tooling (benchmarks/study: the real-photo shifts, the dynamic-label gates, its use of the
+pipeline's diagnostics), and --source-checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import sys
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import train_gta2cs
+from examples_helpers import build
+from gta2cs import data, diagnostics
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import train_gta2cs
-from gta2cs import data, shifts
+from benchmarks.study import adaptation_study, gates, shifts
 
 TINY = {"source_images": 4, "target_train": 4, "target_val": 2, "size": (48, 24)}
 TINY_RUN = ["--source-iters", "4", "--rounds", "1", "--round-iters", "3", "--batch-size", "2", "--crop", "16",
@@ -166,58 +166,77 @@ def test_source_checkpoint_errors(photo_tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- study diagnostics
-def test_class_diagnostics_against_a_loop():
-    import adaptation_study
-
-    k = adaptation_study.K
+def test_one_class_mean_rule_for_pipeline_and_study(tmp_path):
+    """The study's static-label diagnostics are the pipeline's (gta2cs.diagnostics): undefined classes are NaN and
+    left out of the class means, a spurious class has precision 0, a mean over no defined class is NaN."""
+    k = 19
     rng = np.random.default_rng(0)
-    gt = rng.choice([0, 2, 5, 13, 255], size=500)
-    labels = np.where(rng.random(500) < 0.3, 255, np.where(rng.random(500) < 0.7, gt, rng.choice([0, 2, 8], 500)))
-    confusion = np.zeros((k, k + 1), np.int64)
-    for g, y in zip(gt, labels):
-        if g != 255:
-            confusion[g, k if y == 255 else y] += 1
-    got = adaptation_study.class_diagnostics(confusion)
+    gt = rng.choice([0, 2, 5, 13, 255], size=(1, 20, 25))
+    labels = np.where(rng.random(gt.shape) < 0.3, 255, np.where(rng.random(gt.shape) < 0.7, gt,
+                                                                rng.choice([0, 2, 8], gt.shape)))
+    got = diagnostics.summarize(diagnostics.class_counts(torch.from_numpy(labels), torch.from_numpy(gt), k))
     known = gt != 255
     for c in (0, 2, 5, 13):
-        of_class = known & (gt == c)
-        assert got["coverage"][c] == pytest.approx(100 * (labels[of_class] != 255).mean())
+        assert got["coverage"][c] == pytest.approx(100 * (labels[known & (gt == c)] != 255).mean())
     for c in (0, 2, 8):
-        labelled_c = known & (labels == c)
-        assert got["precision"][c] == pytest.approx(100 * (gt[labelled_c] == c).mean())
-    assert np.isnan(got["coverage"][8]) and got["precision"][8] == 0  # labelled 8, never 8 in the ground truth
-    assert got["precision_mean"] == pytest.approx(np.mean([got["precision"][c] for c in (0, 2, 5, 8, 13)]))
-    labelled = known & (labels != 255)
-    assert got["pixel_precision"] == pytest.approx(100 * (labels[labelled] == gt[labelled]).mean())
-    assert got["coverage_mean"] == pytest.approx(np.mean([got["coverage"][c] for c in (0, 2, 5, 13)]))
+        assert got["precision"][c] == pytest.approx(100 * (gt[known & (labels == c)] == c).mean())
+    assert math.isnan(got["coverage"][8]) and got["precision"][8] == 0  # labelled 8, never 8 in the ground truth
+    defined = [c for c in range(k) if not math.isnan(got["precision"][c])]
+    assert got["class_mean_precision"] == pytest.approx(np.mean([got["precision"][c] for c in defined]))
+    assert got["class_mean_coverage"] == pytest.approx(np.mean([got["coverage"][c] for c in (0, 2, 5, 13)]))
+    empty = diagnostics.summarize(diagnostics.class_counts(torch.full((4,), 255), torch.full((4,), 255), k))
+    assert math.isnan(empty["class_mean_coverage"]) and math.isnan(empty["class_mean_precision"])
+    # the study's per-split counts of written PNGs: the same function
+    cs = tmp_path / "cs"
+    (cs / "leftImg8bit" / "train" / "c").mkdir(parents=True)
+    (cs / "gtFine" / "train" / "c").mkdir(parents=True)
+    (tmp_path / "run" / "pseudo_labels" / "round_00").mkdir(parents=True)
+    ids = {v: key for key, v in data.ID_TO_TRAIN_ID.items()}
+    Image.new("RGB", (25, 20)).save(cs / "leftImg8bit" / "train" / "c" / "c_0_0_leftImg8bit.png")
+    Image.fromarray(np.vectorize(lambda t: ids.get(t, 0))(gt[0]).astype(np.uint8)).save(
+        cs / "gtFine" / "train" / "c" / "c_0_0_gtFine_labelIds.png")
+    Image.fromarray(labels[0].astype(np.uint8)).save(tmp_path / "run" / "pseudo_labels" / "round_00" / "c_0_0.png")
+    counts = adaptation_study.static_png_counts(tmp_path / "run", str(cs), 0)
+    assert torch.equal(counts, diagnostics.class_counts(torch.from_numpy(labels), torch.from_numpy(gt), k))
 
 
-# ---------------------------------------------------------------------------------------------- --gate-dynamic
+# ---------------------------------------------------------------------------------------------- gates
 def test_gate_dynamic_keeps_static_and_agreeing_dynamic_labels():
-    from gta2cs.trainer import gate_dynamic
-
     ig = data.IGNORE
     static = torch.tensor([[0, ig, ig, ig, 2, ig]])
     hybrid = torch.tensor([[0, 1, 3, ig, 2, 4]])  # fill: static where set, dynamic elsewhere
     prediction = torch.tensor([[5, 1, 2, 3, 7, 4]])
     # static labels stay even where the prediction differs; dynamic ones only where the prediction agrees
-    assert gate_dynamic(static, hybrid, prediction).tolist() == [[0, 1, ig, ig, 2, 4]]
+    assert gates.gate_dynamic(static, hybrid, prediction).tolist() == [[0, 1, ig, ig, 2, 4]]
     loop = [h if (s != ig or h == p) else ig for s, h, p in zip(static[0].tolist(), hybrid[0].tolist(),
                                                                    prediction[0].tolist())]
-    assert gate_dynamic(static, hybrid, prediction)[0].tolist() == loop
+    assert gates.gate_dynamic(static, hybrid, prediction)[0].tolist() == loop
 
 
-@pytest.mark.parametrize("gate", ["prediction", "agreement", "either"])
-def test_gate_dynamic_option_runs_and_is_recorded(photo_tiny, tmp_path, gate):
+@pytest.mark.parametrize("gate", gates.RULES)
+def test_gate_hook_trains_the_target_ce_on_gated_labels(photo_tiny, tmp_path, gate):
+    """The study's gate through adapt_step's target_labels hook: the CE's labels are the gated ones, FCL/BCL the
+    orchestrator's; the run finishes."""
     gta, cs = photo_tiny
-    out = tmp_path / "gated"
-    assert train_gta2cs.main(["--gta5-root", str(gta), "--cityscapes-root", str(cs), *TINY_RUN, "--out", str(out),
-                              "--no-control", "--gate-dynamic", gate]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["gate_dynamic"] == gate and "adapted" in metrics
-    args = train_gta2cs.resolve(train_gta2cs.build_parser().parse_args(
-        ["--gta5-root", str(gta), "--cityscapes-root", str(cs)]))
-    assert args.gate_dynamic == "none"  # deeplabv2 keeps the paper's rule
+    run = build(["--gta5-root", str(gta), "--cityscapes-root", str(cs), *TINY_RUN, "--out", str(tmp_path),
+                 "--no-control"])
+    state = train_gta2cs.start(run)
+    seen = []
+    hook = gates.target_labels_hook(gate, 19)
+
+    def recording(out, static, logits):
+        labels = hook(out, static, logits)
+        seen.append((out.target_labels.clone(), labels.clone()))
+        return labels
+
+    train_gta2cs.train(run, state, step=functools.partial(train_gta2cs.adapt_step, target_labels=recording))
+    train_gta2cs.finish(run, state)
+    protocl_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "adapted" in protocl_metrics and len(seen) == 3
+    for hybrid, used in seen:  # gated labels are the hybrid labels or ignore
+        assert bool(((used == hybrid) | (used == data.IGNORE)).all())
+    with pytest.raises(ValueError, match="expected rule in"):
+        gates.target_labels_hook("none", 19)
 
 
 def _agreement_loop(static, dynamic, hybrid, k, min_agreement=0.5, prediction=None):
@@ -235,8 +254,6 @@ def _agreement_loop(static, dynamic, hybrid, k, min_agreement=0.5, prediction=No
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("either", [False, True])
 def test_gate_by_agreement_against_a_loop(seed, either):
-    from gta2cs.trainer import gate_by_agreement
-
     ig, k = data.IGNORE, 5
     g = torch.Generator().manual_seed(seed)
     truth = torch.randint(0, k, (2, 9, 7), generator=g)
@@ -248,7 +265,7 @@ def test_gate_by_agreement_against_a_loop(seed, either):
     dynamic = torch.where(torch.rand(truth.shape, generator=g) < 0.2, ig, dynamic)
     hybrid = torch.where(static != ig, static, dynamic)
     prediction = torch.randint(0, k, truth.shape, generator=g) if either else None
-    got = gate_by_agreement(static, dynamic, hybrid, k, prediction=prediction)
+    got = gates.gate_by_agreement(static, dynamic, hybrid, k, prediction=prediction)
     assert got.flatten().tolist() == _agreement_loop(
         static.flatten().tolist(), dynamic.flatten().tolist(), hybrid.flatten().tolist(), k,
         prediction=prediction.flatten().tolist() if either else None)
@@ -256,11 +273,9 @@ def test_gate_by_agreement_against_a_loop(seed, either):
 
 
 def test_gate_by_agreement_drops_a_class_that_disagrees():
-    from gta2cs.trainer import gate_by_agreement
-
     ig = data.IGNORE
     static = torch.tensor([[0, 0, 0, 2, ig, ig, ig, ig]])
     dynamic = torch.tensor([[1, 1, 0, 2, 1, 0, 2, 3]])  # dynamic 1 meets static twice, never agrees
     hybrid = torch.where(static != ig, static, dynamic)
     # class 1 dropped; 0 and 2 agree; 3 never meets a static label: kept (no evidence against it)
-    assert gate_by_agreement(static, dynamic, hybrid, 4).tolist() == [[0, 0, 0, 2, ig, 0, 2, 3]]
+    assert gates.gate_by_agreement(static, dynamic, hybrid, 4).tolist() == [[0, 0, 0, 2, ig, 0, 2, 3]]

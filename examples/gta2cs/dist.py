@@ -1,4 +1,5 @@
-r"""Thin torch.distributed helpers for the example (no-ops in a single process).
+r"""Thin torch.distributed helpers for the example (no-ops in a single process); sums over ranks use
+:func:`protocl.distributed.all_reduce_sum_`.
 
 ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`setup` initialises the default process group
 (NCCL on CUDA, gloo on CPU) from them.
@@ -29,21 +30,6 @@ def setup(device: str) -> tuple[int, int, torch.device]:
 
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
-
-
-def rank() -> int:
-    return tdist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return tdist.get_world_size() if is_initialized() else 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op in a single process)."""
-    if is_initialized():
-        tdist.all_reduce(tensor)
-    return tensor
 
 
 def barrier() -> None:

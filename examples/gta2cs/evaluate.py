@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from . import dist
-from .data import IGNORE
+from protocl import IGNORE_INDEX
+from protocl.distributed import all_reduce_sum_
 
 
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_index: int = IGNORE) -> Tensor:
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """(K, K) int64 counts, rows = ground truth, columns = prediction; ignored pixels are skipped."""
     if pred.shape != target.shape:
         raise ValueError(f"expected pred and target of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
@@ -114,7 +114,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
             logits, _ = model(images)
         logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
         confusion += confusion_matrix(logits.argmax(1), label, num_classes)
-    dist.all_reduce_sum(confusion)
+    all_reduce_sum_(confusion)
     model.train(was_training)
     return summarize(confusion, subsets)
 

@@ -24,32 +24,54 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return lut[np.asarray(labels).clip(0, 255).astype(np.uint8)]
 
 
-def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, *, min_height: int = 128) -> Path:
-    """Save a panel, one row per image: image | static | dynamic | hybrid | ground truth.
+def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, *,
+                       class_names: Sequence[str] | None = None, min_height: int = 128) -> Path:
+    """Save a panel, one row per image: image | static | dynamic | hybrid | ground truth, and a legend of the
+    class colours (the classes that appear in the panel, with ``class_names``; black is ignore / unlabelled).
 
-    Each row is a dict with ``image`` (H, W, 3) uint8 and ``static``, ``dynamic``, ``hybrid``, ``gt``
-    (H, W) train ids. Small images are enlarged (nearest) to ``min_height`` so the labels stay readable.
+    Each row is a dict with ``image`` (H, W, 3) uint8 and ``static``, ``dynamic``, ``hybrid`` and optionally
+    ``gt`` (H, W) train ids (the ground-truth column is drawn when the first row has one). The caller hands in
+    what it already computed (the pipeline: its last training batch); nothing is read or recomputed here. Small
+    images are enlarged (nearest) to ``min_height`` so the labels stay readable.
     """
-    titles = ("image", "static", "dynamic", "hybrid", "ground truth")
+    keys = ("static", "dynamic", "hybrid") + (("gt",) if rows[0].get("gt") is not None else ())
+    titles = ("image", *keys[:3], *(("ground truth",) if "gt" in keys else ()))
     tiles = []
     for row in rows:
-        cells = [row["image"]] + [colorize(row[k]) for k in ("static", "dynamic", "hybrid", "gt")]
+        cells = [row["image"]] + [colorize(row[k]) for k in keys]
         tiles.append(np.concatenate([np.pad(c, ((0, 0), (0, 4), (0, 0)), constant_values=255) for c in cells], 1))
     grid = np.concatenate([np.pad(t, ((0, 4), (0, 0), (0, 0)), constant_values=255) for t in tiles], 0)
     scale = max(1, int(np.ceil(min_height / rows[0]["image"].shape[0])))
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    header = Image.new("RGB", (image.width, 14), "white")
-    draw = ImageDraw.Draw(header)
+    present = sorted({int(v) for row in rows for k in keys for v in np.unique(row[k]) if v < len(PALETTE)})
+    legend = _legend(present, class_names, image.width)
+    out = Image.new("RGB", (image.width, 14 + image.height + legend.height), "white")
+    draw = ImageDraw.Draw(out)
     cell_w = (rows[0]["image"].shape[1] + 4) * scale
     for i, title in enumerate(titles):
         draw.text((i * cell_w + 2, 1), title, fill="black")
-    out = Image.new("RGB", (image.width, image.height + 14), "white")
-    out.paste(header, (0, 0))
     out.paste(image, (0, 14))
+    out.paste(legend, (0, 14 + image.height))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return path
+
+
+def _legend(classes: Sequence[int], class_names: Sequence[str] | None, width: int) -> Image.Image:
+    """Colour swatches with the class names (or train ids), wrapped to ``width``, and black = ignore."""
+    entries = [(tuple(int(c) for c in PALETTE[k]), class_names[k] if class_names else str(k)) for k in classes]
+    entries.append(((0, 0, 0), "ignore"))
+    item_w, line_h = 110, 14
+    per_line = max(1, width // item_w)
+    lines = -(-len(entries) // per_line)
+    legend = Image.new("RGB", (width, 4 + lines * line_h), "white")
+    draw = ImageDraw.Draw(legend)
+    for i, (colour, name) in enumerate(entries):
+        x, y = (i % per_line) * item_w + 2, 2 + (i // per_line) * line_h
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=colour, outline="gray")
+        draw.text((x + 14, y), name, fill="black")
+    return legend
 
 
 def training_curves(history: dict[str, list], path: str | Path) -> Path:

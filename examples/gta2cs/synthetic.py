@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +160,38 @@ def render_target(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _to_ids(train_ids: np.ndarray) -> np.ndarray:
-    lut = np.zeros(256, dtype=np.uint8)  # label id 0 = "unlabeled" -> ignored by the reader
+def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Train ids -> Cityscapes label ids (uint8); 255 and unknown ids -> 0 ("unlabeled", ignored by the reader)."""
+    lut = np.zeros(256, dtype=np.uint8)
     for train_id, label_id in TRAIN_TO_ID.items():
         lut[train_id] = label_id
     return lut[train_ids]
+
+
+def write_gta5_layout(root: str | Path, samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write ``(image (H, W, 3) uint8, train ids (H, W))`` pairs as ``root/images/%05d.png`` and
+    ``root/labels/%05d.png`` (Cityscapes label ids), the GTA5 layout; ``samples`` is consumed in order."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(samples):
+        Image.fromarray(image).save(root / "images" / f"{i:05d}.png")
+        Image.fromarray(to_label_ids(label)).save(root / "labels" / f"{i:05d}.png")
+    return root
+
+
+def write_cityscapes_layout(root: str | Path, split: str, city: str,
+                            samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write ``(image, train ids)`` pairs in the Cityscapes layout: ``root/leftImg8bit/<split>/<city>/
+    <city>_%06d_000019_leftImg8bit.png`` and ``root/gtFine/<split>/<city>/..._gtFine_labelIds.png``."""
+    root = Path(root)
+    (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+    (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(samples):
+        stem = f"{city}_{i:06d}_000019"
+        Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+        Image.fromarray(to_label_ids(label)).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+    return root
 
 
 def _to_synthia_label(train_ids: np.ndarray) -> np.ndarray:
@@ -218,28 +246,28 @@ def write_demo_dataset(root: str | Path, *, seed: int = 0, source_images: int = 
         return src, cs
     marker.unlink(missing_ok=True)
     rng = np.random.default_rng([seed, 1234])
-    image_dir, label_dir = (src / "images", src / "labels") if source == "gta5" else (src / "RGB", src / "GT" / "LABELS")
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(source_images):
-        label = make_scene(rng, source_size[1], source_size[0])
-        if source == "synthia":
-            label[label == TERRAIN] = VEGETATION  # SYNTHIA has no terrain class
-        image = Image.fromarray(render_source(label, rng))
-        if source == "gta5":
-            image.save(image_dir / f"{i:05d}.png")
-            Image.fromarray(_to_ids(label)).save(label_dir / f"{i:05d}.png")
-        else:
-            image.save(image_dir / f"{i:07d}.png")
-            write_png16(label_dir / f"{i:07d}.png", _to_synthia_label(label))
-    for split, count in (("train", target_train), ("val", target_val)):
-        city = f"demo{split}"
-        (cs / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
-        (cs / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
+
+    def source_samples():
+        for _ in range(source_images):
+            label = make_scene(rng, source_size[1], source_size[0])
+            if source == "synthia":
+                label[label == TERRAIN] = VEGETATION  # SYNTHIA has no terrain class
+            yield render_source(label, rng), label
+
+    def target_samples(count: int):
+        for _ in range(count):
             label = make_scene(rng, target_size[1], target_size[0])
-            stem = f"{city}_{i:06d}_000019"
-            Image.fromarray(render_target(label, rng)).save(cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            Image.fromarray(_to_ids(label)).save(cs / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+            yield render_target(label, rng), label
+
+    if source == "gta5":
+        write_gta5_layout(src, source_samples())
+    else:
+        (src / "RGB").mkdir(parents=True, exist_ok=True)
+        (src / "GT" / "LABELS").mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(source_samples()):
+            Image.fromarray(image).save(src / "RGB" / f"{i:07d}.png")
+            write_png16(src / "GT" / "LABELS" / f"{i:07d}.png", _to_synthia_label(label))
+    for split, count in (("train", target_train), ("val", target_val)):
+        write_cityscapes_layout(cs, split, f"demo{split}", target_samples(count))
     marker.write_text(stamp)
     return src, cs

@@ -1,6 +1,6 @@
 r"""Does adaptation beat source-only training given the same iterations, beyond the demo? (issue 11)
 
-For each shift (the embedded demo and the two shifts of ``examples/gta2cs/shifts.py``) and each seed:
+For each shift (the embedded demo and the two shifts of :mod:`benchmarks.study.shifts`) and each seed:
 
 1. write the dataset (seeded like the demo: the data seed is the run seed);
 2. train the source model once, to a plateau (``--source-iters``, evaluated on target val every
@@ -11,23 +11,34 @@ For each shift (the embedded demo and the two shifts of ``examples/gta2cs/shifts
      stage-2 iterations with the same lr schedule) in the same run;
    * ``no_contrastive`` (``--no-contrastive``), ``no_dynamic`` (``--no-dynamic``), ``no_calibration``
      (``--no-calibration``), ``static_only`` (``--no-dynamic --no-contrastive``: plain self-training on the
-     static labels with the pipeline's CE + entropy terms).
+     static labels with the pipeline's CE + entropy terms; the orchestrator still runs, with zero weights);
+   * ``gated``, ``agreement``, ``either``: a dynamic-label gate on the target CE's labels
+     (:mod:`benchmarks.study.gates`, through ``adapt_step``'s ``target_labels`` hook); ``threshold_0.95``.
 
-Per-class label diagnostics, against target ground truth (a diagnostic: never trained on): for the static labels
-from the PNGs written under ``<run>/pseudo_labels/round_XX`` over the whole target train split, and for the
-static / dynamic / hybrid labels of the training crops of every stage-2 step (the trainer's own
-``--diagnostics``, per class and round, stored in each run's metrics.json).
+The study builds every run as the pipeline does (``gta2cs.options.parse_args`` + ``train_gta2cs.setup``) and
+calls the pipeline's functions; nothing is subclassed or patched.
+
+Per-class label diagnostics, against target ground truth (a diagnostic: never trained on), all with the
+pipeline's ``gta2cs.diagnostics`` (one implementation, one class-mean rule): for the static labels from the
+PNGs written under ``<run>/pseudo_labels/round_XX`` over the whole target train split, and for the static /
+dynamic / hybrid labels of the training crops of every stage-2 step (the pipeline's own ``--diagnostics``, per
+class and round, stored in each run's metrics.json).
 
 Writes ``<out>/<tag>/results.json`` and ``results.md`` (per shift, per seed) and ``stage1_curves.png``; every
 finished run is cached as JSON under ``--work`` so an interrupted study continues where it stopped.
 
-    python benchmarks/adaptation_study.py --tag before                 # the full table (about 40 min, 1 thread)
-    python benchmarks/adaptation_study.py --tag fix --stage2-args "--lr 1e-3"   # stage-2 options for every run
+    python -m benchmarks.study.adaptation_study --tag before            # the full table (about 40 min, 1 thread)
+    python -m benchmarks.study.adaptation_study --tag fix --stage2-args "--lr 1e-3"   # stage-2 options, every run
+    python -m benchmarks.study.adaptation_study --tag v2 --source-iters 2000 --cached-only   # tables only
+
+``--cached-only`` starts no run: it writes the tables from the per-run cache in ``--work`` and, for what is not
+there, from the tag's stored ``results.json`` (so the committed tables can be rebuilt on any machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -37,91 +48,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import train_gta2cs
+from gta2cs import diagnostics, options
+from gta2cs.data import CLASS_NAMES, cityscapes_files, read_label
+from gta2cs.evaluate import evaluate
+from gta2cs.synthetic import write_demo_dataset
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from .gates import target_labels_hook
+from .shifts import SHIFTS, write_shift
 
-from gta2cs.data import CLASS_NAMES, IGNORE, cityscapes_files, read_label
-from gta2cs.evaluate import evaluate
-from gta2cs.shifts import SHIFTS, write_shift
-from gta2cs.synthetic import write_demo_dataset
-from gta2cs.trainer import Trainer
-from train_gta2cs import build_parser, resolve
-
+ROOT = Path(__file__).resolve().parents[2]
 K = len(CLASS_NAMES)
 DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its source in the GTA5 / SYNTHIA layout
 SHIFT_NAMES = (*DEMOS, *SHIFTS)
+# variant -> (pipeline options, dynamic-label gate of the target CE or None)
+VARIANTS = {
+    "full": (["--control"], None),
+    "gated": (["--no-control"], "prediction"),
+    "threshold_0.95": (["--no-control", "--threshold", "0.95"], None),
+    "agreement": (["--no-control"], "agreement"),
+    "either": (["--no-control"], "either"),
+    "no_contrastive": (["--no-control", "--no-contrastive"], None),
+    "no_dynamic": (["--no-control", "--no-dynamic"], None),
+    "no_calibration": (["--no-control", "--no-calibration"], None),
+    "static_only": (["--no-control", "--no-dynamic", "--no-contrastive"], None),
+}
 
 
 def source_flag(shift: str) -> str:
     return "--synthia-root" if shift == "synthia" else "--gta5-root"
-VARIANTS = {
-    "full": ["--control"],
-    "gated": ["--no-control", "--gate-dynamic", "prediction"],
-    "threshold_0.95": ["--no-control", "--threshold", "0.95"],
-    "agreement": ["--no-control", "--gate-dynamic", "agreement"],
-    "either": ["--no-control", "--gate-dynamic", "either"],
-    "no_contrastive": ["--no-control", "--no-contrastive"],
-    "no_dynamic": ["--no-control", "--no-dynamic"],
-    "no_calibration": ["--no-control", "--no-calibration"],
-    "static_only": ["--no-control", "--no-dynamic", "--no-contrastive"],
-}
 
 
-class StudyTrainer(Trainer):
-    """The pipeline's trainer plus one study hook: the stage-1 target-val curve."""
-
-    def __init__(self, args, *, curve_every: int = 0) -> None:
-        super().__init__(args)
-        self.curve_every = curve_every
-        self.curve: list[tuple[int, float]] = []
-
-    def save(self, name: str = "checkpoint.pt") -> None:
-        s = self.state
-        if self.curve_every and s.stage == "source" and 0 < s.iteration < self.args.source_iters:
-            result = evaluate(self.model, self.val_loader, self.num_classes, self.device, subsets=self.subsets,
-                              amp_dtype=self.amp_dtype)  # the trainer's protocol (SYNTHIA: mIoU16)
-            self.curve.append((s.iteration, result["miou"]))
-        super().save(name)
-
-
-def class_diagnostics(confusion: np.ndarray) -> dict:
-    """Per class k (rows = ground truth, columns = label, last column = unlabelled): coverage = labelled share
-    of the class's pixels, precision = correct share of the pixels labelled k, share = k's share of the labelled
-    pixels (against its share of the ground truth). Class means: coverage over the classes in the ground truth,
-    precision over the classes that were labelled (a spurious class counts with precision 0)."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    gt_count = confusion.sum(1)
-    labelled = confusion[:, :K]
-    present = gt_count > 0
-    cov = np.where(present, labelled.sum(1) / np.maximum(gt_count, 1), np.nan)
-    predicted = labelled.sum(0)
-    prec = np.where(predicted > 0, np.diag(labelled) / np.maximum(predicted, 1), np.nan)
-    share = predicted / max(1.0, predicted.sum())
-    gt_share = gt_count / max(1.0, gt_count.sum())
-    pixel_cov = labelled.sum() / max(1.0, gt_count.sum())
-    pixel_prec = np.trace(labelled) / max(1.0, labelled.sum())
-    return {
-        "coverage": [100 * v for v in cov.tolist()], "precision": [100 * v for v in prec.tolist()],
-        "share": [100 * v for v in share.tolist()], "gt_share": [100 * v for v in gt_share.tolist()],
-        "coverage_mean": 100 * float(np.nanmean(cov[present])),
-        "precision_mean": 100 * float(np.nanmean(prec)) if (predicted > 0).any() else math.nan,
-        "pixel_coverage": 100 * pixel_cov, "pixel_precision": 100 * pixel_prec,
-    }
-
-
-def static_png_confusion(run_dir: Path, cityscapes_root: str, round_index: int) -> np.ndarray:
-    """Confusion of the written static labels of one round against target train ground truth."""
+def static_png_counts(run_dir: Path, cityscapes_root: str, round_index: int) -> torch.Tensor:
+    """:func:`gta2cs.diagnostics.class_counts` of the written static labels of one round against target train
+    ground truth, summed over the split, ``(4, K)``."""
     folder = run_dir / "pseudo_labels" / f"round_{round_index:02d}"
-    confusion = np.zeros((K, K + 1), np.int64)
+    counts = torch.zeros(4, K, dtype=torch.int64)
     for sample in cityscapes_files(cityscapes_root, "train"):
-        static = np.asarray(Image.open(folder / f"{sample.name}.png")).astype(np.int64)
-        gt = read_label(sample.label, static.shape[::-1]).astype(np.int64)
-        known = gt != IGNORE
-        column = np.where(static == IGNORE, K, static)
-        confusion += np.bincount((gt * (K + 1) + column)[known], minlength=K * (K + 1)).reshape(K, K + 1)
-    return confusion
+        static = np.array(Image.open(folder / f"{sample.name}.png"))
+        gt = read_label(sample.label, static.shape[::-1])
+        counts += diagnostics.class_counts(torch.from_numpy(static).long(), torch.from_numpy(gt).long(), K)
+    return counts
 
 
 def dataset(shift: str, seed: int, work: Path) -> tuple[str, str]:
@@ -133,56 +101,65 @@ def dataset(shift: str, seed: int, work: Path) -> tuple[str, str]:
     return str(gta), str(cs)
 
 
-def trainer_args(argv: list[str]):
-    return resolve(build_parser().parse_args(argv))
-
-
-def stage1(shift: str, seed: int, work: Path, source_iters: int, curve_every: int) -> dict:
+def stage1(shift: str, seed: int, work: Path, source_iters: int, curve_every: int, stored: dict | None = None
+           ) -> dict | None:
     out = work / "runs" / f"{shift}_seed{seed}" / f"stage1_{source_iters}"
     cached = out / "stage1.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    if stored is not None:  # --cached-only
+        return stored.get("stage1", {}).get(shift, {}).get(str(seed))
     gta, cs = dataset(shift, seed, work)
     argv = [source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
             "--source-iters", str(source_iters), "--ckpt-every", str(curve_every), "--no-control"]
     t0 = time.time()
-    trainer = StudyTrainer(trainer_args(argv), curve_every=curve_every)
-    trainer.train_source()
-    result = {"checkpoint": str(out / "source_only.pt"), "miou": trainer.state.metrics["source_only"]["miou"],
-              "iou": trainer.state.metrics["source_only"]["iou"],
-              "curve": trainer.curve + [(source_iters, trainer.state.metrics["source_only"]["miou"])],
-              "wall_s": time.time() - t0, "argv": argv}
+    run = train_gta2cs.setup(options.parse_args(argv))
+    state = train_gta2cs.start(run)
+    curve = []
+    for until in range(curve_every, source_iters, curve_every):  # the plateau curve: target val every curve_every
+        train_gta2cs.train_source(run, state, until=until)
+        result = evaluate(run.model, run.val_loader, K, run.device, subsets=run.subsets)  # (SYNTHIA: mIoU16)
+        curve.append((until, result["miou"]))
+    train_gta2cs.train_source(run, state)
+    train_gta2cs.end_source(run, state)
+    source_only = state["metrics"]["source_only"]
+    result = {"checkpoint": str(out / "source_only.pt"), "miou": source_only["miou"], "iou": source_only["iou"],
+              "curve": curve + [(source_iters, source_only["miou"])], "wall_s": time.time() - t0, "argv": argv}
     cached.write_text(json.dumps(result))
     return result
 
 
 def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: dict, extra: list[str],
-           cached_only: bool = False) -> dict | None:
+           stored: dict | None = None) -> dict | None:
     out = work / "runs" / f"{shift}_seed{seed}" / f"{tag}_{variant}"
     cached = out / "result.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    if cached_only:
-        return None
+    if stored is not None:  # --cached-only
+        return stored.get("stage2", {}).get(shift, {}).get(str(seed), {}).get(variant)
     gta, cs = dataset(shift, seed, work)
+    flags, gate = VARIANTS[variant]
     argv = ([source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
-             "--source-checkpoint", source["checkpoint"], "--diagnostics"] + VARIANTS[variant] + extra)
+             "--source-checkpoint", source["checkpoint"], "--diagnostics"] + flags + extra)
     t0 = time.time()
-    args = trainer_args(argv)
-    trainer = StudyTrainer(args)
-    trainer.start_from_source(args.source_checkpoint)
-    trainer.run()
+    run = train_gta2cs.setup(options.parse_args(argv))
+    step = train_gta2cs.adapt_step
+    if gate is not None:
+        step = functools.partial(train_gta2cs.adapt_step, target_labels=target_labels_hook(gate, K))
+    state = train_gta2cs.start(run)
+    train_gta2cs.train(run, state, step=step)
+    train_gta2cs.finish(run, state)
     wall = time.time() - t0
     metrics = json.loads((out / "metrics.json").read_text())
-    result = {"argv": argv, "wall_s": wall, "source_only": metrics["source_only"]["miou"],
+    result = {"argv": argv, "gate": gate, "wall_s": wall, "source_only": metrics["source_only"]["miou"],
               "adapted": metrics["adapted"]["miou"], "adapted_iou": metrics["adapted"]["iou"],
               "rounds": [r["miou"] for r in metrics["rounds"]]}
     if "source_only_continued" in metrics:
         result["control"] = metrics["source_only_continued"]["miou"]
         result["control_iou"] = metrics["source_only_continued"]["iou"]
-    result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the trainer's --diagnostics
-    result["static_png"] = {f"round{r}": class_diagnostics(static_png_confusion(out, cs, r))
-                            for r in range(args.rounds)}
+    result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the pipeline's --diagnostics
+    result["static_png"] = {f"round{r}": diagnostics.summarize(static_png_counts(out, cs, r))
+                            for r in range(run.args.rounds)}
     losses = [line for line in (out / "log.txt").read_text().splitlines() if "ce_tgt" in line]
     result["last_loss_line"] = losses[-1] if losses else ""
     cached.write_text(json.dumps(result))
@@ -196,7 +173,7 @@ def fmt(v: float) -> str:
 LABELS = {
     "full": "**adapted (full method)**", "gated": "`--gate-dynamic prediction`",
     "threshold_0.95": "`--threshold 0.95`", "agreement": "`--gate-dynamic agreement`",
-    "either": "`--gate-dynamic either`",
+    "either": "`--gate-dynamic either`",  # (the gates' names of the v2 tables; now benchmarks.study.gates)
     "no_contrastive": "`--no-contrastive`", "no_dynamic": "`--no-dynamic`", "no_calibration": "`--no-calibration`",
     "static_only": "static labels only (`--no-dynamic --no-contrastive`)",
 }
@@ -286,25 +263,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/adaptation_study", help="datasets, runs and the per-run cache")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptation_study"))
     p.add_argument("--cached-only", action="store_true",
-                   help="write the tables from the finished runs in --work; start no stage-2 run (n/a for missing)")
+                   help="write the tables from the finished runs in --work, else from <out>/<tag>/results.json; "
+                        "start no run (n/a for missing)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     work, out = Path(a.work), Path(a.out) / a.tag
     extra = shlex.split(a.stage2_args)
     ablation_seeds = a.ablation_seeds if a.ablation_seeds is not None else a.seeds
+    stored = None
+    if a.cached_only:
+        stored_file = out / "results.json"
+        stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
     stage1_info: dict = {}
     results: dict = {}
     for shift in a.shifts:
         stage1_info[shift], results[shift] = {}, {}
         for seed in a.seeds:
-            info = stage1(shift, seed, work, a.source_iters, a.curve_every)
+            info = stage1(shift, seed, work, a.source_iters, a.curve_every, stored)
+            if info is None:
+                print(f"{shift} seed {seed}: no stage-1 result cached", flush=True)
+                continue
             stage1_info[shift][seed] = info
             print(f"{shift} seed {seed}: stage 1 {info['miou']:.2f} ({info['wall_s']:.0f} s)", flush=True)
             results[shift][seed] = {}
             for variant in a.variants:
                 if variant != "full" and seed not in ablation_seeds:
                     continue
-                r = stage2(shift, seed, work, variant, a.tag, info, extra, a.cached_only)
+                r = stage2(shift, seed, work, variant, a.tag, info, extra, stored)
                 if r is None:
                     continue
                 results[shift][seed][variant] = r
@@ -316,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         {"stage1": stage1_info, "stage2": results, "stage2_args": extra, "source_iters": a.source_iters,
          "class_names": list(CLASS_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}),
         separators=(",", ":")))
-    md = (f"# Adaptation study: {a.tag}\n\nCommand: `python benchmarks/adaptation_study.py "
+    md = (f"# Adaptation study: {a.tag}\n\nCommand: `python -m benchmarks.study.adaptation_study "
           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])) + "`\n\n"
           + f"Stage 1: {a.source_iters} iterations; stage-2 extra options: `{' '.join(extra) or '(none)'}`.\n\n"
           + tables(results, a.seeds, stage1_info))

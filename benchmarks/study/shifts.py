@@ -1,6 +1,7 @@
-r"""Two more domain shifts built from real photographs that scikit-image ships in its wheel.
+r"""Two more domain shifts built from real photographs that scikit-image ships in its wheel (study tooling:
+``python -m benchmarks.study.shifts photo DIR`` writes one).
 
-The embedded demo (:mod:`synthetic`) was designed together with the pipeline; these two shifts test whether
+The embedded demo (``examples/gta2cs/synthetic.py``) was designed together with the pipeline; these two shifts test whether
 adaptation holds beyond it. Both are written in the GTA5 / Cityscapes layouts (Cityscapes label ids), so
 ``examples/train_gta2cs.py --gta5-root ... --cityscapes-root ... --arch tiny`` trains on them unchanged.
 
@@ -40,15 +41,14 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from gta2cs.synthetic import gaussian_blur, write_cityscapes_layout, write_gta5_layout
 from PIL import Image
 
-from .data import ID_TO_TRAIN_ID
-from .synthetic import gaussian_blur
+from protocl import IGNORE_INDEX
 
-TRAIN_TO_ID = {v: k for k, v in ID_TO_TRAIN_ID.items()}
 ROAD, SIDEWALK, BUILDING, WALL, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 13
 SHIFT_CLASSES = (ROAD, SIDEWALK, BUILDING, WALL, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
-UNLABELLED = 255  # train id of pixels without a class (written as label id 0)
+UNLABELLED = IGNORE_INDEX  # train id of pixels without a class (written as label id 0)
 SHIFTS = ("photo", "clutter")
 
 # flat colours of the cartoon rendering (RGB), roughly the mean colour of each class's photo texture
@@ -271,13 +271,6 @@ def render_clutter_target(label: np.ndarray, rng: np.random.Generator) -> tuple[
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def _to_ids(train_ids: np.ndarray) -> np.ndarray:
-    lut = np.zeros(256, dtype=np.uint8)  # train id 255 -> label id 0 ("unlabeled", ignored by the reader)
-    for train_id, label_id in TRAIN_TO_ID.items():
-        lut[train_id] = label_id
-    return lut[train_ids]
-
-
 def _source_sample(shift: str, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     label = make_layout(rng, size[1], size[0])
     if shift == "photo":
@@ -315,21 +308,9 @@ def write_shift(shift: str, root: str | Path, *, seed: int = 0, source_images: i
     if marker.is_file() and marker.read_text() == stamp:
         return gta, cs
     rng = np.random.default_rng([seed, SHIFTS.index(shift), 4321])
-    (gta / "images").mkdir(parents=True, exist_ok=True)
-    (gta / "labels").mkdir(parents=True, exist_ok=True)
-    for i in range(source_images):
-        image, label = _source_sample(shift, rng, size)
-        Image.fromarray(image).save(gta / "images" / f"{i:05d}.png")
-        Image.fromarray(_to_ids(label)).save(gta / "labels" / f"{i:05d}.png")
+    write_gta5_layout(gta, (_source_sample(shift, rng, size) for _ in range(source_images)))
     for split, count in (("train", target_train), ("val", target_val)):
-        city = f"{shift}{split}"
-        (cs / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
-        (cs / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image, label = _target_sample(shift, rng, size)
-            stem = f"{city}_{i:06d}_000019"
-            Image.fromarray(image).save(cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            Image.fromarray(_to_ids(label)).save(cs / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+        write_cityscapes_layout(cs, split, f"{shift}{split}", (_target_sample(shift, rng, size) for _ in range(count)))
     marker.write_text(stamp)
     return gta, cs
 
@@ -352,5 +333,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m gta2cs.shifts (from examples/)
+if __name__ == "__main__":  # python -m benchmarks.study.shifts
     sys.exit(main())

@@ -1,0 +1,153 @@
+r"""Command-line options of the reference pipeline (``examples/train_gta2cs.py``): parsing only.
+
+:func:`parse_args` reads the options, fills the defaults of the chosen architecture (:data:`DEFAULTS`: the
+paper's settings for DeepLab-V2, a small budget for the tiny demo CNN) and checks their combination. Without
+dataset roots the roots point at the embedded demo dataset under ``--demo-root`` (default ``<out>/demo_data``);
+the dataset itself is written by :func:`train_gta2cs.setup`, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# paper settings for DeepLab-V2 (spec §4); the tiny demo's own budget
+DEFAULTS = {
+    "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
+                  "resize": 850, "eval_size": (1460, 730), "lr": 7.5e-5, "source_lr": 2.5e-4, "ema_momentum": 0.999,
+                  "workers": 4, "log_every": 50, "ckpt_every": 1000, "threshold": 0.7, "threads": None},
+    "tiny": {"source_iters": 500, "rounds": 3, "round_iters": 200, "batch_size": 4, "crop": 48, "resize": 64,
+             "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
+             "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
+}
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1460x730, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="GTA5 (or SYNTHIA) -> Cityscapes with bi-directional prototype contrast (protocl's reference pipeline).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--source", choices=("gta5", "synthia"),
+                   help="source dataset (default: synthia when --synthia-root is given, else gta5)")
+    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
+    d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
+                                          "over the 16 shared classes (miou16) and 13 (miou13)")
+    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
+    d.add_argument("--out", default="runs/gta2cs", help="output directory (checkpoints, figures, log, metrics.json)")
+    d.add_argument("--batch-size", type=int, help="source and target images per step and rank (2 + 2 in the paper)")
+    d.add_argument("--crop", type=int, help="random square crop (730)")
+    d.add_argument("--resize", type=int, help="short side before random scaling (850)")
+    d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
+    d.add_argument("--eval-size", type=_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
+    d.add_argument("--workers", type=int, help="DataLoader worker processes")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=("deeplabv2", "tiny"), help="default: tiny for the demo, deeplabv2 otherwise")
+    m.add_argument("--init", help="ImageNet ResNet-101 weights (torchvision or DeepLab init layout); never downloaded")
+    m.add_argument("--features", choices=("aspp", "layer4"), default="aspp",
+                   help="contrast features: ASPP branch outputs (D=4K) or layer4 + 1x1 projection")
+    m.add_argument("--proj-dim", type=int, default=256, help="D of the layer4 projection")
+    t = p.add_argument_group("schedule")
+    t.add_argument("--source-iters", type=int, help="stage 1 iterations")
+    t.add_argument("--rounds", type=int, help="stage 2 rounds (static labels regenerated at each start)")
+    t.add_argument("--round-iters", type=int, help="iterations per round")
+    t.add_argument("--lr", type=float, help="stage 2 backbone lr (classifier x10), poly per round, halved per round")
+    t.add_argument("--source-lr", type=float, help="stage 1 backbone lr (classifier x10), poly")
+    t.add_argument("--control", action=argparse.BooleanOptionalAction,
+                   help="also continue source-only training from stage 1 for the stage 2 budget, a baseline with "
+                        "the same iterations (default: on for the demo, off otherwise)")
+    t.add_argument("--source-checkpoint",
+                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, or any "
+                        "checkpoint with a 'model' entry); the same-budget control starts from them too")
+    t.add_argument("--stage1-best-on-target-val", action="store_true",
+                   help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
+                        "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
+    c = p.add_argument_group("method")
+    c.add_argument("--fcl-weight", type=float, default=0.1)
+    c.add_argument("--bcl-weight", type=float, default=0.1)
+    c.add_argument("--temperature", type=float, default=0.1)
+    c.add_argument("--ema-momentum", type=float)
+    c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7; tiny demo 0.9)")
+    c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
+    c.add_argument("--proportion", type=float, default=0.1, help="class-balanced / per-image static label proportion")
+    c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
+    c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
+    c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun picks LOCAL_RANK)")
+    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
+    r.add_argument("--value-checks", choices=("first", "always"), default="first",
+                   help="protocl's label-value checks (one host sync per label map): on the first step of each "
+                        "stage and round only, or on every step")
+    r.add_argument("--sync-debug", action="store_true",
+                   help="run the training steps (not the first of a stage/round, not logging) under "
+                        "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
+    r.add_argument("--diagnostics", action=argparse.BooleanOptionalAction,
+                   help="per-class coverage and precision of static/dynamic/hybrid labels against target train "
+                        "ground truth, logged and in metrics.json (reads target labels; never trained on; "
+                        "default: on for the demo, off otherwise)")
+    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resume", help="checkpoint to continue from (e.g. <out>/checkpoint.pt)")
+    r.add_argument("--log-every", type=int)
+    r.add_argument("--ckpt-every", type=int, help="checkpoint every N iterations (and at each stage/round end)")
+    r.add_argument("--threads", type=int,
+                   help="torch CPU threads (tiny: 1, its tensors are too small to gain from more and one thread "
+                        "stays fast on a busy machine; deeplabv2: torch's choice)")
+    r.add_argument("--pseudo-cache-mb", type=int, default=512, help="RAM for caching logits between threshold passes")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; fill the architecture's defaults and the demo's dataset roots; validate the combination.
+
+    ``args.demo`` is True for the embedded demo (no dataset root given); then ``args.<source>_root`` and
+    ``args.cityscapes_root`` name the folders that :func:`train_gta2cs.setup` writes the demo dataset to.
+    """
+    args = build_parser().parse_args(argv)
+    if args.source is None:
+        args.source = "synthia" if args.synthia_root is not None else "gta5"
+    source_root, other = ("gta5_root", "synthia_root") if args.source == "gta5" else ("synthia_root", "gta5_root")
+    if getattr(args, other) is not None:
+        raise SystemExit(f"error: --{other.replace('_', '-')} given with --source {args.source}")
+    demo = getattr(args, source_root) is None and args.cityscapes_root is None
+    if (getattr(args, source_root) is None) != (args.cityscapes_root is None):
+        raise SystemExit(f"error: give both --{source_root.replace('_', '-')} and --cityscapes-root (or neither "
+                         "for the embedded demo)")
+    if args.arch is None:
+        args.arch = "tiny" if demo else "deeplabv2"
+    for key, value in DEFAULTS[args.arch].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
+        raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
+    if demo:
+        args.demo_root = str(args.demo_root or Path(args.out) / "demo_data")
+        setattr(args, source_root, str(Path(args.demo_root) / args.source))
+        args.cityscapes_root = str(Path(args.demo_root) / "cityscapes")
+    if args.control is None:
+        args.control = demo
+    if args.diagnostics is None:
+        args.diagnostics = demo
+    args.demo = demo
+    return args
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    """``vars(args)`` as plain values (tuples -> lists, paths -> strings): what checkpoints and metrics.json store."""
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {key: plain(value) for key, value in vars(args).items()}

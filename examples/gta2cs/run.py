@@ -1,0 +1,206 @@
+r"""Building a run of the reference pipeline and reporting it: :func:`setup` (the one way to build a run, used
+by ``train_gta2cs.main``, the tests, ``benchmarks/gpu_check.py`` and the adaptation study), the round's
+diagnostics and figure, and :func:`finish` (metrics.json, curves, the per-class table, the last line).
+
+The training loop itself is ``examples/train_gta2cs.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import protocl
+from protocl.distributed import all_reduce_sum_
+
+from . import checkpoint, diagnostics, dist, figures, options
+from .data import (
+    CLASS_NAMES,
+    SYNTHIA_CLASSES_13,
+    SYNTHIA_CLASSES_16,
+    BatchStream,
+    EvalSet,
+    TrainSet,
+    cityscapes_files,
+    gta5_files,
+    synthia_files,
+)
+from .evaluate import iou_table
+from .model import build_model
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds (no state that a restart needs: that is the checkpoint dict of :func:`start`)."""
+
+    args: object
+    config: dict
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    log: Callable[[str], None]
+    subsets: dict | None
+    target_train: list
+    target_val: list
+    source_set: TrainSet
+    target_set: TrainSet
+    source_stream: BatchStream
+    target_stream: BatchStream
+    val_loader: DataLoader
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DistributedDataParallel on several ranks
+    contrast: protocl.BidirectionalContrast
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    tb: object = None
+    started: tuple = (0.0, 0)  # (time, step) when training (re)started: the it/s of the log
+
+
+def setup(args) -> Run:
+    """Build a run from parsed options (:func:`gta2cs.options.parse_args`): process group, demo dataset (written
+    by rank 0, the others wait at a barrier), data streams, model, orchestrator, optimizer, log."""
+    rank, world, device = dist.setup(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.demo:
+        from .synthetic import write_demo_dataset
+
+        if rank == 0:
+            write_demo_dataset(args.demo_root, seed=args.seed, source=args.source)
+        dist.barrier()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = make_log(out, rank)
+    checkpoint.seed_everything(args.seed)
+    source = gta5_files(args.gta5_root) if args.source == "gta5" else synthia_files(args.synthia_root)
+    target_train = cityscapes_files(args.cityscapes_root, "train", require_labels=False)
+    target_val = cityscapes_files(args.cityscapes_root, "val")
+    if args.diagnostics and any(s.label is None for s in target_train):
+        missing = [s.image for s in target_train if s.label is None]
+        raise ValueError(f"expected gtFine train labels for --diagnostics (they are read for the logged "
+                         f"pseudo-label diagnostics only), got {len(missing)} images without, e.g. {str(missing[0])!r}")
+    pin, scales = device.type == "cuda", tuple(args.scales)
+    source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales)
+    target_set = TrainSet(target_train, resize=args.resize, crop=args.crop, scales=scales,
+                          labels=args.diagnostics)  # target ground truth: read only when asked for
+    stream = {"seed": args.seed, "rank": rank, "world": world, "workers": args.workers, "pin_memory": pin}
+    val_loader = DataLoader(EvalSet(target_val[rank::world], size=tuple(args.eval_size)), batch_size=1,
+                            num_workers=min(args.workers, 2), pin_memory=pin)
+    model = build_model(args.arch, len(CLASS_NAMES), features=args.features, proj_dim=args.proj_dim,
+                        init=args.init).to(device)
+    if args.arch == "deeplabv2" and args.init is None:
+        log("warning: --init not given, DeepLab-V2 starts from random weights (expect poor results)")
+    net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
+                                   find_unused_parameters=args.features == "layer4") if world > 1 else model)
+    contrast = protocl.BidirectionalContrast(
+        len(CLASS_NAMES), model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
+        bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
+        momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
+        dynamic=not args.no_dynamic).to(device)
+    run = Run(args=args, config=options.config_dict(args), rank=rank, world=world, device=device, out=out, log=log,
+              subsets={"16": SYNTHIA_CLASSES_16, "13": SYNTHIA_CLASSES_13} if args.source == "synthia" else None,
+              target_train=target_train, target_val=target_val, source_set=source_set, target_set=target_set,
+              source_stream=BatchStream(source_set, args.batch_size, stream=0, **stream),
+              target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
+              model=model, net=net, contrast=contrast, optimizer=None, scaler=None)
+    new_optimizer(run, args.source_lr)
+    if args.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError(f"expected the tensorboard package for --tensorboard (pip install tensorboard, "
+                             f"or pip install -e '.[examples]'), got ImportError: {error}") from None
+        run.tb = SummaryWriter(str(out / "tensorboard"))
+    log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target train "
+        f"{len(target_train)}, target val {len(target_val)}; arch {args.arch}, D={model.feature_dim}, amp {args.amp}")
+    if args.sync_debug and device.type != "cuda":
+        log("note: --sync-debug has an effect on CUDA only")
+    return run
+
+
+def make_log(out: Path, rank: int) -> Callable[[str], None]:
+    """Print on rank 0 and append to ``<out>/log.txt``."""
+
+    def log(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+            with open(out / "log.txt", "a") as f:
+                f.write(message + "\n")
+
+    return log
+
+
+def new_optimizer(run: Run, lr: float) -> None:
+    """SGD (fused on CUDA: with a GradScaler it skips inf steps without a host read) and a fresh GradScaler."""
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.args.amp == "fp16")
+    fused = {"fused": True} if run.device.type == "cuda" else {}
+    run.optimizer = torch.optim.SGD(run.model.param_groups(lr), lr=lr, momentum=0.9, weight_decay=5e-4, **fused)
+
+
+def round_diagnostics(run: Run, state: dict) -> None:
+    """Store and log the round's per-class coverage and precision of static, dynamic and hybrid labels."""
+    counts = all_reduce_sum_(state["label_counts"].clone())
+    entry = {n: diagnostics.summarize(counts[i]) for i, n in enumerate(diagnostics.LABEL_KINDS)}
+    state["metrics"].setdefault("diagnostics", []).append({"round": state["round"], **entry})
+    run.log(f"round {state['round']}: pseudo labels on the round's target crops against target ground truth "
+            "(coverage = labelled share of the class's pixels, precision = correct share of the pixels labelled "
+            "with the class; %, diagnostic only):\n" + diagnostics.table(entry, CLASS_NAMES))
+
+
+def round_figure(run: Run, round_index: int, tgt: dict, labels: dict[str, Tensor]) -> None:
+    """The round's last training batch: target crop | static | dynamic | hybrid (| ground truth with
+    ``--diagnostics``), as the step computed them."""
+    rows = []
+    for i in range(tgt["image"].shape[0]):
+        row = {"image": tgt["image"][i].permute(1, 2, 0).cpu().numpy()}
+        row.update({k: v[i].cpu().numpy() for k, v in labels.items()})
+        if "label" in tgt:
+            row["gt"] = tgt["label"][i].cpu().numpy()
+        rows.append(row)
+    figures.pseudo_label_panel(rows, run.out / "figures" / f"pseudo_labels_round_{round_index:02d}.png",
+                               class_names=CLASS_NAMES)
+
+
+def scalars(run: Run, state: dict, prefix: str, values: dict[str, float]) -> None:
+    """TensorBoard scalars (``--tensorboard``) at ``state["step"]``."""
+    if run.tb is not None:
+        for name, value in values.items():
+            run.tb.add_scalar(f"{prefix}/{name}", value, state["step"])
+
+
+def finish(run: Run, state: dict) -> None:
+    """After training (the last checkpoint is written): metrics.json, the curves, the per-class table and the last
+    line ``target mIoU: source-only X.XX -> adapted Y.YY`` (rank 0)."""
+    a, m = run.args, state["metrics"]
+    if run.rank != 0:
+        return
+    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics")
+               if k in m}
+    metrics.update(config=run.config, class_names=list(CLASS_NAMES))
+    if run.subsets:
+        metrics["class_subsets"] = {n: [CLASS_NAMES[k] for k in ks] for n, ks in run.subsets.items()}
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    figures.training_curves(state["history"], run.out / "figures" / "training_curves.png")
+    columns = {"source-only": m["source_only"]["iou"], "adapted": m["adapted"]["iou"]}
+    if "source_only_continued" in m:
+        columns["source-only, same budget"] = m["source_only_continued"]["iou"]
+    what = "16-class protocol, n/a = not among the 16" if run.subsets else "19 classes"
+    run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, CLASS_NAMES))
+    if "source_only_continued" in m:
+        run.log(f"source-only trained for the same total iterations ({a.source_iters} + "
+                f"{a.rounds * a.round_iters}): {m['source_only_continued']['miou']:.2f}")
+    if run.subsets:
+        run.log("target mIoU over 16 classes (13 classes): source-only "
+                f"{m['source_only']['miou16']:.2f} ({m['source_only']['miou13']:.2f}) -> adapted "
+                f"{m['adapted']['miou16']:.2f} ({m['adapted']['miou13']:.2f})")
+    run.log(f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}")
