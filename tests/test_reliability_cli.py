@@ -25,7 +25,8 @@ from PIL import Image
 
 from gta2cs import data
 
-TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train_gta2cs.py"
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "train_gta2cs.py"
 
 
 class Hostile:
@@ -40,6 +41,13 @@ class Hostile:
 
 def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The ``error: ...`` line the script ends with (stderr also carries the pre-flight check's progress bar)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, result.stderr
+    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +78,7 @@ def test_pipeline_checkpoints_load_safely(roots, tmp_path):
         torch.load(out / name, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("option", ["--resume", pytest.param("--source-checkpoint", marks=pytest.mark.xfail(
-    strict=True, reason="needs the new loop: the error names --source-checkpoint (today it says --resume)"))])
+@pytest.mark.parametrize("option", ["--resume", "--source-checkpoint"])
 def test_hostile_checkpoint_never_runs(roots, tmp_path, option):
     marker = tmp_path / "marker"
     shared = tmp_path / "shared.pt"
@@ -79,13 +86,11 @@ def test_hostile_checkpoint_never_runs(roots, tmp_path, option):
     result = run(data_args(*roots, tmp_path / "out") + TINY_RUN + [option, str(shared)])
     assert not marker.exists(), "the pickle ran code"
     assert result.returncode == 2, result.stderr
-    err = result.stderr.strip()
+    err = error_line(result)
     assert err.startswith(f"error: expected {option} {str(shared)!r}") and "posix.mkdir" in err, err
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new loop: model.read_init must go through checkpoint.load (named "
-                                       "ValueError, not a traceback)")
 def test_hostile_init_never_runs(roots, tmp_path):
     marker = tmp_path / "marker"
     shared = tmp_path / "resnet101.pth"
@@ -94,11 +99,11 @@ def test_hostile_init_never_runs(roots, tmp_path):
                                                             "--init", str(shared), *TINY_RUN])
     assert not marker.exists(), "the pickle ran code"
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith(f"error: expected --init {str(shared)!r}") and "posix.mkdir" in result.stderr
+    err = error_line(result)
+    assert err.startswith(f"error: expected --init {str(shared)!r}") and "posix.mkdir" in err, err
 
 
 # ---------------------------------------------------------------------------------------------- bad data
-@pytest.mark.xfail(strict=True, reason="needs the new loop: pre-flight check before training")
 def test_bad_files_are_all_found_before_training(roots, tmp_path):
     gta, cs = roots
     src, val = data.gta5_files(gta), data.cityscapes_files(cs, "val")
@@ -119,17 +124,15 @@ def test_bad_files_are_all_found_before_training(roots, tmp_path):
     assert " it 1 " not in result.stdout and not (out / "checkpoint.pt").exists()  # nothing trained
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new loop: --no-check-data and a named error during training")
 def test_truncated_image_during_training_is_named(roots, tmp_path):
     gta, cs = roots
     bad = truncate(data.gta5_files(gta)[2].image)
     result = run(data_args(gta, cs, tmp_path / "out") + TINY_RUN + ["--no-check-data"])
     assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(bad) in last and "does not decode" in last, result.stderr
+    last = error_line(result)
+    assert str(bad) in last and "does not decode" in last and "Traceback" not in result.stderr, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new loop: --on-bad-sample skip, counted in metrics.json")
 def test_skipped_files_are_logged_and_counted(roots, tmp_path):
     gta, cs = roots
     bad = truncate(data.gta5_files(gta)[2].image)
@@ -154,7 +157,6 @@ def _metrics(out: Path) -> dict:
     return metrics
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new loop: SIGTERM handling and --resume auto")
 def test_sigterm_then_resume_auto_is_exact(roots, tmp_path):
     """Stopped by SIGTERM in the middle of a round (checkpoints every 1000 iterations: the stop's checkpoint is the
     only one there), then the same command again: the same metrics.json as a run that was never stopped."""
@@ -171,8 +173,8 @@ def test_sigterm_then_resume_auto_is_exact(roots, tmp_path):
     log = "".join(seen) + rest
     assert proc.returncode == 75, (log, err)
     assert "stop requested (SIGTERM)" in log and "checkpoint written" in log
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
-    assert (state["stage"], state["round"]) == ("adapt", 0) and 10 <= state["iteration"] < 60
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert (state["phase"], state["round"]) == ("adapt", 0) and 10 <= state["iteration"] < 60
     assert "pre-flight data check" in log
     resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr
@@ -184,13 +186,15 @@ def test_sigterm_then_resume_auto_is_exact(roots, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- divergence
-@pytest.mark.xfail(strict=True, reason="needs the new loop: the non-finite guard")
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(roots, tmp_path):
     first = tmp_path / "first"
-    crashed = run(data_args(*roots, first) + TINY_RUN + ["--stop-after", "5"])  # checkpoint at iteration 4
-    assert crashed.returncode == 1, crashed.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "examples"), str(ROOT / "tests")])}
+    crashed = subprocess.run([sys.executable, str(ROOT / "tests" / "examples_crash.py"), "5",  # "dies" after step 5
+                              *data_args(*roots, first), *TINY_RUN], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert crashed.returncode == 1, crashed.stderr  # its last checkpoint: iteration 4
     ckpt = torch.load(first / "checkpoint.pt", weights_only=True)
-    assert (ckpt["state"]["stage"], ckpt["state"]["iteration"]) == ("source", 4)
+    assert (ckpt["phase"], ckpt["iteration"]) == ("source", 4)
     name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
     ckpt["model"][name].view(-1)[0] = float("nan")  # the injected divergence: the next loss is NaN
     out = tmp_path / "out"
@@ -199,14 +203,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(roots, tmp_path):
     before = (out / "checkpoint.pt").read_bytes()
     result = run(data_args(*roots, out) + TINY_RUN + ["--resume", "auto"])
     assert result.returncode == 1, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(result)
     assert last.startswith("error: non-finite ce_src (NaN or inf) at iteration 5"), result.stderr
     assert str(out / "checkpoint.pt") in last
     assert (out / "checkpoint.pt").read_bytes() == before  # never overwritten by the non-finite state
     assert not (out / "checkpoint.pt.tmp").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new loop: weights checked when --source-checkpoint loads them")
 def test_non_finite_source_checkpoint_is_refused(roots, tmp_path):
     first = tmp_path / "first"
     assert run(data_args(*roots, first) + TINY_RUN).returncode == 0
@@ -217,13 +220,13 @@ def test_non_finite_source_checkpoint_is_refused(roots, tmp_path):
     out = tmp_path / "out"
     result = run(data_args(*roots, out) + TINY_RUN + ["--source-checkpoint", str(tmp_path / "diverged.pt")])
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: expected --source-checkpoint {str(tmp_path / 'diverged.pt')!r} to hold "
-                                    "finite weights") and name in result.stderr
+    err = error_line(result)
+    assert err.startswith(f"error: expected --source-checkpoint {str(tmp_path / 'diverged.pt')!r} to hold "
+                          "finite weights") and name in err, err
     assert not (out / "checkpoint.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------- output folder
-@pytest.mark.xfail(strict=True, reason="needs the new loop: the output folder is checked before training")
 def test_unwritable_out_is_refused_before_training(roots, tmp_path):
     """``--out`` under a regular file: it can never be created, whoever runs (root ignores chmod 555, so a
     read-only folder would not test anything here)."""
@@ -232,5 +235,5 @@ def test_unwritable_out_is_refused_before_training(roots, tmp_path):
     out = blocker / "sub"
     result = run(data_args(*roots, out) + TINY_RUN)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: expected --out to be a folder that can be created, got {str(out)!r}")
+    assert error_line(result).startswith(f"error: expected --out to be a folder that can be created, got {str(out)!r}")
     assert "Traceback" not in result.stderr

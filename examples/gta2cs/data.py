@@ -96,7 +96,12 @@ LABEL_MODES = {"cityscapes": ("L", "P", "I", "I;16"), "synthia": ("RGB;16",)}
 
 
 class BadSampleError(ValueError):
-    """A file of a dataset that cannot be used; the message names the path and the reason."""
+    """A file of a dataset that cannot be used; the message names the path and the reason, :attr:`path` holds
+    the path (None when the error was re-raised from a DataLoader worker, whose message still names it)."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
 
 
 def _reason(error: BaseException) -> str:
@@ -112,7 +117,7 @@ def decode_image(path: str | Path) -> Image.Image:
     except MemoryError:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... for broken files
-        raise BadSampleError(f"image {str(path)!r} does not decode ({_reason(error)})") from error
+        raise BadSampleError(f"image {str(path)!r} does not decode ({_reason(error)})", path) from error
 
 
 def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.ndarray:
@@ -129,7 +134,7 @@ def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.n
                     mode = image.mode
                 raise BadSampleError(
                     f"label {str(path)!r}: expected a 16-bit RGB PNG (SYNTHIA GT/LABELS, class id in channel 1), "
-                    f"got {ids.dtype.itemsize * 8}-bit mode {mode}")
+                    f"got {ids.dtype.itemsize * 8}-bit mode {mode}", path)
             return ids[..., 0]
         with Image.open(path) as label:
             mode = label.mode
@@ -137,14 +142,14 @@ def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.n
                 what = " (a colour rendering?)" if mode in ("RGB", "RGBA") else ""
                 raise BadSampleError(
                     f"label {str(path)!r}: expected a single-channel id map (mode L, P or I: Cityscapes label "
-                    f"ids, as GTA5 labels/*.png and *_gtFine_labelIds.png hold them), got mode {mode}{what}")
+                    f"ids, as GTA5 labels/*.png and *_gtFine_labelIds.png hold them), got mode {mode}{what}", path)
             return np.asarray(label)
     except BadSampleError:
         raise
     except MemoryError:
         raise
     except Exception as error:
-        raise BadSampleError(f"label {str(path)!r} does not decode ({_reason(error)})") from error
+        raise BadSampleError(f"label {str(path)!r} does not decode ({_reason(error)})", path) from error
 
 
 def check_label_ids(ids: np.ndarray, path: str | Path, label_format: str = "cityscapes") -> None:
@@ -160,7 +165,7 @@ def check_label_ids(ids: np.ndarray, path: str | Path, label_format: str = "city
     shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
     allowed = ("8-bit Cityscapes label ids 0-255 (not an instance-id file, id * 1000 + instance)"
                if label_format == "cityscapes" else f"SYNTHIA class ids 0-{top}")
-    raise BadSampleError(f"label {str(path)!r}: expected {allowed}, got {shown} on {int(bad.sum())} pixels")
+    raise BadSampleError(f"label {str(path)!r}: expected {allowed}, got {shown} on {int(bad.sum())} pixels", path)
 
 
 def check_label_size(label_size: tuple[int, int], image_size: tuple[int, int], label_path: str | Path,
@@ -175,7 +180,7 @@ def check_label_size(label_size: tuple[int, int], image_size: tuple[int, int], l
     raise BadSampleError(
         f"label {str(label_path)!r}: size {lw}x{lh} does not match its image {str(image_path)!r} of {iw}x{ih} "
         f"(allowed: equal sizes, or a rescale of the same aspect ratio within {ASPECT_TOLERANCE:.0%}, resized "
-        "nearest)")
+        "nearest)", label_path)
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,47 @@ def resize_pair(image: Image.Image, labels: list[Image.Image], size: tuple[int, 
     return image.resize(size, Image.BILINEAR), [lab.resize(size, Image.NEAREST) for lab in labels]
 
 
+def skip_record(error: BadSampleError) -> str:
+    """One line of a ``skipped_files`` entry: ``"<path>\t<message>"``."""
+    return f"{error.path or '?'}\t{error}"
+
+
+def skip_records(batch: dict) -> list[tuple[str, str]]:
+    """The ``(path, message)`` of every bad file a batch (or an item) passed over (``on_bad_sample="skip"``);
+    reads the CPU tensor ``skipped`` only, never a device value."""
+    if "skipped" not in batch or not int(torch.as_tensor(batch["skipped"]).sum()):
+        return []
+    entries = batch["skipped_files"]
+    entries = [entries] if isinstance(entries, str) else entries
+    records = []
+    for entry in entries:
+        for line in entry.splitlines():
+            if line:
+                path, _, message = line.partition("\t")
+                records.append((path, message))
+    return records
+
+
+class SkipCounter:
+    """An iterable over ``loader`` that keeps the :func:`skip_records` of the batches it yields (in
+    :attr:`pending`, emptied by :meth:`take`), for loaders that another function iterates (the evaluation)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.pending = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.pending += skip_records(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def take(self) -> list[tuple[str, str]]:
+        pending, self.pending = self.pending, []
+        return pending
+
+
 def _check_on_bad_sample(value: str) -> str:
     if value not in ON_BAD_SAMPLE:
         raise ValueError(f"expected on_bad_sample in {ON_BAD_SAMPLE}, got {value!r}")
@@ -321,8 +367,9 @@ class TrainSet(Dataset):
       the opt-in ``--diagnostics``; without them the target ground truth is never opened);
     - ``static`` uint8 (c, c) read from ``<pseudo_dir>/<name>.png`` when ``pseudo_dir`` is set;
     - with ``on_bad_sample="skip"`` only: ``skipped`` (int64 scalar, how many bad samples were passed over to
-      produce this one, normally 0) and ``skipped_files`` (str, one ``"<path> ...reason"`` line per bad file
-      passed over, empty when none). Collated, they are a tensor and a list of str per batch.
+      produce this one, normally 0) and ``skipped_files`` (str, one ``"<path>\t<message>"`` line per bad file
+      passed over, empty when none; :func:`skip_records` parses them). Collated, they are a tensor and a list of
+      str per batch.
 
     Label maps stay uint8 (train ids and 255 fit a byte) so that the host-to-device copy moves an eighth of the
     bytes of int64; the trainer widens them to int64 on the device. Static pseudo labels are stored at the
@@ -355,13 +402,13 @@ class TrainSet(Dataset):
             try:
                 out = self._load((index + attempt) % len(self.samples), seed)
             except BadSampleError as error:
-                skipped.append(str(error))
+                skipped.append(skip_record(error))
                 continue
             out["skipped"] = torch.tensor(len(skipped))
             out["skipped_files"] = "\n".join(skipped)
             return out
         raise BadSampleError(f"every one of the {len(self.samples)} samples is bad (on_bad_sample='skip' has "
-                             f"nothing to use instead), e.g. {skipped[0]}")
+                             f"nothing to use instead), e.g. {skipped[0].split(chr(9), 1)[-1]}")
 
     def _static_label(self, sample: Sample, size: tuple[int, int]) -> Image.Image:
         path = self.pseudo_dir / f"{sample.name}.png"
@@ -371,7 +418,7 @@ class TrainSet(Dataset):
         except MemoryError:
             raise
         except Exception as error:
-            raise BadSampleError(f"static pseudo label {str(path)!r} does not decode ({_reason(error)})") from error
+            raise BadSampleError(f"static pseudo label {str(path)!r} does not decode ({_reason(error)})", path) from error
         if static.size != size:
             raise ValueError(f"expected static labels of size {size} in {self.pseudo_dir}, got {static.size} "
                              f"({str(path)!r})")
@@ -441,7 +488,7 @@ class EvalSet(Dataset):
                 raise
             w, h = self.size
             return {"image": torch.zeros(3, h, w, dtype=torch.uint8), "label": torch.full((h, w), IGNORE, dtype=torch.uint8),
-                    "index": torch.tensor(index), "skipped": torch.tensor(1), "skipped_files": str(error)}
+                    "index": torch.tensor(index), "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
         if self.on_bad_sample == "skip":
             out["skipped"], out["skipped_files"] = torch.tensor(0), ""
         return out
@@ -464,7 +511,7 @@ def pseudo_label_size(sample: Sample, short: int) -> tuple[int, int]:
     except MemoryError:
         raise
     except Exception as error:
-        raise BadSampleError(f"image {str(sample.image)!r} does not open ({_reason(error)})") from error
+        raise BadSampleError(f"image {str(sample.image)!r} does not open ({_reason(error)})", sample.image) from error
 
 
 class PseudoLabelSet(Dataset):
@@ -494,7 +541,7 @@ class PseudoLabelSet(Dataset):
             except BadSampleError:
                 w, h = 1, 1
             return {"image": torch.zeros(3, h, w, dtype=torch.uint8), "index": torch.tensor(index),
-                    "skipped": torch.tensor(1), "skipped_files": str(error)}
+                    "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
         image = np.asarray(image.resize(short_side_size(image.size, self.resize), Image.BILINEAR))
         out = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "index": torch.tensor(index)}
         if self.on_bad_sample == "skip":

@@ -70,15 +70,11 @@ def default_workers() -> int:
     return max(1, min(16, available))
 
 
-def check_data(splits: Mapping[str, Sequence[Sample]], *, workers: int | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> dict:
-    """Check every sample of ``splits`` (name -> samples) with :func:`check_sample`.
-
-    ``workers``: processes (``0``: in this process; ``None``: :func:`default_workers`). ``progress``: a tqdm bar
-    on stderr. Returns ``{"files", "bytes", "seconds", "files_per_s", "mb_per_s", "workers"}`` and logs one line
-    through ``log`` when given. Raises one ``ValueError`` listing every bad file (path and reason) when any is
-    bad.
-    """
+def scan(splits: Mapping[str, Sequence[Sample]], *, workers: int | None = None, progress: bool = True
+         ) -> tuple[dict, list[tuple[str, str]]]:
+    """Run :func:`check_sample` over every sample of ``splits`` (name -> samples): ``(stats, bad)`` with ``bad``
+    the ``(split name, problem)`` of every bad file, in order. ``workers``: processes (``0``: in this process;
+    ``None``: :func:`default_workers`); ``progress``: a tqdm bar on stderr."""
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
         raise ValueError(f"expected workers >= 0, got {workers}")
@@ -105,16 +101,38 @@ def check_data(splits: Mapping[str, Sequence[Sample]], *, workers: int | None = 
     stats = {"files": files, "samples": len(items), "bytes": nbytes, "seconds": round(seconds, 3),
              "files_per_s": round(files / max(seconds, 1e-9), 1),
              "mb_per_s": round(nbytes / 2**20 / max(seconds, 1e-9), 1), "workers": workers}
-    if bad:
-        lines = "\n".join(f"  [{name}] {problem}" for name, problem in bad)
-        raise ValueError(
-            f"pre-flight data check: {len(bad)} bad file(s) among the {files} files of "
+    return stats, bad
+
+
+def report(bad: Sequence[tuple[str, str]], splits: Mapping[str, Sequence[Sample]], files: int) -> str:
+    """The message of the ``ValueError`` for ``bad`` files: every one of them, by path with the reason."""
+    lines = "\n".join(f"  [{name}] {problem}" for name, problem in bad)
+    return (f"pre-flight data check: {len(bad)} bad file(s) among the {files} files of "
             f"{', '.join(f'{name} ({len(split)} samples)' for name, split in splits.items())}; fix or remove them "
             f"(--on-bad-sample skip trains without them, --no-check-data skips this check):\n{lines}")
+
+
+def summary(stats: dict, splits: Mapping[str, Sequence[Sample]]) -> str:
+    """The log line of a passed check."""
+    return (f"pre-flight data check: {stats['files']} files ({stats['bytes'] / 2**20:.1f} MiB) of "
+            f"{', '.join(f'{name} {len(split)}' for name, split in splits.items())} samples fine in "
+            f"{stats['seconds']:.1f} s ({stats['files_per_s']:.0f} files/s, {stats['mb_per_s']:.0f} MiB/s, "
+            f"{stats['workers']} worker process(es))")
+
+
+def check_data(splits: Mapping[str, Sequence[Sample]], *, workers: int | None = None, progress: bool = True,
+               log: Callable[[str], None] | None = None) -> dict:
+    """Check every sample of ``splits`` (name -> samples) with :func:`check_sample` (see :func:`scan`).
+
+    Returns ``{"files", "samples", "bytes", "seconds", "files_per_s", "mb_per_s", "workers"}`` and logs one line
+    through ``log`` when given. Raises one ``ValueError`` listing every bad file (path and reason) when any is
+    bad.
+    """
+    stats, bad = scan(splits, workers=workers, progress=progress)
+    if bad:
+        raise ValueError(report(bad, splits, stats["files"]))
     if log is not None:
-        log(f"pre-flight data check: {files} files ({nbytes / 2**20:.1f} MiB) of "
-            f"{', '.join(f'{name} {len(split)}' for name, split in splits.items())} samples fine in {seconds:.1f} s "
-            f"({stats['files_per_s']:.0f} files/s, {stats['mb_per_s']:.0f} MiB/s, {workers} worker process(es))")
+        log(summary(stats, splits))
     return stats
 
 

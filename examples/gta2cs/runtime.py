@@ -35,6 +35,22 @@ must see a failure to restart it."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class Stopped(Exception):
+    """Raised by the loop after it wrote the checkpoint of a stop request; the message names the signal."""
+
+
+def last_line(error: BaseException) -> str:
+    """The message of ``error`` without a DataLoader worker's traceback: for an exception re-raised from a worker
+    ("Caught X in DataLoader worker process N. Original Traceback ..."), the original exception's message."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    head, sep, tail = last.partition(": ")
+    return tail if sep and " " not in head else last
+
+
 class StopRequest:
     """Turn SIGTERM and SIGUSR1 into a stop request that the training loop polls.
 
