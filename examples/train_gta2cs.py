@@ -326,7 +326,7 @@ def end_source(run: Run, state: dict) -> None:
     evaluation, then stage 2 begins."""
     if run.args.stage1_best_on_target_val:
         keep_if_best(run, state)
-        best = checkpoint.load(run.out / "source_best.pt")
+        best = checkpoint.load(run.out / "source_best.pt", "source_best.pt")
         run.model.load_state_dict(best["model"])
         run.log(f"stage 1: using the checkpoint of iteration {best['iteration']} (best target-val mIoU "
                 f"{best['miou']:.2f}; this selection reads target labels)")
@@ -614,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             protocl.set_value_checks(checks_before)
+            run.source_stream.close()  # the DataLoader workers go now, whatever ended the run
+            run.target_stream.close()
             if run.tb is not None:
                 run.tb.close()
         return 0

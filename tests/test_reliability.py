@@ -252,12 +252,14 @@ def test_workers_ignore_stop_signals():
         sys.path.insert(0, {str(EXAMPLES)!r})
         from gta2cs import data
         data.ignore_stop_signals(0)
-        os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)
-        print("alive")
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("alive", signal.alarm(0))  # SIGTERM: still alive, gone WORKER_GRACE_S later
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "alive"
+    assert out.returncode == 0 and out.stdout.split()[0] == "alive", out.stderr
+    assert 0 < int(out.stdout.split()[1]) <= data.WORKER_GRACE_S
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight

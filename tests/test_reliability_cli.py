@@ -124,10 +124,13 @@ def test_bad_files_are_all_found_before_training(roots, tmp_path):
     assert " it 1 " not in result.stdout and not (out / "checkpoint.pt").exists()  # nothing trained
 
 
-def test_truncated_image_during_training_is_named(roots, tmp_path):
+@pytest.mark.parametrize("workers", ["0", pytest.param("2", marks=pytest.mark.slow)])
+def test_truncated_image_during_training_is_named(roots, tmp_path, workers):
+    """Also from DataLoader worker processes, which then go with the main process (no hang at exit)."""
     gta, cs = roots
     bad = truncate(data.gta5_files(gta)[2].image)
-    result = run(data_args(gta, cs, tmp_path / "out") + TINY_RUN + ["--no-check-data"])
+    result = run(data_args(gta, cs, tmp_path / "out") + TINY_RUN + ["--no-check-data", "--workers", workers],
+                 timeout=120)
     assert result.returncode == 1
     last = error_line(result)
     assert str(bad) in last and "does not decode" in last and "Traceback" not in result.stderr, result.stderr

@@ -29,6 +29,7 @@ batch. :mod:`preflight` runs the same checks over whole splits before training.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,15 +550,25 @@ class PseudoLabelSet(Dataset):
         return out
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of every DataLoader of the pipeline: SIGTERM and SIGUSR1 are ignored in worker
-    processes. A scheduler (SLURM) sends SIGTERM to every process of the job; the main process turns it into a
-    checkpoint and shuts its workers down itself, so a worker must not die first (the main process would fail
-    on its next batch instead of finishing the step). Workers still exit when their parent dies."""
-    import signal
+WORKER_GRACE_S = 30  # a DataLoader worker lives this long after SIGTERM (see ignore_stop_signals)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+
+def _worker_sigterm(signum, frame) -> None:
+    remaining = signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the worker then
+    if remaining:
+        signal.alarm(remaining)  # a second SIGTERM does not postpone it
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader of the pipeline. A scheduler (SLURM) sends SIGTERM to every process
+    of the job: the main process turns it into a checkpoint (after the current step, which may still need a
+    batch) and shuts its workers down itself, so a worker must not die first. In a worker, SIGUSR1 is ignored and
+    SIGTERM ends it only :data:`WORKER_GRACE_S` seconds later: long enough for the batches of the steps before
+    the stop (at most ``min(10, --log-every)`` under torchrun), short enough that a worker which its parent
+    terminates at exit still goes (after an error raised in a worker, torch's DataLoader terminates its workers
+    at exit: such an exit takes about half a minute). Workers also exit when their parent dies."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 def sample_seed(seed: int, stream: int, epoch: int, position: int) -> int:
@@ -636,6 +647,15 @@ class BatchStream:
         """Drop prefetched batches and the workers, which hold a copy of the dataset, e.g. after
         ``dataset.pseudo_dir`` changed (once per round); continue at the same position."""
         self._iter, self._loader = None, None
+
+    def close(self) -> None:
+        """Shut the worker processes down now (as :meth:`restart`): call it when a run ends on an error, so that
+        no worker outlives the main process's own shutdown (the iterator and this stream refer to each other:
+        a garbage collection frees the iterator, whose ``__del__`` stops the workers)."""
+        import gc
+
+        self.restart()
+        gc.collect()
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._loader is None:
