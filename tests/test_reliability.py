@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import write_fixture
+from gta2cs import checkpoint, data, preflight, runtime
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import protocl
-from gta2cs import checkpoint, data, preflight, runtime
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -151,7 +151,7 @@ def test_ignore_is_protocl_ignore_index():
 
 
 def test_truncated_image_is_named_by_every_reader(roots):
-    gta, cs = roots
+    gta, _ = roots
     samples = data.gta5_files(gta)
     bad = truncate(samples[2].image)
     readers = [lambda: data.TrainSet(samples, resize=32, crop=32)[(2, 7)],
@@ -241,7 +241,7 @@ def test_skip_in_evaluation_leaves_the_sample_out(roots):
     samples = data.cityscapes_files(cs, "val")
     bad = truncate(samples[1].image)
     item = data.EvalSet(samples, size=(64, 32), on_bad_sample="skip")[1]
-    assert (item["label"] == data.IGNORE).all() and int(item["skipped"]) == 1 and str(bad) in item["skipped_files"]
+    assert (item["label"] == protocl.IGNORE_INDEX).all() and int(item["skipped"]) == 1 and str(bad) in item["skipped_files"]
     pseudo = data.PseudoLabelSet(samples, resize=32, on_bad_sample="skip")[1]
     assert int(pseudo["skipped"]) == 1 and str(bad) in pseudo["skipped_files"]
 
@@ -257,7 +257,7 @@ def test_workers_ignore_stop_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         print("alive", signal.alarm(0))  # SIGTERM: still alive, gone WORKER_GRACE_S later
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and out.stdout.split()[0] == "alive", out.stderr
     assert 0 < int(out.stdout.split()[1]) <= data.WORKER_GRACE_S
 
@@ -310,7 +310,7 @@ def test_preflight_lists_every_bad_file_with_its_reason(roots):
 
 
 def test_preflight_checks_synthia_labels(tmp_path):
-    syn, cs = write_fixture(tmp_path, source="synthia")
+    syn, _ = write_fixture(tmp_path, source="synthia")
     samples = data.synthia_files(syn)
     preflight.check_data({"synthia": samples}, workers=0, progress=False)
     Image.new("RGB", (72, 40)).save(samples[0].label)  # 8-bit: the class ids would be lost
@@ -370,7 +370,7 @@ def test_stop_request_is_agreed_across_ranks(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- non-finite guard
 class SyncRecorder(TorchDispatchMode):
-    OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.masked_select"}
+    OPS = frozenset({"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.masked_select"})
 
     def __init__(self) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 def rng_state() -> dict:
     """The states of Python's, NumPy's and torch's global generators (and CUDA's when available), as tensors,
     lists and plain values only (readable with ``torch.load(weights_only=True)``); :func:`set_rng_state`

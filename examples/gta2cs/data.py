@@ -39,9 +39,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import protocl
+from protocl import IGNORE_INDEX
 
-IGNORE = protocl.IGNORE_INDEX  # alias, imported by trainer.py, evaluate.py and tests
+IGNORE = IGNORE_INDEX  # an alias: tests/test_shifts.py still imports data.IGNORE
 NUM_CLASSES = 19
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -54,7 +54,7 @@ ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 2
 
 def lookup_table(mapping: dict[int, int], size: int) -> np.ndarray:
     """A (size,) uint8 lookup table from label ids to train ids (255 for ids not in ``mapping``)."""
-    lut = np.full(size, IGNORE, dtype=np.uint8)
+    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
     for label_id, train_id in mapping.items():
         lut[label_id] = train_id
     return lut
@@ -432,7 +432,8 @@ class TrainSet(Dataset):
         size = short_side_size(image.size, self.resize)
         names, labels = [], []
         if self.labels:
-            gt = read_sample_label(sample, image.size) if sample.label else np.full(image.size[::-1], IGNORE, np.uint8)
+            gt = (read_sample_label(sample, image.size) if sample.label
+                  else np.full(image.size[::-1], IGNORE_INDEX, np.uint8))
             names.append("label")
             labels.append(Image.fromarray(gt))
         image, labels = resize_pair(image, labels, size)
@@ -458,8 +459,8 @@ def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -
     h, w = arrays[0].shape[:2]
     ph, pw = max(0, crop - h), max(0, crop - w)
     if ph or pw:
-        arrays = [np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2), constant_values=0 if i == 0 else IGNORE)
-                  for i, a in enumerate(arrays)]
+        arrays = [np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2),
+                         constant_values=0 if i == 0 else IGNORE_INDEX) for i, a in enumerate(arrays)]
         h, w = arrays[0].shape[:2]
     top = int(rng.integers(0, h - crop + 1))
     left = int(rng.integers(0, w - crop + 1))
@@ -488,8 +489,9 @@ class EvalSet(Dataset):
             if self.on_bad_sample == "error":
                 raise
             w, h = self.size
-            return {"image": torch.zeros(3, h, w, dtype=torch.uint8), "label": torch.full((h, w), IGNORE, dtype=torch.uint8),
-                    "index": torch.tensor(index), "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
+            return {"image": torch.zeros(3, h, w, dtype=torch.uint8),
+                    "label": torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8), "index": torch.tensor(index),
+                    "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
         if self.on_bad_sample == "skip":
             out["skipped"], out["skipped_files"] = torch.tensor(0), ""
         return out

@@ -161,8 +161,8 @@ def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Pat
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (stats, bad))
         bad = [b for _, rank_bad in gathered for b in rank_bad]
-        stats = {**stats, "files": sum(s["files"] for s, _ in gathered), "samples": sum(s["samples"] for s, _ in gathered),
-                 "bytes": sum(s["bytes"] for s, _ in gathered), "seconds": max(s["seconds"] for s, _ in gathered)}
+        stats = {**stats, **{k: sum(s[k] for s, _ in gathered) for k in ("files", "samples", "bytes")},
+                 "seconds": max(s["seconds"] for s, _ in gathered)}
         stats["files_per_s"] = round(stats["files"] / max(stats["seconds"], 1e-9), 1)
         stats["mb_per_s"] = round(stats["bytes"] / 2**20 / max(stats["seconds"], 1e-9), 1)
     if bad:

@@ -85,7 +85,7 @@ class StopRequest:
         self._group = None
         self._agreed = False
 
-    def __enter__(self) -> StopRequest:
+    def __enter__(self) -> StopRequest:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
