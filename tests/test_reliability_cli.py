@@ -240,3 +240,47 @@ def test_unwritable_out_is_refused_before_training(roots, tmp_path):
     assert result.returncode == 2, result.stderr
     assert error_line(result).startswith(f"error: expected --out to be a folder that can be created, got {str(out)!r}")
     assert "Traceback" not in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.slow
+def test_stop_on_one_rank_stops_both_in_step(clean, tmp_path):
+    """Under torchrun (2 CPU ranks, gloo), SIGUSR1 reaches rank 1 only: both ranks stop after the same step, one
+    checkpoint is written, each rank exits with 75; resumed with --resume auto, the run ends with the
+    metrics.json of a run that was never stopped."""
+    gta, cs = clean / "gta5", clean / "cityscapes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "examples"), env.get("PYTHONPATH", "")])
+
+    def torchrun(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN),
+                *data_args(gta, cs, out), *STOP_RUN, "--no-check-data"]
+
+    proc = subprocess.Popen(torchrun(tmp_path / "stopped"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1, env=env)
+    for line in proc.stdout:
+        if "stage 2 round 0 it 10 " in line:
+            workers = sorted(_children(proc.pid))
+            assert len(workers) == 2, workers
+            os.kill(workers[1], signal.SIGUSR1)  # the second one started: local rank 1
+            break
+    _, err = proc.communicate(timeout=300)
+    log = (tmp_path / "stopped" / "log.txt").read_text()
+    assert "stop requested (a signal on another rank)" in log or "stop requested (SIGUSR1)" in log, log
+    assert "stop requested (a signal on another rank)" in log  # rank 0 (the log) was not signalled itself
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 75" in err and "rank      : 1 (local_rank: 1)\n  exitcode  : 75" in err
+    ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and (ckpt["phase"], ckpt["round"]) == ("adapt", 0) and ckpt["iteration"] >= 10
+    resumed = subprocess.run(torchrun(tmp_path / "stopped"), capture_output=True, text=True, env=env, timeout=300,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    reference = subprocess.run(torchrun(tmp_path / "reference"), capture_output=True, text=True, env=env,
+                               timeout=300, check=False)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert _metrics(tmp_path / "stopped") == _metrics(tmp_path / "reference")

@@ -44,3 +44,14 @@ def test_wheel_builds_without_deprecation_warnings(tmp_path):
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
     assert "License-Expression: BSD-3-Clause" in text and "License-File: LICENSE" in text
     assert "Classifier: License ::" not in text
+
+
+def test_declared_lower_bounds_are_the_checked_ones():
+    """``.ci/lower-bounds`` runs the library's tests on exactly the lowest versions pyproject.toml declares."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    script = (ROOT / ".ci" / "lower-bounds").read_text()
+    python = project["requires-python"].removeprefix(">=")
+    (torch_bound,) = [d.removeprefix("torch>=") for d in project["dependencies"] if d.startswith("torch")]
+    assert f'PYTHON="${{PYTHON:-python{python}}}"' in script
+    assert f'TORCH="${{TORCH:-{torch_bound}.0}}"' in script
