@@ -50,7 +50,7 @@ MALFORMED = [
     ("features", lambda: masked_average_pool(F4.long(), Y, K)),
     ("labels", lambda: masked_average_pool(F4, Y.float(), K)),
     ("labels", lambda: masked_average_pool(F4, Y[:1], K)),
-    ("labels", lambda: masked_average_pool(F4, Y[:, None], K)),
+    ("labels", lambda: masked_average_pool(F4, torch.stack([Y, Y], 1), K)),  # (B, 2, H, W): not a label map
     ("num_classes", lambda: masked_average_pool(F4, Y, 0)),
     ("resize", lambda: masked_average_pool(F4, Y, K, resize="bilinear")),
     ("weights", lambda: masked_average_pool(F4, Y, K, weights=torch.rand(B, 3, 3))),
@@ -71,7 +71,7 @@ MALFORMED = [
     ("valid", lambda: pixel_prototype_contrastive_loss(F4, P, Y, valid=torch.ones(B, K))),
     ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K - 1))),
     ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(B, K, 1))),
-    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:, None])),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.stack([Y, Y], 1))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), K))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), -3))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:1])),
