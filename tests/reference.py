@@ -257,7 +257,10 @@ def contrastive_loss(
     if class_weight is None:
         cw = np.ones((b_n, k_n))
     else:
-        cw = _per_image(as_np(class_weight).reshape(-1) if as_np(class_weight).ndim == 2 and as_np(class_weight).shape[1] == 1 and k_n != 1 else as_np(class_weight), b_n, 1)
+        cw = as_np(class_weight)
+        if cw.shape == (k_n, 1) and k_n != 1:  # a column, as DASS builds F.cross_entropy's weight
+            cw = cw[:, 0]
+        cw = _per_image(cw, b_n, 1)
     big_h, big_w = lab.shape[1:]
     if at == "feature":
         y = resize_labels(
