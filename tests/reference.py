@@ -536,9 +536,12 @@ class StepRef:
         self.source_ema = EMARef(num_classes, dim, momentum)
         self.target_ema = EMARef(num_classes, dim, momentum)
 
-    def __call__(self, fs, ys, ft, yf, update=True):
-        r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs."""
+    def __call__(self, fs, ys, ft, yf, update=True, source_weight=None, target_weight=None, class_weight=None):
+        r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs. ``target_weight``
+        is FCL's pixel weight, ``source_weight`` BCL's; ``class_weight`` weights both (times the overlap in the
+        release setting)."""
         c = self.cfg
+        cw = None if class_weight is None else as_np(class_weight)
         ign = c["ignore_index"]
         pool = {"ignore_index": ign, "resize": self.resize, "min_purity": self.min_purity}
         p_s, n_s = masked_average_pool(fs, ys, self.k_n, **pool)
@@ -574,21 +577,27 @@ class StepRef:
                 both = overlap_class_weight(
                     ys_np[pair], ys_np[pair], self.k_n, feat_s.shape[2:], ign
                 ) * overlap_class_weight(y_t[pair], y_t[pair], self.k_n, feat_t.shape[2:], ign)
+                if cw is not None:
+                    both = both * (cw if cw.ndim == 1 else cw[pair])
+                tw = None if target_weight is None else as_np(target_weight)[pair]
+                sw = None if source_weight is None else as_np(source_weight)[pair]
                 fcl += (
                     contrastive_loss(
-                        feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0, class_weight=both, **kw
+                        feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0, class_weight=both,
+                        pixel_weight=tw, **kw
                     )
                     / b_n
                 )
                 bcl += (
                     contrastive_loss(
-                        feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, class_weight=both, **kw
+                        feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, class_weight=both,
+                        pixel_weight=sw, **kw
                     )
                     / b_n
                 )
         else:
-            fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
-            bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, **kw)
+            fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, class_weight=cw, pixel_weight=target_weight, **kw)
+            bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, class_weight=cw, pixel_weight=source_weight, **kw)
         if update:
             self.source_ema.update_from(p_s, n_s)
             self.target_ema.update_from(p_t, n_t)

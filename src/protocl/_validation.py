@@ -151,6 +151,7 @@ def _poll(*, wait: bool = False, limit: Optional[int] = None) -> None:
         count, example = (int(v) for v in host.tolist())
         if count:
             _PENDING.clear()  # one report per failure burst: later verdicts of the same bad data say the same
+            _CHECKED.clear()  # the bad tensor was remembered before its verdict came back: forget it
             raise ValueError(message(example) + " [checked on the device by an earlier call, reported now]")
 
 
