@@ -467,13 +467,21 @@ def _label_message(name: str, num_classes: int, ignore_index: int) -> Callable[[
 
 
 def _host_label_violation(labels: Tensor, num_classes: int, ignore_index: int) -> Optional[int]:
-    """A bad id of CPU ``labels``, or None: one ``aminmax`` pass; a second one (over the ids other than
-    ``ignore_index``) only when the extremes are out of ``[0, K)`` and one of them is ``ignore_index``."""
+    """A bad id of CPU ``labels``, or None. One ``aminmax`` pass; when the largest id is ``ignore_index`` (in
+    ``[K, 255]``: the common case of a map with ignored pixels) a second pass over a uint8 copy, where adding
+    ``256 - ignore_index`` wraps ``ignore_index`` to 0 and keeps the other ids in order, so that the largest
+    other id comes out of one ``amax`` with no label-sized int64 temporary. Other cases: a ``where`` pass."""
     lo, hi = (int(v) for v in torch.aminmax(labels))
     if lo >= 0 and hi < num_classes:
         return None
     if ignore_index not in (lo, hi):
         return lo if lo < 0 else hi
+    if lo >= 0 and hi == ignore_index <= 255:  # every id in [0, ignore_index]: they fit a byte
+        shift = 256 - ignore_index
+        small = labels if labels.dtype == torch.uint8 else labels.to(torch.uint8)
+        top = int((small + shift).amax())  # uint8 arithmetic: ignore_index -> 0, x -> x + shift (no wrap)
+        rest = top - shift if top > 0 else None
+        return rest if rest is not None and rest >= num_classes else None
     # ignore_index (outside [0, K)) is an extreme: look at the other ids
     rest = torch.where(labels == ignore_index, torch.zeros((), dtype=labels.dtype), labels)
     lo, hi = (int(v) for v in torch.aminmax(rest))
