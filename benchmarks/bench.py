@@ -3,6 +3,7 @@ r"""protocl's losses against the authors' release loops, side by side: one quest
     python benchmarks/bench.py                      # CPU, 2 threads: the table of docs/benchmarks.md
     python benchmarks/bench.py --device cuda        # on a GPU
     python benchmarks/bench.py --compile            # also protocl under torch.compile
+    python benchmarks/bench.py --cases checks --threads 1   # the cost of the default value checks (protocl_checked)
 
 What is timed, forward + backward, on the same inputs in one process: FCL + BCL with per-image prototypes
 (``masked_average_pool`` of both domains), i.e. the contrastive part of one training step.
@@ -16,7 +17,7 @@ What is timed, forward + backward, on the same inputs in one process: FCL + BCL 
 - ``protocl_rc``: the release-compatible setting, ``BidirectionalContrast(release_compatible=True,
   dynamic=False)`` without the EMA updates (``absent="min_similarity"``, ``at="label"``, the overlap class weight
   on both terms, the mean over pairs): equal in value to ``release`` up to fp32 rounding (tested).
-- ``protocl_checked``: ``protocl`` with the default value checks on, as a user who never calls
+- ``protocl_checked`` (with ``--checks``, or ``--cases checks``): ``protocl`` with the default value checks on, as a user who never calls
   ``protocl.set_value_checks`` runs it. Each call passes fresh views of the label maps (new tensor objects, as a
   data loader yields every step), so every label map is checked once per call, as in a training step, and not
   skipped as "already checked"; the difference to ``protocl`` is the cost of the default checks.
@@ -126,7 +127,7 @@ def protocl_losses(source_features, source_labels, target_features, target_label
     return fcl_weight * fcl + bcl_weight * bcl
 
 
-def implementations(case: Case, inputs: dict, *, compile: bool = False) -> dict:
+def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: bool = False) -> dict:
     r"""Zero-argument callables doing forward + backward on ``inputs``; each returns the (detached) loss."""
     args = (inputs["source_features"], inputs["source_labels"], inputs["target_features"], inputs["static_labels"])
 
@@ -160,8 +161,9 @@ def implementations(case: Case, inputs: dict, *, compile: bool = False) -> dict:
         finally:
             protocl.set_value_checks(was)
 
-    impls = {"release": run(release), "protocl": run(default), "protocl_rc": run(compatible),
-             "protocl_checked": run(checked)}
+    impls = {"release": run(release), "protocl": run(default), "protocl_rc": run(compatible)}
+    if checks:
+        impls["protocl_checked"] = run(checked)
     if compile:
         impls["protocl_compiled"] = run(torch.compile(default))
     return impls
@@ -172,10 +174,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool) -> dict:
+def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool,
+              checks: bool = False) -> dict:
     r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds."""
     inputs = make_inputs(case, device)
-    impls = implementations(case, inputs, compile=compile)
+    impls = implementations(case, inputs, compile=compile, checks=checks)
     protocl.set_value_checks(False)
     try:
         timers = {}
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement (blocked_autorange)")
     p.add_argument("--compile", action="store_true", help="also time protocl under torch.compile")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--checks", action="store_true",
+                   help="also time protocl with the default value checks on (protocl_checked; on with --cases checks)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -366,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     for case in CASES[args.cases]:
         entry = {"case": dataclasses.asdict(case), "feature_mb": case.feature_mb,
                  "timing": time_case(case, args.device, threads=args.threads, rounds=args.rounds,
-                                     min_time=args.min_time, compile=args.compile)}
+                                     min_time=args.min_time, compile=args.compile,
+                                     checks=args.checks or args.cases == "checks")}
         if not args.no_memory:
             entry["memory"] = {n: memory_in_subprocess(case, n, args.device, args.threads)
                                for n in ("release", "protocl")}
