@@ -275,7 +275,7 @@ def test_no_assert_statements_reach_the_user():
 
 
 # ------------------------------------------------------------------------------------------------ issue 18
-from protocl import _validation  # noqa: E402  (the deferral's CPU rehearsal switch and the label-map view)
+from protocl import _validation  # the deferral's CPU rehearsal switch and the label-map view
 
 Y4 = Y[:, None]  # mmseg's gt_semantic_seg layout (B, 1, H, W)
 

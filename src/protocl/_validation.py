@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Callable, Iterable, Literal, Optional, Sequence, Tuple, get_args
+from typing import Callable, Iterable, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor

@@ -227,7 +227,7 @@ class ClassBalancedThresholds(nn.Module):
     saturated class's top pixels together), and so are the thresholds; :func:`static_pseudo_label` computes and
     compares confidences the same way. ``+inf`` for a class never predicted (in a set that was seen: calling
     ``compute()`` before any ``update()``, or after ``reset()``, raises a ``RuntimeError`` instead of silently
-    returning ``+inf`` for every class, which would label nothing).
+    returning ``+inf`` for every class, which would label nothing; a loaded ``state_dict`` counts as seen).
 
     Histograms are int64 buffers (exact counts, ``state_dict``-able) and are all-reduced across ranks on every
     ``update`` when ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds at
@@ -262,6 +262,13 @@ class ClassBalancedThresholds(nn.Module):
         self.bins = check_int(bins, "bins", 2)
         self.sync = check_bool(sync, "sync")
         self.register_buffer("histogram", torch.zeros(self.num_classes, self.bins, dtype=torch.int64))
+        # whether a set has been seen since construction or reset(): host-side, so compute() needs no host read
+        # (a loaded state_dict counts as seen)
+        self._seen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._seen = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, proportion={self.proportion}, bins={self.bins}, sync={self.sync}"
@@ -270,6 +277,7 @@ class ClassBalancedThresholds(nn.Module):
     def reset(self) -> None:
         """Forget everything seen (start of a new pass over the target set)."""
         self.histogram.zero_()
+        self._seen = False
 
     @torch.no_grad()
     def update(self, logits: Tensor) -> None:
@@ -278,6 +286,7 @@ class ClassBalancedThresholds(nn.Module):
         check_dim_size(logits, 1, self.num_classes, "logits", "K, the classes of the thresholds")
         check_same_device("histogram", self.histogram, "logits", logits)
         delta = kernels.confidence_histogram(logits, self.num_classes, self.bins)
+        self._seen = True
         if self.sync and is_distributed():
             all_reduce_sum_(delta)
         self.histogram.add_(delta)
@@ -285,15 +294,14 @@ class ClassBalancedThresholds(nn.Module):
     def compute(self) -> Tensor:
         """Per-class thresholds ``(K,)`` float64 (``+inf`` for classes never predicted).
 
-        Raises ``RuntimeError`` when nothing has been accumulated (no ``update`` since construction or
-        ``reset``): one host read of the histogram's total, once per pass over the target set (skipped while
-        compiling).
+        Raises ``RuntimeError`` when no ``update`` has run since construction or ``reset`` (and no state was
+        loaded): a host-side flag, so this reads nothing back from the device.
         """
-        if not torch.compiler.is_compiling() and int(self.histogram.sum()) == 0:
+        if not self._seen:
             raise RuntimeError(
-                "ClassBalancedThresholds.compute(): no confidences accumulated (histogram is empty); call "
-                "update(logits) on the target set first (every class would get +inf and static_pseudo_label "
-                "would label nothing)"
+                "ClassBalancedThresholds.compute(): no confidences accumulated (no update() since construction or "
+                "reset()); call update(logits) on the target set first (every class would get +inf and "
+                "static_pseudo_label would label nothing)"
             )
         return kernels.thresholds(self.histogram, self.proportion)
 
