@@ -432,6 +432,10 @@ def test_deferred_device_checks_report_on_a_later_call(monkeypatch):
         masked_average_pool(F4, torch.zeros(B, 8, 8, dtype=torch.long), 19, weights=-torch.ones(B, 4, 4))
         protocl.flush_value_checks()
     protocl.flush_value_checks()  # nothing pending: returns
+    masked_average_pool(F4, bad.clone(), 19)
+    protocl.set_value_checks(False)  # switched off right after (as a trainer that checks its first step only)
+    with pytest.raises(ValueError, match=r"labels.*33"):  # the pending verdict is still reported
+        masked_average_pool(F4, bad.clone(), 19)
 
 
 @pytest.mark.needs_cuda

@@ -104,7 +104,11 @@ def flush_value_checks() -> None:
 
 
 def _value_checks_active(t: Tensor) -> bool:
-    if not _VALUE_CHECKS or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return False
+    if _PENDING:  # verdicts still on their way are reported even once the checks are switched off
+        _poll()
+    if not _VALUE_CHECKS:
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -509,7 +513,6 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
     ``labels`` is a view of it (the cache of checked tensors keys on it)."""
     if not _value_checks_active(labels):
         return
-    _poll()
     if labels.numel() == 0:
         return
     user = labels if original is None else original
@@ -529,7 +532,6 @@ def check_weight_values(weights: Tensor, name: str) -> None:
     """Raise if a weight is negative or NaN (skipped when off or compiling; deferred on CUDA)."""
     if not _value_checks_active(weights):
         return
-    _poll()
     if weights.numel() == 0:
         return
 
