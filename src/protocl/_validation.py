@@ -12,6 +12,8 @@ with :func:`set_value_checks`. They never synchronise a CUDA device with the hos
   memory without blocking, and the ``ValueError`` is raised by the first protocl call that finds the copy done
   (normally the next call, or the next step), or by :func:`flush_value_checks`, which waits for them.
 
+Other devices (MPS, XPU) are checked like CPU tensors, with one host read per check.
+
 A tensor that was checked already (the same tensor object, not modified in place since, against the same K and
 ``ignore_index``) is not checked again: a step that pools and contrasts the same label map pays for one check.
 """
@@ -108,7 +110,7 @@ def _value_checks_active(t: Tensor) -> bool:
         return False
     if _PENDING:  # verdicts still on their way are reported even once the checks are switched off
         _poll()
-    if not _VALUE_CHECKS:
+    if not _VALUE_CHECKS or t.device.type == "meta":  # (meta tensors have no values to check)
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
