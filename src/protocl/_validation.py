@@ -358,8 +358,9 @@ def check_layout_against_labels(features: Tensor, labels: Tensor, fname: str) ->
     labels' grid (equal to it, or the same downsampling on both axes within 10 %) while the channels-first
     reading ``shape[2:4]`` does not (not equal, and its two axes' factors differ by more than 1.5x), on a grid of
     at least 4 x 4 (smaller grids cannot tell the layouts apart). When D is close to w (e.g. D = 76 channels on
-    a 92 x 92 grid) both readings fit and nothing can be told from shapes alone; ``PrototypeEMA``,
-    ``BidirectionalContrast`` and the losses (through the prototypes' D) catch it by the channel count."""
+    a 92 x 92 grid) both readings fit and nothing can be told from shapes alone; ``PrototypeEMA`` and
+    ``BidirectionalContrast`` (their ``dim``), and the losses given prototypes of the true D, catch it by the
+    channel count."""
     H, W = labels.shape[-2], labels.shape[-1]
     first, last = tuple(features.shape[2:4]), tuple(features.shape[1:3])
     if shape_equals(first, (H, W)) or min(last) < 4 or _scales_agree(first, (H, W), 1.5):
