@@ -108,13 +108,11 @@ def flush_value_checks() -> None:
 def _value_checks_active(t: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():  # (no event query while capturing either)
+        return False
     if _PENDING:  # verdicts still on their way are reported even once the checks are switched off
         _poll()
-    if not _VALUE_CHECKS or t.device.type == "meta":  # (meta tensors have no values to check)
-        return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return _VALUE_CHECKS and t.device.type != "meta"  # (meta tensors have no values to check)
 
 
 # --------------------------------------------------------------------------------------------------- deferral
