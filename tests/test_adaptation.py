@@ -246,3 +246,20 @@ def test_no_hard_coded_sizes():
     model = BidirectionalContrast(k_n, dim, threshold=0.0, momentum=0.5)
     reference = ref.StepRef(k_n, dim, threshold=0.0, momentum=0.5)
     _check(model(fs, ys, ft, yf), reference(fs, ys, ft, yf), model, reference)
+
+
+@pytest.mark.parametrize("release_compatible", [False, True])
+def test_weighted_step_gradcheck(release_compatible):
+    # issue 18.6: the orchestrator's loss with source/target/class weights is differentiable as written
+    ((fs, ys, ft, static),) = _steps(1)
+    g = torch.Generator().manual_seed(1)
+    sw = torch.rand(ys.shape, generator=g, dtype=torch.float64)
+    tw = torch.rand(ft.shape[0], generator=g, dtype=torch.float64)
+    cw = torch.rand(K, generator=g, dtype=torch.float64) + 0.2
+    model = BidirectionalContrast(K, D, dynamic=False, release_compatible=release_compatible)
+
+    def loss(f_s, f_t):
+        return model(f_s, ys, f_t, static, source_weight=sw, target_weight=tw, class_weight=cw, update=False).loss
+
+    inputs = (fs.clone().requires_grad_(True), ft.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
