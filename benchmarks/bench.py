@@ -3,6 +3,7 @@ r"""protocl's losses against the authors' release loops, side by side: one quest
     python benchmarks/bench.py                      # CPU, 2 threads: the table of docs/benchmarks.md
     python benchmarks/bench.py --device cuda        # on a GPU
     python benchmarks/bench.py --compile            # also protocl under torch.compile
+    python benchmarks/bench.py --cases checks --threads 1   # the cost of the default value checks (protocl_checked)
 
 What is timed, forward + backward, on the same inputs in one process: FCL + BCL with per-image prototypes
 (``masked_average_pool`` of both domains), i.e. the contrastive part of one training step.
@@ -16,9 +17,14 @@ What is timed, forward + backward, on the same inputs in one process: FCL + BCL 
 - ``protocl_rc``: the release-compatible setting, ``BidirectionalContrast(release_compatible=True,
   dynamic=False)`` without the EMA updates (``absent="min_similarity"``, ``at="label"``, the overlap class weight
   on both terms, the mean over pairs): equal in value to ``release`` up to fp32 rounding (tested).
+- ``protocl_checked`` (with ``--checks``, or ``--cases checks``): ``protocl`` with the default value checks on, as a user who never calls
+  ``protocl.set_value_checks`` runs it. Each call passes fresh views of the label maps (new tensor objects, as a
+  data loader yields every step), so every label map is checked once per call, as in a training step, and not
+  skipped as "already checked"; the difference to ``protocl`` is the cost of the default checks.
 
 Timing: ``torch.utils.benchmark.Timer`` with ``--threads`` threads; ``--rounds`` rounds, each timing every
-implementation once in turn (so that machine load hits all alike); the median of the rounds. Value checks off.
+implementation once in turn (so that machine load hits all alike); the median of the rounds. Value checks off,
+except in ``protocl_checked``.
 Peak memory: on CUDA ``max_memory_allocated`` above the inputs; on CPU the peak RSS above the resident size, in a
 fresh interpreter per (case, implementation). Results: ``<out>/bench_<device>.md`` and ``.json``.
 """
@@ -70,6 +76,8 @@ CASES = {
     "issue": [Case("d76-46", 2, 76, 46, 365), Case("d2048-46", 2, 2048, 46, 365),
               Case("d76-92", 2, 76, 92, 730), Case("d2048-92", 2, 2048, 92, 730)],
     "quick": [Case("quick-a", 2, 8, 6, 24, 5), Case("quick-b", 2, 8, 12, 48, 5)],
+    # the cost of the default value checks at the release's label size (2, 730, 730) and at half of it
+    "checks": [Case("d76-46", 2, 76, 46, 365), Case("d76-92", 2, 76, 92, 730)],
 }
 # the goals of issue 12: (case, implementation, minimum speed-up over the release)
 GOALS = [("d76-46", "protocl", 15.0), ("d76-46", "protocl_rc", 6.0), ("d2048-46", "protocl", 4.0),
@@ -118,7 +126,7 @@ def protocl_losses(source_features, source_labels, target_features, target_label
     return fcl_weight * fcl + bcl_weight * bcl
 
 
-def implementations(case: Case, inputs: dict, *, compile: bool = False) -> dict:
+def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: bool = False) -> dict:
     r"""Zero-argument callables doing forward + backward on ``inputs``; each returns the (detached) loss."""
     args = (inputs["source_features"], inputs["source_labels"], inputs["target_features"], inputs["static_labels"])
 
@@ -143,7 +151,18 @@ def implementations(case: Case, inputs: dict, *, compile: bool = False) -> dict:
     def compatible(*a):
         return step(*a, update=False).loss
 
+    def checked(source_features, source_labels, target_features, target_labels):
+        was = protocl.value_checks_enabled()
+        protocl.set_value_checks(True)  # the default
+        try:  # fresh views: new label tensors as every training step has, checked once each
+            return default(source_features, source_labels.view_as(source_labels), target_features,
+                           target_labels.view_as(target_labels))
+        finally:
+            protocl.set_value_checks(was)
+
     impls = {"release": run(release), "protocl": run(default), "protocl_rc": run(compatible)}
+    if checks:
+        impls["protocl_checked"] = run(checked)
     if compile:
         impls["protocl_compiled"] = run(torch.compile(default))
     return impls
@@ -154,10 +173,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool) -> dict:
+def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool,
+              checks: bool = False) -> dict:
     r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds."""
     inputs = make_inputs(case, device)
-    impls = implementations(case, inputs, compile=compile)
+    impls = implementations(case, inputs, compile=compile, checks=checks)
     protocl.set_value_checks(False)
     try:
         timers = {}
@@ -172,8 +192,33 @@ def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: f
                 per_round[name].append(timer.blocked_autorange(min_run_time=min_time).median)
     finally:
         protocl.set_value_checks(True)
-    return {name: {"median_ms": 1e3 * statistics.median(times), "rounds_ms": [1e3 * t for t in times]}
-            for name, times in per_round.items()}
+    out = {name: {"median_ms": 1e3 * statistics.median(times), "rounds_ms": [1e3 * t for t in times]}
+           for name, times in per_round.items()}
+    if "protocl_checked" in per_round:  # paired per round: machine load cancels better than in two medians
+        diffs = [c - u for c, u in zip(per_round["protocl_checked"], per_round["protocl"])]
+        out["protocl_checked"]["check_cost_ms"] = 1e3 * statistics.median(diffs)
+        out["protocl_checked"]["check_ms_per_label_map"] = 1e3 * time_one_check(inputs["static_labels"], case,
+                                                                                threads=threads, min_time=min_time)
+    return out
+
+
+def time_one_check(labels: torch.Tensor, case: Case, *, threads: int, min_time: float) -> float:
+    r"""Seconds of the default value check of one ``(B, H, W)`` label map (what each label map of a step pays
+    once), timed on fresh views so that the checked-tensor cache never skips it. Calls protocl's private
+    ``_validation.check_label_values``, the function every public entry point calls."""
+    from protocl import _validation
+
+    def check():
+        _validation.check_label_values(labels.view_as(labels), case.num_classes, IGNORE, "labels")
+
+    was = protocl.value_checks_enabled()
+    protocl.set_value_checks(True)
+    try:
+        check()
+        return tb.Timer(stmt="check()", globals={"check": check}, num_threads=threads).blocked_autorange(
+            min_run_time=min_time).median
+    finally:
+        protocl.set_value_checks(was)
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -278,8 +323,18 @@ def markdown(report: dict) -> str:
              f"{report['threads']}, torch {m['torch']}, Python {m['python']}; load average at start "
              f"{m.get('load_avg_1_5_15')}.", f"Command: `{report['command']}`.", "",
              "FCL + BCL with `masked_average_pool` of both domains, forward + backward, 2 pairs, value "
-             f"checks off; median of {report['rounds']} interleaved rounds (`torch.utils.benchmark`); speed-up = "
-             "release / protocl.", "", table(report), ""]
+             "checks off (`protocl_checked`: the default checks on, each label map checked once per call); median "
+             f"of {report['rounds']} interleaved rounds (`torch.utils.benchmark`); speed-up = release / protocl.",
+             "", table(report), ""]
+    costs = [(c["case"], c["timing"]["protocl_checked"], c["timing"]["protocl"]["median_ms"])
+             for c in report["cases"] if "check_cost_ms" in c["timing"].get("protocl_checked", {})]
+    if costs:
+        lines += ["| case | default value checks per step (median of per-round protocl_checked - protocl) | "
+                  "one label map's check |", "| --- | ---: | ---: |"]
+        lines += [f"| {case['name']} ({case['batch']}, {case['label_size']}, {case['label_size']}) | "
+                  f"{t['check_cost_ms']:.2f} ms ({100 * t['check_cost_ms'] / base:.1f} % of the step) | "
+                  f"{t['check_ms_per_label_map']:.2f} ms |" for case, t, base in costs]
+        lines += [""]
     if report["goals"]:
         lines += ["| goal | speed-up | met |", "| --- | ---: | --- |"]
         lines += [f"| {g['case']} {g['implementation']} ≥ {g['goal']:g}× | {g['speedup']:.1f}× | "
@@ -296,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement (blocked_autorange)")
     p.add_argument("--compile", action="store_true", help="also time protocl under torch.compile")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--checks", action="store_true",
+                   help="also time protocl with the default value checks on (protocl_checked; on with --cases checks)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -313,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     for case in CASES[args.cases]:
         entry = {"case": dataclasses.asdict(case), "feature_mb": case.feature_mb,
                  "timing": time_case(case, args.device, threads=args.threads, rounds=args.rounds,
-                                     min_time=args.min_time, compile=args.compile)}
+                                     min_time=args.min_time, compile=args.compile,
+                                     checks=args.checks or args.cases == "checks")}
         if not args.no_memory:
             entry["memory"] = {n: memory_in_subprocess(case, n, args.device, args.threads)
                                for n in ("release", "protocl")}

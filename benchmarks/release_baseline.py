@@ -13,8 +13,9 @@ either cannot be copied here. Deviations, all of them mechanical:
 - lines 73-91 (a dynamic-label draft: ``target_predicted``, ``label_t_resize_new``, ``overlap_classes2``) compute
   values that no later line reads, and are left out; line 106 (``prototype_loss2``, an unweighted
   ``CrossEntropyLoss``) defines a loss object that is never called, and is left out too;
-- in float64 the cosine map is upsampled with the rows float32 ``F.interpolate`` reads (the release's map is
-  float32, and ``F.interpolate`` picks other rows for float64 input at some sizes, e.g. 92 -> 730).
+- nothing else: the cosine map is upsampled by ``F.interpolate`` itself (L63, L103) in the features' dtype, so
+  in float64 it reads the rows ``F.interpolate`` picks for float64 (on CPU these differ from float32's at some
+  sizes, e.g. row 365 of 92 -> 730; protocl follows ``F.interpolate`` in each dtype, see ``protocl.resize``).
 
 What the release computes (and protocl's ``release_compatible=True`` reproduces): both FCL (L108) and BCL (L109)
 go through the same ``CrossEntropyLoss(weight=overlap)`` (L71), so source pixels of classes that are not present
@@ -34,17 +35,6 @@ from torch import Tensor
 
 IGNORE_INDEX = 255
 RELEASE = "cvlab-yonsei/DASS trainer/damnet_trainer.py @ 4e945b9"
-
-
-def _upsample_nearest(x: Tensor, size) -> Tensor:
-    r"""``F.interpolate(x, size)`` (mode nearest) with float32's row and column choice for any dtype."""
-    if x.dtype == torch.float32:
-        return F.interpolate(x, size=size)
-    rows = F.interpolate(torch.arange(x.shape[-2], dtype=torch.float32, device=x.device).view(1, 1, -1, 1),
-                         size=(size[0], 1)).view(-1).long()
-    cols = F.interpolate(torch.arange(x.shape[-1], dtype=torch.float32, device=x.device).view(1, 1, 1, -1),
-                         size=(1, size[1])).view(-1).long()
-    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 class PairLoss(NamedTuple):
@@ -107,8 +97,8 @@ def release_metric_loss(
         F.normalize(feature_t.squeeze().reshape(ch, feature_t_h * feature_t_w), dim=0),
     )  # L61
     cs_map[cs_map == 0] = -1  # L62
-    cosine_similarity_map = _upsample_nearest(
-        cs_map.reshape(1, num_classes, feature_t_h, feature_t_w), label_t.size()[-2:]
+    cosine_similarity_map = F.interpolate(
+        cs_map.reshape(1, num_classes, feature_t_h, feature_t_w), size=label_t.size()[-2:]
     )  # L63
     cosine_similarity_map *= 10  # L64
 
@@ -133,8 +123,8 @@ def release_metric_loss(
         F.normalize(feature_s.squeeze().reshape(ch, feature_s_h * feature_s_w), dim=0),
     )  # L101
     cs_map2[cs_map2 == 0] = -1  # L102
-    cosine_similarity_map2 = _upsample_nearest(
-        cs_map2.reshape(1, num_classes, feature_s_h, feature_s_w), label_s.size()[-2:]
+    cosine_similarity_map2 = F.interpolate(
+        cs_map2.reshape(1, num_classes, feature_s_h, feature_s_w), size=label_s.size()[-2:]
     )  # L103
     cosine_similarity_map2 *= 10  # L104
     # L106: prototype_loss2 = CrossEntropyLoss(ignore_index=255) is defined but never called.

@@ -42,6 +42,16 @@ def nearest_index(out_size: int, in_size: int) -> list[int]:
     return [int(v) for v in picked.tolist()]
 
 
+def upsample_rows_cols(grid, size, dtype=torch.float32, device="cpu") -> tuple[list[int], list[int]]:
+    r"""Rows and columns of an ``(h, w)`` map that ``F.interpolate(mode="nearest")`` reads for each output row and
+    column of ``size=(H, W)``, for a contiguous map of ``dtype`` on ``device``: F.interpolate itself is asked
+    (its input holds each cell's flat index, exact in float32 and float64 for the sizes of the tests)."""
+    h, w = grid
+    flat = torch.arange(h * w, dtype=dtype, device=device).view(1, 1, h, w)
+    picked = F.interpolate(flat, size=tuple(size), mode="nearest")[0, 0].long().cpu()
+    return [int(v) // w for v in picked[:, 0]], [int(v) % w for v in picked[0, :]]
+
+
 def resize_nearest(labels, size) -> np.ndarray:
     r"""Nearest resize of ``labels (B, H, W)`` to ``size=(h, w)``, one output pixel at a time."""
     lab = as_np(labels, np.int64)
@@ -172,7 +182,10 @@ def cell_logits(features, prototypes, valid, temperature, absent, eps=EPS):
     b_n, _, h, w = feat.shape
     protos = _per_image(as_np(prototypes), b_n, 2)
     k_n = protos.shape[1]
-    ok = np.ones((b_n, k_n), dtype=bool) if valid is None else _per_image(as_np(valid, bool), b_n, 1)
+    if valid is None:  # a prototype that is all zeros is absent (it has no direction)
+        ok = np.array([[bool(np.any(protos[b, k] != 0)) for k in range(k_n)] for b in range(b_n)])
+    else:
+        ok = _per_image(as_np(valid, bool), b_n, 1)
     z = np.zeros((b_n, k_n, h, w))
     for b in range(b_n):
         for i in range(h):
@@ -214,6 +227,7 @@ def contrastive_loss(
     valid=None,
     temperature=0.1,
     class_weight=None,
+    pixel_weight=None,
     absent="mask",
     at="feature",
     ignore_index=IGNORE,
@@ -224,27 +238,54 @@ def contrastive_loss(
 ):
     r"""Pixel-prototype contrastive loss, ``l = -log softmax_k(z)[y]``, one pixel at a time.
 
+    ``pixel_weight`` ``(B,)``, ``(B, h, w)`` or ``(B, H, W)`` multiplies a pixel's class weight; a weight on the
+    other grid is read at the pixel nearest resizing maps it to (labels' rows going down to the feature grid,
+    F.interpolate's rows of the features' dtype going up to the label grid). The label-resolution logits are
+    upsampled with the rows F.interpolate itself picks for a map of the features' dtype.
+
     ``at="feature"`` resizes the labels to the feature grid; ``at="label"`` materialises the logits
     nearest-upsampled to the label grid and takes the cross-entropy per label pixel. A pixel contributes
     when its label is not ignore and (for ``absent="mask"``) its class has a valid prototype; its weight is
     ``class_weight[(b,) y]`` (1 by default). Returns a float (mean/sum) or a ``(B, ., .)`` array (none).
     """
+    dtype = features.dtype if isinstance(features, torch.Tensor) else torch.float64
     z, ok = cell_logits(features, prototypes, valid, temperature, absent, eps)
     b_n, k_n, h, w = z.shape
     lab = as_np(labels, np.int64)
+    if lab.ndim == 4:
+        lab = lab[:, 0]
     if class_weight is None:
         cw = np.ones((b_n, k_n))
     else:
-        cw = _per_image(as_np(class_weight), b_n, 1)
+        cw = as_np(class_weight)
+        if cw.shape == (k_n, 1) and k_n != 1:  # a column, as DASS builds F.cross_entropy's weight
+            cw = cw[:, 0]
+        cw = _per_image(cw, b_n, 1)
+    big_h, big_w = lab.shape[1:]
     if at == "feature":
         y = resize_labels(
             lab, (h, w), mode=resize, num_classes=k_n, ignore_index=ignore_index, min_purity=min_purity
         )
         rows, cols = list(range(h)), list(range(w))
+        other_rows, other_cols = nearest_index(h, big_h), nearest_index(w, big_w)  # a label-grid weight, down
     else:
         y = lab
-        rows, cols = nearest_index(lab.shape[1], h), nearest_index(lab.shape[2], w)
+        rows, cols = upsample_rows_cols((h, w), (big_h, big_w), dtype)
+        other_rows, other_cols = rows, cols  # a feature-grid weight, read at each label pixel's cell
     out_h, out_w = y.shape[1:]
+    pw = None if pixel_weight is None else as_np(pixel_weight)
+    if pw is not None and pw.ndim == 4:
+        pw = pw[:, 0]
+
+    def pixel(b, i, j):
+        if pw is None:
+            return 1.0
+        if pw.ndim == 1:
+            return float(pw[b])
+        if pw.shape[1:] == (out_h, out_w):
+            return float(pw[b, i, j])
+        return float(pw[b, other_rows[i], other_cols[j]])
+
     values = np.zeros((b_n, out_h, out_w))
     weights = np.zeros((b_n, out_h, out_w))
     for b in range(b_n):
@@ -255,7 +296,7 @@ def contrastive_loss(
                     continue
                 row = [z[b, c, rows[i], cols[j]] for c in range(k_n)]
                 values[b, i, j] = _neg_log_softmax(row, k)
-                weights[b, i, j] = cw[b, k]
+                weights[b, i, j] = cw[b, k] * pixel(b, i, j)
     return _reduce(values, weights, reduction)
 
 
@@ -332,7 +373,10 @@ def dynamic_pseudo_label(
     b_n, _, h, w = feat.shape
     protos = _per_image(as_np(prototypes), b_n, 2)
     k_n = protos.shape[1]
-    ok = np.ones((b_n, k_n), dtype=bool) if valid is None else _per_image(as_np(valid, bool), b_n, 1)
+    if valid is None:  # a prototype that is all zeros is absent (it has no direction)
+        ok = np.array([[bool(np.any(protos[b, k] != 0)) for k in range(k_n)] for b in range(b_n)])
+    else:
+        ok = _per_image(as_np(valid, bool), b_n, 1)
     out = np.full((b_n, h, w), ignore_index, dtype=np.int64)
     for b in range(b_n):
         for i in range(h):
@@ -492,9 +536,12 @@ class StepRef:
         self.source_ema = EMARef(num_classes, dim, momentum)
         self.target_ema = EMARef(num_classes, dim, momentum)
 
-    def __call__(self, fs, ys, ft, yf, update=True):
-        r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs."""
+    def __call__(self, fs, ys, ft, yf, update=True, source_weight=None, target_weight=None, class_weight=None):
+        r"""Return ``dict(loss, fcl, bcl, target_labels, dynamic_labels)`` and update the EMAs. ``target_weight``
+        is FCL's pixel weight, ``source_weight`` BCL's; ``class_weight`` weights both (times the overlap in the
+        release setting)."""
         c = self.cfg
+        cw = None if class_weight is None else as_np(class_weight)
         ign = c["ignore_index"]
         pool = {"ignore_index": ign, "resize": self.resize, "min_purity": self.min_purity}
         p_s, n_s = masked_average_pool(fs, ys, self.k_n, **pool)
@@ -530,21 +577,27 @@ class StepRef:
                 both = overlap_class_weight(
                     ys_np[pair], ys_np[pair], self.k_n, feat_s.shape[2:], ign
                 ) * overlap_class_weight(y_t[pair], y_t[pair], self.k_n, feat_t.shape[2:], ign)
+                if cw is not None:
+                    both = both * (cw if cw.ndim == 1 else cw[pair])
+                tw = None if target_weight is None else as_np(target_weight)[pair]
+                sw = None if source_weight is None else as_np(source_weight)[pair]
                 fcl += (
                     contrastive_loss(
-                        feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0, class_weight=both, **kw
+                        feat_t[pair], p_s[pair], y_t[pair], valid=n_s[pair] > 0, class_weight=both,
+                        pixel_weight=tw, **kw
                     )
                     / b_n
                 )
                 bcl += (
                     contrastive_loss(
-                        feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, class_weight=both, **kw
+                        feat_s[pair], p_t[pair], ys_np[pair], valid=n_t[pair] > 0, class_weight=both,
+                        pixel_weight=sw, **kw
                     )
                     / b_n
                 )
         else:
-            fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, **kw)
-            bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, **kw)
+            fcl = contrastive_loss(ft, p_s, y_t, valid=n_s > 0, class_weight=cw, pixel_weight=target_weight, **kw)
+            bcl = contrastive_loss(fs, p_t, ys, valid=n_t > 0, class_weight=cw, pixel_weight=source_weight, **kw)
         if update:
             self.source_ema.update_from(p_s, n_s)
             self.target_ema.update_from(p_t, n_t)

@@ -93,6 +93,85 @@ def test_update_false_leaves_emas_untouched():
         assert torch.equal(v, state[k]), k
 
 
+def test_eval_mode_freezes_the_emas_like_batchnorm():
+    # issue 18.3: .eval() stops the EMA updates whatever the grad mode; update= overrides the mode per call
+    model = BidirectionalContrast(K, D, momentum=0.5, threshold=0.3)
+    (fs, ys, ft, static), second, third = _steps(3)
+    model(fs, ys, ft, static)  # training mode (the default): updates
+    assert model.training and bool(model.source_ema.initialized.any())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        model(*second)
+    model(*second)  # eval with grad on: still frozen
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    model(*second, update=True)  # explicit override in eval mode
+    assert not torch.equal(model.source_ema.prototypes, state["source_ema.prototypes"])
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # no_grad alone does not freeze (BatchNorm's running stats update under no_grad too)
+        model(*third)
+    assert not torch.equal(model.target_ema.prototypes, state["target_ema.prototypes"])
+
+
+def test_eval_step_equals_train_step_without_update():
+    (fs, ys, ft, static), second = _steps(2)
+    a, b = BidirectionalContrast(K, D, momentum=0.5, threshold=0.3), BidirectionalContrast(K, D, momentum=0.5, threshold=0.3)
+    a(fs, ys, ft, static)
+    b(fs, ys, ft, static)
+    out_eval = b.eval()(*second)
+    out_off = a(*second, update=False)
+    assert torch.equal(out_eval.loss, out_off.loss) and torch.equal(out_eval.target_labels, out_off.target_labels)
+    with pytest.raises(TypeError, match=r"update: expected a bool"):
+        a(*second, update=1)
+
+
+@pytest.mark.parametrize("config", [{"threshold": 0.3, "momentum": 0.5}, {"threshold": 0.3, "at": "label"},
+                                    {"threshold": 0.3, "release_compatible": True}])
+@pytest.mark.parametrize("kind", ["label", "feature", "image"])
+def test_weights_pass_through_to_the_reference(config, kind):
+    # issue 18.6: target_weight (FCL's pixels), source_weight (BCL's pixels) and class_weight through the step
+    model = BidirectionalContrast(K, D, **config)
+    reference = ref.StepRef(K, D, **config)
+    g = torch.Generator().manual_seed(0)
+    for fs, ys, ft, static in _steps(2):
+        if kind == "label":
+            sw = torch.rand(ys.shape, generator=g, dtype=torch.float64)
+            tw = torch.rand(static.shape, generator=g, dtype=torch.float64)
+        elif kind == "feature":
+            sw = torch.rand(fs[:, 0].shape, generator=g, dtype=torch.float64)
+            tw = torch.rand(ft[:, 0].shape, generator=g, dtype=torch.float64)
+        else:
+            sw = torch.rand(fs.shape[0], generator=g, dtype=torch.float64)
+            tw = torch.rand(ft.shape[0], generator=g, dtype=torch.float64)
+        cw = torch.rand(K, generator=g, dtype=torch.float64) + 0.2
+        out = model(fs, ys, ft, static, source_weight=sw, target_weight=tw, class_weight=cw)
+        expected = reference(fs, ys, ft, static, source_weight=sw, target_weight=tw, class_weight=cw)
+        _check(out, expected, model, reference)
+        plain = BidirectionalContrast(K, D, **config)(fs, ys, ft, static, update=False)
+        assert not torch.allclose(plain.loss, out.loss)  # the weights did something
+
+
+def test_mmseg_label_shape_through_the_step():
+    # issue 18.5: gt_semantic_seg (B, 1, H, W) for both label inputs; the returned maps are (B, H, W)
+    (fs, ys, ft, static), = _steps(1)
+    a, b = BidirectionalContrast(K, D, threshold=0.3), BidirectionalContrast(K, D, threshold=0.3)
+    out4, out3 = a(fs, ys[:, None], ft, static[:, None]), b(fs, ys, ft, static)
+    assert torch.equal(out4.loss, out3.loss) and torch.equal(out4.target_labels, out3.target_labels)
+    assert out4.target_labels.shape == static.shape
+
+
+def test_channels_last_features_are_named_by_the_orchestrator():
+    # issue 18.2: (B, h, w, D) features are refused with the layout and the fix
+    (fs, ys, ft, static), = _steps(1, grid_s=(6, 7), label_s=(6, 7))  # labels on the grid: shapes tell
+    model = BidirectionalContrast(K, D)
+    with pytest.raises(ValueError, match=r"source_features: .*its last dimension is D = 4"):
+        model(fs.permute(0, 2, 3, 1), ys[:, :6, :4].contiguous(), ft, static)  # only the channel count tells
+    with pytest.raises(ValueError, match=r"source_features: .*channels-last \(B, h, w, D\).*permute\(0, 3, 1, 2\)"):
+        model(fs.permute(0, 2, 3, 1), ys, ft, static)
+
+
 def test_first_step_calibration_is_identity_and_step_uses_previous_emas():
     # before any update the EMAs are not initialised: calibrated == uncalibrated prototypes
     ((fs, ys, ft, static),) = _steps(1)
@@ -167,3 +246,20 @@ def test_no_hard_coded_sizes():
     model = BidirectionalContrast(k_n, dim, threshold=0.0, momentum=0.5)
     reference = ref.StepRef(k_n, dim, threshold=0.0, momentum=0.5)
     _check(model(fs, ys, ft, yf), reference(fs, ys, ft, yf), model, reference)
+
+
+@pytest.mark.parametrize("release_compatible", [False, True])
+def test_weighted_step_gradcheck(release_compatible):
+    # issue 18.6: the orchestrator's loss with source/target/class weights is differentiable as written
+    ((fs, ys, ft, static),) = _steps(1)
+    g = torch.Generator().manual_seed(1)
+    sw = torch.rand(ys.shape, generator=g, dtype=torch.float64)
+    tw = torch.rand(ft.shape[0], generator=g, dtype=torch.float64)
+    cw = torch.rand(K, generator=g, dtype=torch.float64) + 0.2
+    model = BidirectionalContrast(K, D, dynamic=False, release_compatible=release_compatible)
+
+    def loss(f_s, f_t):
+        return model(f_s, ys, f_t, static, source_weight=sw, target_weight=tw, class_weight=cw, update=False).loss
+
+    inputs = (fs.clone().requires_grad_(True), ft.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)

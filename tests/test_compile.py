@@ -77,6 +77,17 @@ LOSS_CASES = {
         f, p, y, resize="purity", reduction="sum"
     ),
     "fcl-shared-prototypes": lambda f, y, p: fcl_loss(f, p[0], y, absent="min_similarity"),
+    # issue 18: per-pixel weights at both grids and per image, mmseg's (B, 1, H, W) labels, PooledPrototypes
+    "contrastive-pixel-weight-label-grid": lambda f, y, p: pixel_prototype_contrastive_loss(
+        f, p, y, at="label", pixel_weight=(y % 3).to(f.dtype) * 0.5, class_weight=torch.linspace(0.5, 1.5, K)[:, None]
+    ),
+    "contrastive-pixel-weight-feature-grid": lambda f, y, p: pixel_prototype_contrastive_loss(
+        f, p, y[:, None], pixel_weight=f.detach().abs().sum(1)
+    ),
+    "contrastive-pixel-weight-per-image-none": lambda f, y, p: pixel_prototype_contrastive_loss(
+        f, p, y, at="label", reduction="none", pixel_weight=torch.linspace(0.5, 1.0, f.shape[0])
+    ).sum(),
+    "fcl-pooled-prototypes": lambda f, y, p: fcl_loss(f, masked_average_pool(f, y.clamp_max(2), K), y),
     "map-per-image": lambda f, y, p: masked_average_pool(f, y, K).prototypes.square().sum(),
     "map-batch-weights": lambda f, y, p: masked_average_pool(
         f, y, K, per_image=False, weights=torch.ones_like(f[:, 0])
@@ -143,6 +154,25 @@ def test_stateful_updates_compile_and_match(dynamic):
         _assert_same(compiled(ema_c, cbt_c, f.detach(), y, z), step(ema_e, cbt_e, f.detach(), y, z))
     assert torch.equal(ema_c.initialized, ema_e.initialized)
     assert torch.equal(cbt_c.histogram, cbt_e.histogram)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_orchestrator_with_weights_compiles_and_matches(dynamic):
+    # issue 18.6: source_weight / target_weight / class_weight through the orchestrator, (B, 1, H, W) labels
+    eager, model = BidirectionalContrast(K, D, threshold=0.2), BidirectionalContrast(K, D, threshold=0.2)
+
+    def step(m, fs, ys, ft, yf):
+        return m(fs, ys[:, None], ft, yf, source_weight=torch.linspace(0.5, 1.0, fs.shape[0]),
+                 target_weight=(yf != 255).to(ft.dtype) * 0.7, class_weight=torch.linspace(1.0, 2.0, K))
+
+    compiled = _compiled(step, dynamic)
+    for b_n, grid, label in _shapes(dynamic):
+        fs, ys, _ = _data(b_n, grid, label)
+        ft, _, _ = _data(b_n, grid, label)
+        yf = ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+        out_e, out_c = step(eager, fs, ys, ft, yf), compiled(model, fs, ys, ft, yf)
+        _assert_same(tuple(out_c[:5]), tuple(out_e[:5]))
+        _assert_same(_grads(out_c.loss, (fs, ft)), _grads(out_e.loss, (fs, ft)))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

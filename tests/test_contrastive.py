@@ -434,3 +434,155 @@ def test_eps_floors_the_norms():
     for eps in (1e-6, 1e-3):
         got = pixel_prototype_contrastive_loss(feats, protos, labels, eps=eps, reduction="none")
         _close(got, ref.contrastive_loss(feats, protos, labels, eps=eps, reduction="none"))
+
+
+# ------------------------------------------------------------------------------------------------ issue 18
+
+
+def _absent_case(seed=0):
+    r"""The issue's case: source images that hold only some classes (masked_average_pool gives the absent ones
+    zero prototypes), target pixels of every class."""
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(B, D, *GRID, dtype=torch.float64, generator=g)
+    f_t = torch.randn(B, D, *GRID, dtype=torch.float64, generator=g)
+    y_s = torch.randint(0, 3, (B, *LABEL), generator=g)  # classes 3 and 4 absent from the source
+    y_s[1] = torch.where(y_s[1] == 1, 0, y_s[1])  # and class 1 from image 1
+    y_t = torch.randint(0, K, (B, *LABEL), generator=g)
+    return f_s, f_t, y_s, y_t
+
+
+@pytest.mark.parametrize("at", ["feature", "label"])
+@pytest.mark.parametrize("loss_fn", [fcl_loss, bcl_loss, pixel_prototype_contrastive_loss])
+def test_pooled_prototypes_without_valid_mask_absent_classes(loss_fn, at):
+    # issue 18.1: the natural call fcl_loss(f_t, p_s, y_t) used to treat zero prototypes as real ones
+    f_s, f_t, y_s, y_t = _absent_case()
+    pooled = masked_average_pool(f_s, y_s, K)
+    p_ref, n_ref = ref.masked_average_pool(f_s, y_s, K)
+    expected = ref.contrastive_loss(f_t, p_ref, y_t, valid=np.asarray(n_ref) > 0, at=at)
+    wrong = ref.contrastive_loss(f_t, p_ref, y_t, valid=np.ones((B, K), dtype=bool), at=at)
+    assert abs(expected - wrong) > 1e-2 * abs(expected)  # the case tells the two apart
+    _close(loss_fn(f_t, pooled, y_t, at=at), expected)  # the PooledPrototypes as it comes
+    _close(loss_fn(f_t, pooled.prototypes, y_t, at=at), expected)  # a bare tensor: zero rows are absent
+    _close(loss_fn(f_t, pooled.prototypes, y_t, valid=pooled.counts > 0, at=at), expected)
+
+
+def test_pooled_prototypes_shared_and_module_and_dynamic_labels():
+    f_s, f_t, y_s, y_t = _absent_case(1)
+    pooled = masked_average_pool(f_s, y_s, K, per_image=False)  # (K, D), (K,)
+    assert pooled.counts[3] == 0
+    expected = fcl_loss(f_t, pooled.prototypes, y_t, valid=pooled.counts > 0)
+    _close(fcl_loss(f_t, pooled, y_t), expected.item())
+    _close(PixelPrototypeContrastiveLoss()(f_t, pooled, y_t), expected.item())
+    from protocl import dynamic_pseudo_label
+
+    got = dynamic_pseudo_label(f_t, masked_average_pool(f_s, y_s, K), threshold=-1.0)
+    assert not torch.any((got == 3) | (got == 4))  # absent classes are never the arg max
+    assert torch.equal(got, dynamic_pseudo_label(f_t, masked_average_pool(f_s, y_s, K).prototypes, threshold=-1.0))
+
+
+def test_pooled_prototypes_with_valid_is_refused():
+    f_s, f_t, y_s, y_t = _absent_case()
+    pooled = masked_average_pool(f_s, y_s, K)
+    with pytest.raises(ValueError, match=r"valid: expected None when source_prototypes is a PooledPrototypes"):
+        fcl_loss(f_t, pooled, y_t, valid=pooled.counts > 0)
+
+
+def _pixel_weights(kind, gen, b_n=B, grid=GRID, label=LABEL):
+    if kind == "image":
+        return torch.rand(b_n, generator=gen, dtype=torch.float64) + 0.5
+    shape = grid if kind == "feature" else label
+    w = torch.rand(b_n, *shape, generator=gen, dtype=torch.float64)
+    w[0, 0, 0] = 0.0
+    return w[:, None] if kind == "label4d" else w
+
+
+@pytest.mark.parametrize("kind", ["image", "feature", "label", "label4d"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("absent", "at"), [("mask", "feature"), ("mask", "label"), ("min_similarity", "label")])
+def test_pixel_weight_matches_reference(kind, reduction, absent, at):
+    # issue 18.6: a per-pixel (or per-image) weight, "mean" = sum w l / sum w as F.cross_entropy's weighted mean
+    gen = torch.Generator().manual_seed(3)
+    feats, protos, labels = _inputs()
+    valid = torch.rand(B, K, generator=gen) > 0.3
+    cw = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    pw = _pixel_weights(kind, gen)
+    got = pixel_prototype_contrastive_loss(
+        feats, protos, labels, valid=valid, class_weight=cw, pixel_weight=pw, absent=absent, at=at,
+        reduction=reduction,
+    )
+    expected = ref.contrastive_loss(
+        feats, protos, labels, valid=valid, class_weight=cw, pixel_weight=pw, absent=absent, at=at,
+        reduction=reduction,
+    )
+    _close(got, expected)
+
+
+def test_pixel_weight_mean_is_cross_entropys_weighted_mean():
+    # an oracle nobody here wrote: F.cross_entropy on the nearest-upsampled logits, weights folded in by hand
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(4)
+    feats, protos, labels = _inputs()
+    labels[0, :2] = 255
+    pw = torch.rand(B, *LABEL, generator=gen, dtype=torch.float64)
+    logits = F.interpolate(cosine_similarity_map(feats, protos) / 0.1, size=LABEL, mode="nearest")
+    ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    keep = (labels != 255).double() * pw
+    expected = (ce * keep).sum() / keep.sum()
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, pixel_weight=pw, at="label", absent="min_similarity")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+    # a constant weight cancels out of "mean" (documented) and scales "sum"
+    base = pixel_prototype_contrastive_loss(feats, protos, labels, at="label")
+    half = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", pixel_weight=torch.full((B,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(half, base, rtol=1e-12, atol=0.0)
+    s = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", reduction="sum")
+    s_half = pixel_prototype_contrastive_loss(
+        feats, protos, labels, at="label", reduction="sum", pixel_weight=torch.full((B,), 0.5, dtype=torch.float64)
+    )
+    torch.testing.assert_close(s_half, 0.5 * s, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("at", ["feature", "label"])
+def test_pixel_weight_all_zero_is_a_connected_zero(at):
+    feats, protos, labels = _inputs()
+    feats.requires_grad_(True)
+    loss = fcl_loss(feats, protos, labels, pixel_weight=torch.zeros(B, *LABEL, dtype=torch.float64), at=at)
+    assert loss.item() == 0.0 and loss.requires_grad
+    (grad,) = torch.autograd.grad(loss, feats)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("kind", ["image", "feature", "label"])
+@pytest.mark.parametrize("at", ["feature", "label"])
+def test_pixel_weight_gradcheck(kind, at):
+    gen = torch.Generator().manual_seed(5)
+    feats, protos, labels = _inputs()
+    feats.requires_grad_(True)
+    protos.requires_grad_(True)
+    pw = _pixel_weights(kind, gen)
+
+    def fn(f, p):
+        return pixel_prototype_contrastive_loss(f, p, labels, pixel_weight=pw, at=at, absent="min_similarity")
+
+    assert torch.autograd.gradcheck(fn, (feats, protos), fast_mode=True)
+
+
+def test_pixel_weight_validation():
+    feats, protos, labels = _inputs()
+    with pytest.raises(ValueError, match=r"pixel_weight: expected shape \(2, 3, 4\) \(feature grid\)"):
+        fcl_loss(feats, protos, labels, pixel_weight=torch.rand(B, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"pixel_weight: expected shape \(2,\) \(one weight per image\)"):
+        fcl_loss(feats, protos, labels, pixel_weight=torch.rand(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"pixel_weight: expected non-negative weights"):
+        fcl_loss(feats, protos, labels, pixel_weight=-torch.ones(B, dtype=torch.float64))
+
+
+def test_class_weight_column_as_dass_builds_it():
+    # issue 18.8: DASS's CrossEntropyLoss weight is a (K, 1) column; it means the (K,) vector
+    feats, protos, labels = _inputs()
+    w = torch.rand(K, dtype=torch.float64)
+    for at in ("feature", "label"):
+        expected = fcl_loss(feats, protos, labels, class_weight=w, at=at)
+        torch.testing.assert_close(fcl_loss(feats, protos, labels, class_weight=w[:, None], at=at), expected)
+    with pytest.raises(ValueError, match=r"class_weight: expected shape \(5,\) .*a column \(5, 1\) is accepted"):
+        fcl_loss(feats, protos, labels, class_weight=torch.rand(1, K, 2, dtype=torch.float64)[0])

@@ -30,6 +30,7 @@ NO_SHAPE_SECTION = {
     "StepOutput",
     "set_value_checks",
     "value_checks_enabled",
+    "flush_value_checks",
     "IGNORE_INDEX",
 }
 

@@ -280,7 +280,8 @@ def test_thresholds_reset_and_state_dict():
     clone.load_state_dict(copy.deepcopy(cbt.state_dict()))
     assert torch.equal(clone.compute(), cbt.compute())
     cbt.reset()
-    assert torch.all(torch.isinf(cbt.compute()))
+    with pytest.raises(RuntimeError, match=r"update\(logits\)"):  # nothing seen since reset: not +inf silently
+        cbt.compute()
 
 
 def test_thresholds_memory_independent_of_data_size():

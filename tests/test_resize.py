@@ -139,3 +139,81 @@ def test_resize_identity_keeps_values():
     assert math.isclose(
         resize_labels(labels, (5, 4), mode="purity", num_classes=3).ne(labels).float().sum().item(), 0.0
     )
+
+
+# ------------------------------------------------------------------------------------------------ issue 18.10
+# Which row F.interpolate(mode="nearest") picks depends on the input's dtype: float32 (and float16, bfloat16,
+# uint8, and every dtype on CUDA) uses a float32 scale and product; float64 on CPU uses PyTorch's generic kernel
+# (scale and product in float64, rounded to float32 before the floor) when the output's H + W > 128, and the
+# float32 rule below that. The oracle of every test here is F.interpolate itself.
+
+
+def _interpolate_rows(out_size, in_size, dtype, other=(200, 1)):
+    r"""Rows F.interpolate reads resizing an (in_size, other[1]) map of ``dtype`` to (out_size, other[0])."""
+    rows, _ = ref.upsample_rows_cols((in_size, other[1]), (out_size, other[0]), dtype)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(("out_size", "in_size"), SIZE_PAIRS + [(14, 62), (20, 84), (365, 46), (1024, 129)])
+def test_nearest_source_index_per_dtype_matches_interpolate(out_size, in_size):
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(nearest_source_index(out_size, in_size, dtype=dtype), _interpolate_rows(out_size, in_size, dtype))
+
+
+def test_float32_and_float64_rows_differ_at_the_release_size():
+    f32, f64 = nearest_source_index(730, 92), nearest_source_index(730, 92, dtype=torch.float64)
+    assert (f32 != f64).nonzero().flatten().tolist() == [365]
+    assert (f32[365].item(), f64[365].item()) == (45, 46)
+    assert torch.equal(f64, _interpolate_rows(730, 92, torch.float64, other=(730, 92)))
+    # below H + W = 129, F.interpolate's float64 output takes the float32 rows (its vectorised kernel)
+    assert torch.equal(_interpolate_rows(14, 62, torch.float64, other=(114, 1)), nearest_source_index(14, 62))
+    assert torch.equal(_interpolate_rows(14, 62, torch.float64, other=(115, 1)),
+                       nearest_source_index(14, 62, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [(730, 730), (730, 41), (60, 50)])
+def test_label_resolution_loss_reads_interpolates_rows_in_each_dtype(dtype, size):
+    # at="label" equals F.cross_entropy on F.interpolate(logits) in the features' own dtype, pixel by pixel
+    from protocl import cosine_similarity_map, pixel_prototype_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    grid = (92, 5) if size[1] == 41 else ((92, 92) if size[0] == 730 else (7, 6))
+    feats = torch.randn(1, 3, *grid, generator=g, dtype=dtype)
+    protos = torch.randn(1, 4, 3, generator=g, dtype=dtype)
+    labels = torch.randint(0, 4, (1, *size), generator=g)
+    logits = F.interpolate(cosine_similarity_map(feats, protos) / 0.1, size=size, mode="nearest")
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    got = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent="min_similarity", reduction="none")
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got, expected, **tol)
+    mean = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", absent="min_similarity")
+    torch.testing.assert_close(mean, expected.mean(), **tol)
+
+
+def test_label_resolution_loss_row_365_follows_the_dtype():
+    # the test above can fail: protocl's float64 loss with float32's rows differs at row 365 of 92 -> 730
+    from protocl import pixel_prototype_contrastive_loss
+
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 3, 92, 5, generator=g, dtype=torch.float64)
+    protos = torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (1, 730, 41), generator=g)
+    f64 = pixel_prototype_contrastive_loss(feats, protos, labels, at="label", reduction="none")
+    f32 = pixel_prototype_contrastive_loss(feats.float(), protos.float(), labels, at="label", reduction="none")
+    diff = (f64 - f32.double()).abs().amax(-1)[0]
+    assert diff[365] > 1e-3 and diff[torch.arange(730) != 365].max() < 1e-4
+
+
+def test_label_resolution_gradcheck_at_a_float64_row():
+    # protocl's float64 gradient is the gradient of its forward (F.interpolate's own float64 backward is not)
+    from protocl import pixel_prototype_contrastive_loss
+
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(1, 2, 92, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    protos = torch.randn(1, 3, 2, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (1, 730, 41), generator=g)
+    assert torch.autograd.gradcheck(
+        lambda f: pixel_prototype_contrastive_loss(f, protos, labels, at="label", reduction="sum"), (feats,),
+        fast_mode=True,
+    )

@@ -50,7 +50,7 @@ MALFORMED = [
     ("features", lambda: masked_average_pool(F4.long(), Y, K)),
     ("labels", lambda: masked_average_pool(F4, Y.float(), K)),
     ("labels", lambda: masked_average_pool(F4, Y[:1], K)),
-    ("labels", lambda: masked_average_pool(F4, Y[:, None], K)),
+    ("labels", lambda: masked_average_pool(F4, torch.stack([Y, Y], 1), K)),  # (B, 2, H, W): not a label map
     ("num_classes", lambda: masked_average_pool(F4, Y, 0)),
     ("resize", lambda: masked_average_pool(F4, Y, K, resize="bilinear")),
     ("weights", lambda: masked_average_pool(F4, Y, K, weights=torch.rand(B, 3, 3))),
@@ -71,7 +71,7 @@ MALFORMED = [
     ("valid", lambda: pixel_prototype_contrastive_loss(F4, P, Y, valid=torch.ones(B, K))),
     ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(K - 1))),
     ("class_weight", lambda: pixel_prototype_contrastive_loss(F4, P, Y, class_weight=torch.ones(B, K, 1))),
-    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:, None])),
+    ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.stack([Y, Y], 1))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), K))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, torch.full((B, 8, 8), -3))),
     ("labels", lambda: pixel_prototype_contrastive_loss(F4, P, Y[:1])),
@@ -272,3 +272,191 @@ def test_no_assert_statements_reach_the_user():
     # validation uses built-in exceptions: python -O must not change behaviour
     with pytest.raises(ValueError):
         masked_average_pool(F4, Y, K, resize="nope")
+
+
+# ------------------------------------------------------------------------------------------------ issue 18
+from protocl import _validation  # the deferral's CPU rehearsal switch and the label-map view
+
+Y4 = Y[:, None]  # mmseg's gt_semantic_seg layout (B, 1, H, W)
+
+LABEL_4D_CALLS = {
+    "masked_average_pool": lambda y: masked_average_pool(F4, y, K),
+    "masked_average_pool-weights": lambda y: masked_average_pool(F4, y, K, weights=torch.ones(B, 1, 8, 8)),
+    "masked_average_pool-purity": lambda y: masked_average_pool(F4, y, K, resize="purity"),
+    "ema.update": lambda y: _ema_after(lambda e: e.update(F4, y)),
+    "fcl_loss": lambda y: fcl_loss(F4, P, y),
+    "bcl_loss-label": lambda y: bcl_loss(F4, P, y, at="label", reduction="none"),
+    "pixel_prototype_contrastive_loss": lambda y: pixel_prototype_contrastive_loss(F4, P, y, reduction="sum"),
+    "module": lambda y: PixelPrototypeContrastiveLoss(at="label")(F4, P, y),
+    "overlap_class_weight": lambda y: overlap_class_weight(y, y.flip(-1), K, size=(4, 4)),
+    "resize_labels": lambda y: resize_labels(y, (3, 5)),
+    "resize_labels-purity": lambda y: resize_labels(y, (3, 5), mode="purity", num_classes=K),
+    "label_histogram": lambda y: label_histogram(y, (3, 5), K),
+    "hybrid_fuse-static": lambda y: hybrid_fuse(y, torch.zeros(B, 4, 4, dtype=torch.long)),
+    "hybrid_fuse-dynamic": lambda y: hybrid_fuse(torch.full((B, 8, 8), 255), y),
+    "orchestrator": lambda y: _step()(F4, y, F4, y, update=False).loss,
+}
+
+
+def _ema_after(update):
+    ema = _ema()
+    update(ema)
+    return ema.prototypes
+
+
+@pytest.mark.parametrize("name", list(LABEL_4D_CALLS))
+def test_mmseg_label_shape_accepted_everywhere(name):
+    # issue 18.5: (B, 1, H, W) labels mean the (B, H, W) map in every function that takes labels
+    call = LABEL_4D_CALLS[name]
+    got, expected = call(Y4), call(Y)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert g.shape == e.shape
+        assert torch.equal(g, e)
+
+
+def test_label_map_squeezes_without_a_copy():
+    view = _validation.label_map(Y4, "labels")
+    assert view.shape == Y.shape and view.data_ptr() == Y4.data_ptr()
+    with pytest.raises(ValueError, match=r"labels: expected a tensor of shape \(B, H, W\) or \(B, 1, H, W\)"):
+        _validation.label_map(torch.stack([Y, Y], 1), "labels")
+
+
+def _channels_last(f):
+    return f.permute(0, 2, 3, 1)  # b d h w -> b h w d
+
+
+def test_channels_last_features_are_named():
+    # issue 18.2: (B, h, w, D) features, as ViT/SegFormer code holds them; each call names the layout and the fix
+    f = torch.randn(B, 16, 8, 8)  # D = 16 on an 8 x 8 grid
+    fl = _channels_last(f)
+    y_grid, y_full = torch.randint(0, K, (B, 8, 8)), torch.randint(0, K, (B, 32, 32))
+    fix = r"channels-last \(B, h, w, D\).*features\.permute\(0, 3, 1, 2\)"
+    for y in (y_grid, y_full):  # labels on the feature grid, and at 4x the grid
+        with pytest.raises(ValueError, match=fix):
+            masked_average_pool(fl, y, K)
+    protos = torch.randn(B, K, 16)
+    for call in (
+        lambda: pixel_prototype_contrastive_loss(fl, protos, torch.randint(0, K, (B, 7, 9))),  # by the prototypes' D
+        lambda: cosine_similarity_map(fl, protos),
+        lambda: dynamic_pseudo_label(fl, protos),
+    ):
+        with pytest.raises(ValueError, match=r"channels-last \(B, h, w, D\)"):
+            call()
+    with pytest.raises(ValueError, match=fix):
+        PrototypeEMA(K, 16).update(fl, torch.randint(0, K, (B, 5, 5)))
+
+
+def test_channels_first_features_are_not_mistaken():
+    # the detection must not refuse legitimate layouts: D equal to the grid, tiny grids, unusual label sizes
+    cases = [((B, 8, 8, 8), (B, 32, 32)), ((B, 2, 1, 1), (B, 2, 1)), ((B, 16, 8, 8), (B, 16, 16)),
+             ((B, 76, 92, 92), (B, 730, 730)), ((B, 4, 12, 6), (B, 12, 6))]
+    for fshape, yshape in cases:
+        masked_average_pool(torch.randn(fshape), torch.randint(0, K, yshape), K)
+
+
+def test_class_balanced_thresholds_compute_before_update_raises():
+    # issue 18.4: a static-label pass that forgot update() must not silently label nothing
+    cbt = ClassBalancedThresholds(K)
+    with pytest.raises(RuntimeError, match=r"no confidences accumulated.*update\(logits\)"):
+        cbt.compute()
+    with pytest.raises(RuntimeError):
+        cbt()
+    z = torch.zeros(1, K, 4, 4)
+    z[:, 1] = 5.0  # every pixel predicted as class 1
+    cbt.update(z)
+    t = cbt.compute()
+    assert torch.isfinite(t[1]) and torch.all(torch.isinf(t[torch.arange(K) != 1]))  # +inf kept after updates
+
+
+def _naive_violation(labels, k_n, ignore):
+    bad = [v for v in labels.flatten().tolist() if not (0 <= v < k_n or v == ignore)]
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("values", "k_n", "ignore"),
+    [([0, 1, 2, 255], 19, 255), ([0, 18, 255, 33], 19, 255), ([0, -3, 255], 19, 255), ([5, 4, 300], 19, 255),
+     ([0, 1, -1], 3, -1), ([0, 1, -1, 7], 3, -1), ([0, 2, -2, -1], 3, -1), ([0, 1, 2], 3, 1), ([0, 3, 1], 3, 1),
+     ([255, 255], 19, 255), ([19], 19, 255), ([0, 254, 255], 19, 255), ([0, 18, 200], 19, 200),
+     ([0, 19, 200], 19, 200), ([0, 199, 200], 19, 200), ([3, 200], 19, 200), ([0, 1, 300], 19, 300),
+     ([0, 20, 300], 19, 300), ([1, 0, 19], 1, 19), ([0, 255], 1, 255), ([1, 255], 1, 255)],
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_host_label_check_agrees_with_a_naive_scan(values, k_n, ignore, dtype):
+    # issue 18.9: the cheaper CPU check (aminmax, a second pass only when needed) finds exactly the bad maps
+    if dtype == torch.uint8 and (min(values) < 0 or max(values) > 255):
+        pytest.skip("not representable in uint8")
+    labels = torch.tensor(values, dtype=dtype).repeat(3).view(1, 3, len(values))
+    bad = _naive_violation(labels, k_n, ignore)
+    found = _validation._host_label_violation(labels, k_n, ignore)
+    assert (found is None) == (not bad)
+    if bad:
+        assert found in bad
+    device_count, device_example = _validation._device_label_verdict(labels, k_n, ignore).tolist()
+    assert device_count == len(bad) and (not bad or device_example in bad)
+
+
+def test_checked_tensor_is_not_checked_twice_but_rechecked_after_in_place_change(monkeypatch):
+    calls = []
+    real = _validation._host_label_violation
+    monkeypatch.setattr(_validation, "_host_label_violation", lambda *a: calls.append(1) or real(*a))
+    y = torch.randint(0, K, (B, 8, 8))
+    pooled = masked_average_pool(F4, y, K)
+    fcl_loss(F4, pooled, y)
+    fcl_loss(F4, pooled, y[:, None])  # a view of the same map is another tensor: checked again
+    assert len(calls) == 2
+    y[1, 2, 3] = 33  # in place: the version counter moves, the next call checks again and raises
+    with pytest.raises(ValueError, match=r"labels.*33"):
+        masked_average_pool(F4, y, K)
+    y2 = torch.randint(0, 4, (B, 8, 8))
+    masked_average_pool(F4, y2, K)
+    masked_average_pool(F4, y2, 4)  # another K: another check
+    assert len(calls) == 5
+
+
+def test_deferred_device_checks_report_on_a_later_call(monkeypatch):
+    # issue 18.9: the CUDA path's logic on CPU: the bad call does not raise (no host read), a later one does
+    monkeypatch.setattr(_validation, "_DEFER_ON_CPU", True)
+    _validation._PENDING.clear()
+    bad = _raw_ids()
+    masked_average_pool(F4, bad, 19)  # verdict queued, nothing read
+    assert len(_validation._PENDING) == 1
+    with pytest.raises(ValueError, match=r"labels: expected label ids in \[0, 19\).*got 33.*earlier call"):
+        fcl_loss(F4, torch.randn(19, D), torch.zeros(B, 8, 8, dtype=torch.long))
+    assert not _validation._PENDING
+    step = BidirectionalContrast(19, D)
+    step(F4, torch.zeros_like(bad), F4, bad)
+    with pytest.raises(ValueError, match=r"static_labels.*33"):
+        protocl.flush_value_checks()
+    with pytest.raises(ValueError, match=r"weights: expected non-negative"):  # by a later check or the flush
+        masked_average_pool(F4, torch.zeros(B, 8, 8, dtype=torch.long), 19, weights=-torch.ones(B, 4, 4))
+        protocl.flush_value_checks()
+    protocl.flush_value_checks()  # nothing pending: returns
+    masked_average_pool(F4, bad.clone(), 19)
+    protocl.set_value_checks(False)  # switched off right after (as a trainer that checks its first step only)
+    with pytest.raises(ValueError, match=r"labels.*33"):  # the pending verdict is still reported
+        masked_average_pool(F4, bad.clone(), 19)
+
+
+@pytest.mark.needs_cuda
+def test_default_value_checks_never_sync_on_cuda():
+    # issue 18.9: with the default checks on, a CUDA step makes no host synchronisation; bad labels still raise
+    dev = torch.device("cuda")
+    f = torch.randn(B, D, 4, 4, device=dev, requires_grad=True)
+    y = torch.randint(0, 19, (B, 8, 8), device=dev)
+    step = BidirectionalContrast(19, D).to(dev)
+    protocl.flush_value_checks()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pooled = masked_average_pool(f, y, 19)
+        loss = fcl_loss(f, pooled, y) + bcl_loss(f, pooled, y[:, None], pixel_weight=torch.ones(B, device=dev))
+        out = step(f, y, f, y)
+        (loss + out.loss).backward()
+        bad = y.clone()
+        bad[0, 0, 0] = 33
+        masked_average_pool(f, bad, 19)  # queued on the device, no raise and no sync here
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(ValueError, match=r"labels.*33"):
+        protocl.flush_value_checks()

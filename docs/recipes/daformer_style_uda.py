@@ -13,7 +13,14 @@ The structures mirror DAFormer's ``DACS`` UDA decorator and mmseg's ``EncoderDec
 
 What protocl adds: the teacher's thresholded predictions are the **static** labels; ``BidirectionalContrast``
 fuses them with dynamic labels from the calibrated source prototypes and returns FCL + BCL; the student's
-target cross-entropy is trained on the hybrid labels. (DACS also mixes images with ClassMix; that part is
+target cross-entropy is trained on the hybrid labels. mmseg's conventions go in as they are: the
+``gt_semantic_seg`` ``(B, 1, H, W)`` label map, and DAFormer's per-pixel ``pseudo_weight`` (the share of
+confident teacher pixels per image, 0 on the ignored top/bottom rows, ``psweight_ignore_top`` /
+``psweight_ignore_bottom``) weights the target pixels of FCL (``target_weight=``) as it weights DAFormer's
+pseudo-label CE. protocl's "mean" divides by the summed weights of the contributing pixels (``F.cross_entropy``'s
+weighted mean), so the per-image share cancels out of a single image's FCL and only the per-pixel shape of the
+weight (which pixels count, and how much relative to the other image) matters; DAFormer's own CE divides by the
+pixel count instead, which this recipe keeps for its target CE. (DACS also mixes images with ClassMix; that part is
 unchanged by protocl and left out here: mix with ``out.target_labels`` where DACS mixes with the teacher's
 argmax.)
 
@@ -130,12 +137,17 @@ class TinyEncoderDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The UDA decorator: DACS's mean teacher + protocl.
 class ProtoCLDACS(nn.Module):
-    def __init__(self, model, *, alpha=0.99, pseudo_threshold=0.968, fcl_weight=0.1, bcl_weight=0.1):
+    def __init__(
+        self, model, *, alpha=0.99, pseudo_threshold=0.968, psweight_ignore_top=0, psweight_ignore_bottom=0,
+        fcl_weight=0.1, bcl_weight=0.1,
+    ):
         super().__init__()
         self.model = model
         self.ema_model = copy.deepcopy(model)
         self.alpha = alpha
         self.pseudo_threshold = pseudo_threshold
+        self.psweight_ignore_top = psweight_ignore_top
+        self.psweight_ignore_bottom = psweight_ignore_bottom
         self.contrast = BidirectionalContrast(
             NUM_CLASSES, CHANNELS, fcl_weight=fcl_weight, bcl_weight=bcl_weight
         )
@@ -183,11 +195,18 @@ class ProtoCLDACS(nn.Module):
         source_out = self.get_model().forward_train(img, img_metas, gt_semantic_seg, return_feat=True)
         source_features = source_out.pop("features")
 
-        # Teacher: static pseudo labels y_F = confident predictions (DACS: max prob >= pseudo_threshold).
+        # Teacher: static pseudo labels y_F = confident predictions (DACS: max prob >= pseudo_threshold), and
+        # DAFormer's pseudo_weight: per image the share of confident pixels, 0 on the ignored top/bottom rows.
         with torch.no_grad():
             ema_logits = self.get_ema_model().encode_decode(target_img, target_img_metas)
             thresholds = torch.full((NUM_CLASSES,), self.pseudo_threshold)
             static_labels = static_pseudo_label(ema_logits, class_thresholds=thresholds, proportion=0.0)
+            confident = (static_labels != IGNORE_INDEX).float()  # (B, H, W)
+            pseudo_weight = confident.mean(dim=(1, 2), keepdim=True) * torch.ones_like(confident)
+            if self.psweight_ignore_top > 0:
+                pseudo_weight[:, : self.psweight_ignore_top, :] = 0
+            if self.psweight_ignore_bottom > 0:
+                pseudo_weight[:, -self.psweight_ignore_bottom :, :] = 0
 
         # Student on the target image: features for the contrast, logits for the pseudo-label CE.
         student = self.get_model()
@@ -198,16 +217,16 @@ class ProtoCLDACS(nn.Module):
             target_logits, size=target_img.shape[2:], mode="bilinear", align_corners=False
         )
 
-        # protocl: hybrid labels + bi-directional contrast (+ EMA prototype update), one call.
-        out = self.contrast(source_features, gt_semantic_seg.squeeze(1), target_features, static_labels)
-        hybrid = out.target_labels
-        # DACS weighs the pseudo-label loss by the share of confident pixels; here: of labelled pixels.
+        # protocl: hybrid labels + bi-directional contrast (+ EMA prototype update), one call. mmseg's
+        # gt_semantic_seg (B, 1, H, W) goes in as it is; pseudo_weight (B, H, W) weights FCL's target pixels.
+        out = self.contrast(source_features, gt_semantic_seg, target_features, static_labels, target_weight=pseudo_weight)
+        hybrid = out.target_labels  # (B, H, W)
+        # DAFormer's pseudo-label CE: per-pixel CE times pseudo_weight, averaged over all pixels (mmseg's mean).
         labelled = hybrid != IGNORE_INDEX
-        pseudo_weight = labelled.float().mean()
-        target_ce = F.cross_entropy(target_logits, hybrid, ignore_index=IGNORE_INDEX, reduction="sum")
+        target_ce = F.cross_entropy(target_logits, hybrid, ignore_index=IGNORE_INDEX, reduction="none")
         losses = {
             **source_out,
-            "target.loss_seg": pseudo_weight * target_ce / labelled.sum().clamp_min(1),
+            "target.loss_seg": (target_ce * pseudo_weight).mean(),
             "contrast.loss": out.loss,  # fcl_weight * FCL + bcl_weight * BCL
         }
         loss, log_vars = self._parse_losses(losses)
@@ -219,7 +238,8 @@ class ProtoCLDACS(nn.Module):
                 "contrast.fcl": out.fcl.item(),
                 "contrast.bcl": out.bcl.item(),
                 "static_coverage": (static_labels != IGNORE_INDEX).float().mean().item(),
-                "hybrid_coverage": pseudo_weight.item(),
+                "hybrid_coverage": labelled.float().mean().item(),
+                "pseudo_weight": pseudo_weight.mean().item(),
             }
         )
         self.local_iter += 1
@@ -236,7 +256,9 @@ def main():
     # DAFormer's pseudo_threshold is 0.968; the tiny model of this recipe is never that confident in 60
     # iterations, so the demo uses 0.8 (with 0.968 the static labels stay empty: protocl's losses stay finite,
     # and the hybrid labels come from the dynamic labels alone).
-    uda = ProtoCLDACS(TinyEncoderDecoder(), pseudo_threshold=0.8)
+    # psweight_ignore_bottom: DAFormer zeroes the weight of rows it distrusts (the ego car on Cityscapes); here
+    # the last two rows, which the synthetic source labels ignore.
+    uda = ProtoCLDACS(TinyEncoderDecoder(), pseudo_threshold=0.8, psweight_ignore_bottom=2)
     optimizer = torch.optim.AdamW(uda.get_model().parameters(), lr=1e-2)
     batches = uda_batches(source, target, batch_size=2, generator=generator)
     max_iters = 60

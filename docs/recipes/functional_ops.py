@@ -95,9 +95,10 @@ def main() -> None:
         target_labels = hybrid_fuse(static_labels, dynamic_labels, mode="fill")
         # 5. per-image target prototypes p_T from the hybrid labels.
         target = masked_average_pool(target_features, target_labels, K)
-        # 6. the losses. Prototypes without pixels are masked out of the softmax (absent="mask").
-        fcl = fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0)
-        bcl = bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0)
+        # 6. the losses. Pass the PooledPrototypes as they come: prototypes without pixels (counts == 0) are
+        # masked out of the softmax (absent="mask"). (A bare tensor works too: all-zero rows count as absent.)
+        fcl = fcl_loss(target_features, source, target_labels)
+        bcl = bcl_loss(source_features, target, source_labels)
         target_ce = F.cross_entropy(target_logits, target_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         target_ce = target_ce / (target_labels != IGNORE_INDEX).sum().clamp_min(1)  # 0, not NaN, when empty
         loss = (
@@ -135,7 +136,8 @@ def main() -> None:
         target_features, _ = model(target_images)
     source = masked_average_pool(source_features, source_labels, K)
     target = masked_average_pool(target_features, target_labels, K)
-    weight = overlap_class_weight(source_labels, target_labels, K, size=(h, w))  # (B, K)
+    # Each label map is resized to its own feature grid: one (h, w) per map (here both grids are (h, w)).
+    weight = overlap_class_weight(source_labels, target_labels, K, size=((h, w), (h, w)))  # (B, K)
     release = dict(absent="min_similarity", at="label", temperature=0.1)
     # The release averages each (source, target) pair's loss, then the pairs: one call per pair.
     # (BidirectionalContrast(release_compatible=True) does the same without the Python loop.)
@@ -175,6 +177,19 @@ def main() -> None:
     per_pixel = fcl_loss(target_features, source.prototypes, target_labels, reduction="none", at="label")
     print(f"reduction='none': at='feature' {tuple(per_cell.shape)}, at='label' {tuple(per_pixel.shape)}")
     assert per_cell.shape == (B, h, w) and per_pixel.shape == (B, H, W)
+
+    # Other trainers' conventions: mmseg's gt_semantic_seg (B, 1, H, W), a per-pixel weight (label grid, feature
+    # grid or one per image: "mean" divides by the summed weights of the contributing pixels, as F.cross_entropy
+    # does), and a (K, 1) class-weight column as DASS builds it.
+    gt_semantic_seg = target_labels[:, None]  # (B, 1, H, W)
+    confidence = torch.rand(B, H, W, generator=generator)  # e.g. a teacher's confidence per pixel
+    weighted = fcl_loss(
+        target_features, source, gt_semantic_seg, pixel_weight=confidence, class_weight=torch.ones(K, 1)
+    )
+    per_image = fcl_loss(target_features, source, gt_semantic_seg, pixel_weight=torch.tensor([1.0, 0.5]))
+    assert torch.isfinite(weighted) and torch.isfinite(per_image)
+    print(f"mmseg labels {tuple(gt_semantic_seg.shape)}: fcl weighted per pixel {weighted.item():.3f}, "
+          f"per image {per_image.item():.3f}")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,33 @@
 """Argument validation shared by every public function, and the global value-check switch.
 
 Shape, dtype and setting checks read only metadata: they cost nothing and always run. Checks of tensor *values*
-(label ids outside ``[0, K) ∪ {ignore_index}``) need one device-to-host read; they run in eager mode by default,
-are skipped automatically while ``torch.compile`` traces or a CUDA graph is being captured, and can be switched
-off globally with :func:`set_value_checks`.
+(label ids outside ``[0, K) ∪ {ignore_index}``, negative pixel weights) run by default in eager mode, are skipped
+automatically while ``torch.compile`` traces or a CUDA graph is being captured, and can be switched off globally
+with :func:`set_value_checks`. They never synchronise a CUDA device with the host:
+
+- CPU tensors are checked at once (one ``aminmax`` pass over the labels, a second pass only when the map holds
+  ids at or above K, i.e. ``ignore_index``; no label-sized int64 temporary), and the ``ValueError`` is raised by
+  the call itself;
+- CUDA tensors are checked *on the device*: the verdict (a count and an example value) is copied to pinned host
+  memory without blocking, and the ``ValueError`` is raised by the first protocl call that finds the copy done
+  (normally the next call, or the next step), or by :func:`flush_value_checks`, which waits for them.
+
+Other devices (MPS, XPU) are checked like CPU tensors, with one host read per check.
+
+A tensor that was checked already (the same tensor object, not modified in place since, against the same K and
+``ignore_index``) is not checked again: a step that pools and contrasts the same label map pays for one check.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Optional, Sequence, get_args
+import collections
+import weakref
+from typing import Callable, Iterable, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "set_value_checks", "value_checks_enabled"]
+__all__ = ["IGNORE_INDEX", "set_value_checks", "value_checks_enabled", "flush_value_checks"]
 
 IGNORE_INDEX = 255
 """The label id that marks pixels to ignore (Cityscapes/GTA5 convention)."""
@@ -43,9 +57,13 @@ def set_value_checks(enabled: bool) -> None:
     r"""Switch the checks of tensor *values* on or off, globally.
 
     Value checks (label ids outside ``[0, K) ∪ {ignore_index}``, e.g. raw GTA5/Cityscapes ids passed instead of
-    train ids) cost one device-to-host read per labelled input. They are on by default in eager mode and always
-    skipped while compiling or capturing a CUDA graph. Switch them off for maximum speed once the data pipeline is
-    trusted. Shape, dtype and setting checks are free and always run.
+    train ids; negative pixel weights) are on by default in eager mode and always skipped while compiling or
+    capturing a CUDA graph. They never synchronise a CUDA device: on CPU a bad label raises in the call itself;
+    on CUDA the check runs on the device and its ``ValueError`` is raised by a later protocl call (usually the
+    next one) or by :func:`flush_value_checks`. Their cost on CPU is one pass over each label map (about 0.7 ms
+    for ``(2, 730, 730)`` int64 labels on one thread, two passes when the map holds ``ignore_index``; see
+    ``docs/benchmarks.md``); on CUDA a few small kernels. Switch them off for maximum speed once the data
+    pipeline is trusted. Shape, dtype and setting checks are free and always run.
 
     Args:
         enabled: ``True`` to run value checks in eager mode, ``False`` to skip them.
@@ -68,12 +86,104 @@ def value_checks_enabled() -> bool:
     return _VALUE_CHECKS
 
 
+def flush_value_checks() -> None:
+    r"""Wait for the value checks still running on a device, and raise the first one that failed.
+
+    On CUDA, value checks run on the device and report through pinned host memory without synchronising; their
+    ``ValueError`` is raised by the first protocl call that finds the verdict ready. Call this where your step
+    synchronises anyway (logging a loss, the end of an epoch, before saving a checkpoint) to be told for sure:
+    it waits for the pending checks (a host synchronisation) and raises the first failure. On CPU every check
+    has already raised in its own call, and this returns at once.
+
+    Raises:
+        ValueError: the message of the first failed check, naming the function and the argument.
+
+    Example:
+        >>> import protocl
+        >>> protocl.flush_value_checks()  # nothing pending
+    """
+    _poll(wait=True)
+
+
 def _value_checks_active(t: Tensor) -> bool:
-    if not _VALUE_CHECKS or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():  # (no event query while capturing either)
         return False
-    return True
+    if _PENDING:  # verdicts still on their way are reported even once the checks are switched off
+        _poll()
+    return _VALUE_CHECKS and t.device.type != "meta"  # (meta tensors have no values to check)
+
+
+# --------------------------------------------------------------------------------------------------- deferral
+
+# Checks of device tensors whose verdict is still on its way to the host: (verdict, event, message builder).
+# ``verdict`` is a pinned int64 host tensor ``[bad count, example value]``; ``event`` completes when the copy has
+# landed (None: complete). The queue is bounded: past ``_MAX_PENDING`` entries the oldest is waited for.
+_PENDING: collections.deque = collections.deque()
+_MAX_PENDING = 256
+_DEFER_ON_CPU = False  # tests: run the device path's deferral on CPU tensors
+
+
+def _defer(verdict: Tensor, message: Callable[[int], str]) -> None:
+    """Queue a device-side verdict ``[bad count, example]`` (int64, on the device) without synchronising."""
+    if verdict.is_cuda:
+        host = torch.empty(verdict.shape, dtype=verdict.dtype, pin_memory=True)
+        host.copy_(verdict, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:  # the CPU rehearsal of the same logic (tests)
+        host, event = verdict, None
+    _PENDING.append((host, event, message))
+    if len(_PENDING) > _MAX_PENDING:
+        _poll(wait=True, limit=1)
+
+
+def _poll(*, wait: bool = False, limit: Optional[int] = None) -> None:
+    """Raise the first failed verdict among the completed ones (all of them, or the oldest ``limit``, when
+    ``wait``); never blocks unless ``wait``."""
+    done = 0
+    while _PENDING and (limit is None or done < limit):
+        host, event, message = _PENDING[0]
+        if event is not None:
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+        _PENDING.popleft()
+        done += 1
+        count, example = (int(v) for v in host.tolist())
+        if count:
+            _PENDING.clear()  # one report per failure burst: later verdicts of the same bad data say the same
+            _CHECKED.clear()  # the bad tensor was remembered before its verdict came back: forget it
+            raise ValueError(message(example) + " [checked on the device by an earlier call, reported now]")
+
+
+# Tensors already checked: id -> (weak reference, version counter, check key). Bounded, least recent out.
+_CHECKED: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_CHECKED_SIZE = 16
+
+
+def _already_checked(t: Tensor, key: tuple) -> bool:
+    entry = _CHECKED.get(id(t))
+    if entry is None:
+        return False
+    ref, version, checked_key = entry
+    try:
+        return ref() is t and t._version == version and checked_key == key
+    except RuntimeError:  # inference tensors have no version counter
+        return False
+
+
+def _remember(t: Tensor, key: tuple) -> None:
+    try:
+        entry = (weakref.ref(t), t._version, key)
+    except (RuntimeError, TypeError):
+        return
+    _CHECKED[id(t)] = entry
+    _CHECKED.move_to_end(id(t))
+    while len(_CHECKED) > _CHECKED_SIZE:
+        _CHECKED.popitem(last=False)
 
 
 # --------------------------------------------------------------------------------------------------- types
@@ -100,6 +210,23 @@ def check_label_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tenso
             f"{name}: expected an integer (int64) label tensor of shape {layout}, got dtype {x.dtype}"
         )
     check_ndim(x, name, ndims, layout)
+    return x
+
+
+LABEL_LAYOUT = "(B, H, W) or (B, 1, H, W)"
+
+
+def label_map(x, name: str) -> Tensor:
+    """A label map ``(B, H, W)``, or mmseg's ``gt_semantic_seg`` ``(B, 1, H, W)`` returned as the ``(B, H, W)``
+    view of it (no copy)."""
+    check_label_tensor(x, name, (3, 4), LABEL_LAYOUT)
+    if x.ndim == 4:
+        if x.shape[1] != 1:
+            raise ValueError(
+                f"{name}: expected a tensor of shape {LABEL_LAYOUT} (a 4-d label map has one channel), "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x[:, 0]
     return x
 
 
@@ -206,16 +333,65 @@ def check_bool(value, name: str) -> bool:
 # --------------------------------------------------------------------------------------------------- groups
 
 
-def check_features_labels(features, labels, fname: str = "features", lname: str = "labels") -> None:
-    """Pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` of one batch, on one device."""
+def channels_last_error(features: Tensor, name: str, why: str) -> ValueError:
+    """The error for features given as ``(B, h, w, D)``: names the layout and the fix."""
+    return ValueError(
+        f"{name}: expected channels-first features of shape (B, D, h, w), got shape {tuple(features.shape)}, "
+        f"which looks channels-last (B, h, w, D) ({why}); pass {name}.permute(0, 3, 1, 2)"
+    )
+
+
+def _scales_agree(grid, label_size, tolerance: float) -> bool:
+    """Whether a grid ``(a, b)`` scales to the label grid ``(H, W)`` by nearly the same factor on both axes."""
+    (a, b), (H, W) = grid, label_size
+    if a <= 0 or b <= 0:
+        return False
+    ratio = (H / a) / (W / b)
+    return 1 / tolerance <= ratio <= tolerance
+
+
+def check_layout_against_labels(features: Tensor, labels: Tensor, fname: str) -> None:
+    """Raise when ``(B, D, h, w)`` features are really channels-last ``(B, h, w, D)``, as far as the label grid
+    shows it (metadata only, no host read). The channels-last reading ``(h, w) = shape[1:3]`` must fit the
+    labels' grid (equal to it, or the same downsampling on both axes within 10 %) while the channels-first
+    reading ``shape[2:4]`` does not (not equal, and its two axes' factors differ by more than 1.5x), on a grid of
+    at least 4 x 4 (smaller grids cannot tell the layouts apart). When D is close to w (e.g. D = 76 channels on
+    a 92 x 92 grid) both readings fit and nothing can be told from shapes alone; ``PrototypeEMA`` and
+    ``BidirectionalContrast`` (their ``dim``), and the losses given prototypes of the true D, catch it by the
+    channel count."""
+    H, W = labels.shape[-2], labels.shape[-1]
+    first, last = tuple(features.shape[2:4]), tuple(features.shape[1:3])
+    if shape_equals(first, (H, W)) or min(last) < 4 or _scales_agree(first, (H, W), 1.5):
+        return
+    if shape_equals(last, (H, W)):
+        raise channels_last_error(features, fname, f"its dimensions 1-2 {last} are the label grid {(H, W)}")
+    if _scales_agree(last, (H, W), 1.1):
+        raise channels_last_error(
+            features, fname, f"its dimensions 1-2 {last}, not 2-3 {first}, are a downsampled label grid {(H, W)}"
+        )
+
+
+def check_channels(features: Tensor, dim: int, fname: str, what: str) -> None:
+    """``features.shape[1] == dim``, naming the channels-last layout when it is that."""
+    if features.shape[1] != dim:
+        if features.shape[-1] == dim:
+            raise channels_last_error(features, fname, f"its last dimension is D = {dim}, {what}")
+        check_dim_size(features, 1, dim, fname, what)
+
+
+def check_features_labels(features, labels, fname: str = "features", lname: str = "labels") -> Tensor:
+    """Pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` / ``(B, 1, H, W)`` of one batch, on one device;
+    returns the ``(B, H, W)`` labels."""
     check_float_tensor(features, fname, (4,), "(B, D, h, w)")
-    check_label_tensor(labels, lname, (3,), "(B, H, W)")
+    labels = label_map(labels, lname)
     check_same_device(fname, features, lname, labels)
     if labels.shape[0] != features.shape[0]:
         raise ValueError(
             f"{lname}: expected batch size {features.shape[0]} (the batch of {fname} {tuple(features.shape)}), "
             f"got shape {tuple(labels.shape)}"
         )
+    check_layout_against_labels(features, labels, fname)
+    return labels
 
 
 def check_features_prototypes(features, prototypes, valid, fname: str, pname: str) -> tuple:
@@ -223,8 +399,9 @@ def check_features_prototypes(features, prototypes, valid, fname: str, pname: st
     check_float_tensor(features, fname, (4,), "(B, D, h, w)")
     check_float_tensor(prototypes, pname, (2, 3), "(B, K, D) or (K, D)")
     check_same_device(fname, features, pname, prototypes)
-    B, D = features.shape[:2]
-    check_dim_size(prototypes, -1, D, pname, f"D, the channels of {fname} {tuple(features.shape)}")
+    B = features.shape[0]
+    D = prototypes.shape[-1]
+    check_channels(features, D, fname, f"the channels of {pname} {tuple(prototypes.shape)}")
     if prototypes.ndim == 3:
         check_dim_size(prototypes, 0, B, pname, f"B, the batch of {fname} {tuple(features.shape)}")
     K = prototypes.shape[-2]
@@ -236,36 +413,134 @@ def check_features_prototypes(features, prototypes, valid, fname: str, pname: st
     return B, K
 
 
-def check_pixel_weights(weights, features: Tensor, labels: Tensor) -> None:
-    """Non-negative pixel weights on the feature grid ``(B, h, w)`` or the label grid ``(B, H, W)``."""
-    check_float_tensor(weights, "weights", (3,), "(B, h, w) or (B, H, W)")
-    check_same_device("features", features, "weights", weights)
+def check_pixel_weights(
+    weights, features: Tensor, labels: Tensor, name: str = "weights", *, per_image: bool = False
+) -> Tensor:
+    """Non-negative pixel weights on the feature grid ``(B, h, w)`` or the label grid ``(B, H, W)`` (a singleton
+    channel axis ``(B, 1, ·, ·)`` is squeezed), or with ``per_image`` one weight per image ``(B,)``; returns
+    them in 1-d or 3-d form."""
+    layout = "(B,), (B, h, w) or (B, H, W)" if per_image else "(B, h, w) or (B, H, W)"
+    check_float_tensor(weights, name, (1, 3, 4) if per_image else (3, 4), layout)
+    check_same_device("features", features, name, weights)
+    if weights.ndim == 4:
+        if weights.shape[1] != 1:
+            raise ValueError(f"{name}: expected shape {layout} or a singleton channel, got {tuple(weights.shape)}")
+        weights = weights[:, 0]
     B, _, h, w = features.shape
+    label_grid = (B,) + tuple(labels.shape[-2:])
     shape = tuple(weights.shape)
-    if not shape_in(shape, (B, h, w), (B,) + tuple(labels.shape[-2:])):
+    if weights.ndim == 1:
+        if not shape_equals(shape, (B,)):
+            raise ValueError(f"{name}: expected shape {(B,)} (one weight per image), got {shape}")
+    elif not shape_in(shape, (B, h, w), label_grid):
+        raise ValueError(f"{name}: expected shape {(B, h, w)} (feature grid) or {label_grid} (label grid), got {shape}")
+    check_weight_values(weights, name)
+    return weights
+
+
+def class_weight_vector(class_weight, num_classes: int, batch: int, fname: str) -> Optional[Tensor]:
+    """``class_weight`` as ``(K,)`` or ``(B, K)``; DASS's ``(K, 1)`` column is flattened (it cannot be
+    ``(B, K)`` unless K = 1, where both readings are the same)."""
+    if class_weight is None:
+        return None
+    K, B = num_classes, batch
+    check_float_tensor(class_weight, "class_weight", (1, 2), "(K,) or (B, K)")
+    if class_weight.ndim == 2 and shape_equals(class_weight.shape, (K, 1)) and not shape_equals(
+        class_weight.shape, (B, K)
+    ):
+        class_weight = class_weight.reshape(K)  # a view
+    if not shape_in(class_weight.shape, (K,), (B, K)):
         raise ValueError(
-            f"weights: expected shape {(B, h, w)} (feature grid) or {(B,) + tuple(labels.shape[-2:])} "
-            f"(label grid), got {shape}"
+            f"class_weight: expected shape {(K,)} (one weight per class, as F.cross_entropy's weight; a column "
+            f"{(K, 1)} is accepted too) or {(B, K)} (per image), got {tuple(class_weight.shape)}"
         )
-    if _value_checks_active(weights) and bool((weights < 0).any()):
-        raise ValueError("weights: expected non-negative pixel weights, got a negative value")
+    return class_weight
 
 
 # --------------------------------------------------------------------------------------------------- values
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
-    """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (one host read; skipped when compiling)."""
-    if not _value_checks_active(labels) or labels.numel() == 0:
-        return
-    # bool temporaries only (a label-sized int64 temporary costs more than the comparisons) and one host read
-    bad = (labels < 0) | (labels >= num_classes)
-    if not 0 <= ignore_index < num_classes:  # (an ignore_index inside [0, K) is in range already)
-        bad &= labels != ignore_index
-    if bool(bad.any()):
-        example = int(labels[bad][0])
-        raise ValueError(
+def _label_message(name: str, num_classes: int, ignore_index: int) -> Callable[[int], str]:
+    def message(example: int) -> str:
+        return (
             f"{name}: expected label ids in [0, {num_classes}) or ignore_index={ignore_index}, got {example} "
             f"(raw GTA5/Cityscapes label ids must be mapped to train ids first; "
             f"protocl.set_value_checks(False) disables this check)"
         )
+
+    return message
+
+
+def _host_label_violation(labels: Tensor, num_classes: int, ignore_index: int) -> Optional[int]:
+    """A bad id of CPU ``labels``, or None. One ``aminmax`` pass; when the largest id is ``ignore_index`` (in
+    ``[K, 255]``: the common case of a map with ignored pixels) a second pass over a uint8 copy, where adding
+    ``256 - ignore_index`` wraps ``ignore_index`` to 0 and keeps the other ids in order, so that the largest
+    other id comes out of one ``amax`` with no label-sized int64 temporary. Other cases: a ``where`` pass."""
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo >= 0 and hi < num_classes:
+        return None
+    if ignore_index not in (lo, hi):
+        return lo if lo < 0 else hi
+    if lo >= 0 and hi == ignore_index <= 255:  # every id in [0, ignore_index]: they fit a byte
+        shift = 256 - ignore_index
+        small = labels if labels.dtype == torch.uint8 else labels.to(torch.uint8)
+        top = int((small + shift).amax())  # uint8 arithmetic: ignore_index -> 0, x -> x + shift (no wrap)
+        rest = top - shift if top > 0 else None
+        return rest if rest is not None and rest >= num_classes else None
+    # ignore_index (outside [0, K)) is an extreme: look at the other ids
+    rest = torch.where(labels == ignore_index, torch.zeros((), dtype=labels.dtype), labels)
+    lo, hi = (int(v) for v in torch.aminmax(rest))
+    if lo < 0:
+        return lo
+    return hi if hi >= num_classes else None
+
+
+def _device_label_verdict(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """``[bad count, an example bad id]`` int64 on the labels' device (no host read)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if not 0 <= ignore_index < num_classes:
+        bad &= labels != ignore_index
+    example = torch.where(bad, labels.long(), torch.full((), -(2**62), dtype=torch.int64, device=labels.device))
+    return torch.stack([bad.sum(dtype=torch.int64), example.amax()])
+
+
+def _deferred(t: Tensor) -> bool:
+    return t.is_cuda or (_DEFER_ON_CPU and t.device.type == "cpu")
+
+
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str, *, original=None) -> None:
+    """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (skipped when off or compiling; on CUDA checked on
+    the device and reported later, see the module docstring). ``original``: the tensor the user passed, when
+    ``labels`` is a view of it (the cache of checked tensors keys on it)."""
+    if not _value_checks_active(labels):
+        return
+    if labels.numel() == 0:
+        return
+    user = labels if original is None else original
+    key = ("labels", num_classes, ignore_index)
+    if _already_checked(user, key):
+        return
+    if _deferred(labels):
+        _defer(_device_label_verdict(labels, num_classes, ignore_index), _label_message(name, num_classes, ignore_index))
+    else:
+        example = _host_label_violation(labels, num_classes, ignore_index)
+        if example is not None:
+            raise ValueError(_label_message(name, num_classes, ignore_index)(example))
+    _remember(user, key)
+
+
+def check_weight_values(weights: Tensor, name: str) -> None:
+    """Raise if a weight is negative or NaN (skipped when off or compiling; deferred on CUDA)."""
+    if not _value_checks_active(weights):
+        return
+    if weights.numel() == 0:
+        return
+
+    def message(example: int) -> str:
+        return f"{name}: expected non-negative weights, got a negative or NaN value"
+
+    if _deferred(weights):
+        bad = ~(weights >= 0)
+        _defer(torch.stack([bad.sum(dtype=torch.int64), torch.zeros((), dtype=torch.int64, device=weights.device)]), message)
+    elif not bool((weights.detach() >= 0).all()):
+        raise ValueError(message(0))

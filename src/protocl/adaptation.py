@@ -13,7 +13,7 @@ r"""The orchestrator: one call per training step of bi-directional contrastive a
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +32,16 @@ from ._validation import (
     FuseMode,
     ResizeMode,
     check_bool,
+    check_channels,
     check_choice,
-    check_dim_size,
     check_features_labels,
     check_int,
     check_label_values,
+    check_pixel_weights,
     check_range,
     check_real,
     check_same_device,
+    class_weight_vector,
 )
 from .contrastive import contrast_settings
 from .prototypes import PrototypeEMA
@@ -109,9 +111,24 @@ class BidirectionalContrast(nn.Module):
         detach_prototypes: stop gradients into the prototypes of the loss (they flow by default, as in the
             release).
 
+    **When the EMAs update** (step 7) follows BatchNorm's running statistics: in training mode (``.train()``,
+    the default) every forward updates them, in evaluation mode (``.eval()``) none does, whatever the grad mode
+    (``torch.no_grad()`` alone does not stop them, as it does not stop BatchNorm's). ``forward(..., update=True)``
+    or ``update=False`` overrides the mode for one call.
+
+    **Weights** (``forward`` keywords, none by default): ``target_weight`` weights the target pixels of FCL and
+    ``source_weight`` the source pixels of BCL (``(B, H, W)`` label grid, ``(B, h, w)`` feature grid or ``(B,)``
+    per image; e.g. DAFormer's ``pseudo_weight``), exactly as ``pixel_weight`` of
+    :func:`~protocl.pixel_prototype_contrastive_loss`: "mean" divides by the summed weights of the contributing
+    pixels. ``class_weight`` ``(K,)`` or ``(B, K)`` weights both terms by class (with ``release_compatible``, it
+    multiplies the overlap weight). The weights enter the losses only, not the prototypes or the EMAs.
+
     Shape:
         - source_features, target_features: :math:`(B, D, h, w)` (the two grids may differ)
-        - source_labels, static_labels: :math:`(B, H, W)` int64 (sizes may differ)
+        - source_labels, static_labels: :math:`(B, H, W)` or mmseg's :math:`(B, 1, H, W)`, int64 (sizes may
+          differ); the returned label maps are :math:`(B, H, W)`
+        - source_weight, target_weight: :math:`(B, H, W)`, :math:`(B, h, w)` or :math:`(B,)` of their domain
+        - class_weight: :math:`(K,)` or :math:`(B, K)`
 
     Example:
         >>> step = BidirectionalContrast(num_classes=4, dim=8)
@@ -192,9 +209,9 @@ class BidirectionalContrast(nn.Module):
             resize=s.resize, min_purity=s.min_purity,
         )
 
-    def _contrast(self, features, prototypes, labels, valid, class_weight, phi=None) -> Tensor:
+    def _contrast(self, features, prototypes, labels, valid, class_weight, phi=None, pixel_weight=None) -> Tensor:
         loss, weight = contrast_kernels.contrastive_terms(
-            features, prototypes, labels, valid, class_weight, self.settings, phi=phi
+            features, prototypes, labels, valid, class_weight, self.settings, phi=phi, pixel_weight=pixel_weight
         )
         # the release: the mean over (source, target) pairs of each pair's weighted mean; an empty pair counts 0
         return pair_mean(loss, weight) if self.release_compatible else reduce_loss(loss, "mean", weight)
@@ -215,23 +232,44 @@ class BidirectionalContrast(nn.Module):
         target_features: Tensor,
         static_labels: Tensor,
         *,
-        update: bool = True,
+        update: Optional[bool] = None,
+        source_weight: Optional[Tensor] = None,
+        target_weight: Optional[Tensor] = None,
+        class_weight: Optional[Tensor] = None,
     ) -> StepOutput:
-        """Run one step; ``update=False`` skips step 7 (the EMA updates), e.g. for evaluation."""
-        check_features_labels(source_features, source_labels, "source_features", "source_labels")
-        check_features_labels(target_features, static_labels, "target_features", "static_labels")
+        """Run one step. ``update``: whether step 7 updates the EMAs; None (default) follows ``self.training``
+        (BatchNorm's rule: ``.eval()`` freezes them), ``True``/``False`` overrides it for this call. The weights:
+        see the class docstring."""
+        user_s, user_f = source_labels, static_labels
+        source_labels = check_features_labels(source_features, source_labels, "source_features", "source_labels")
+        static_labels = check_features_labels(target_features, static_labels, "target_features", "static_labels")
         check_same_device("source_features", source_features, "target_features", target_features)
-        check_dim_size(source_features, 1, self.dim, "source_features", "D, the dim of this module")
-        check_dim_size(target_features, 1, self.dim, "target_features", "D, the dim of this module")
+        check_channels(source_features, self.dim, "source_features", "the dim of this module")
+        check_channels(target_features, self.dim, "target_features", "the dim of this module")
         if target_features.shape[0] != source_features.shape[0]:
             raise ValueError(
                 f"target_features: expected batch size {source_features.shape[0]} (one target image per source "
                 f"image), got shape {tuple(target_features.shape)}"
             )
+        if update is None:
+            update = self.training
+        check_bool(update, "update")
+        B = source_features.shape[0]
+        class_weight = class_weight_vector(class_weight, self.num_classes, B, "source_features")
+        if class_weight is not None:
+            check_same_device("source_features", source_features, "class_weight", class_weight)
+        if source_weight is not None:
+            source_weight = check_pixel_weights(
+                source_weight, source_features, source_labels, "source_weight", per_image=True
+            )
+        if target_weight is not None:
+            target_weight = check_pixel_weights(
+                target_weight, target_features, static_labels, "target_weight", per_image=True
+            )
         K, s = self.num_classes, self.settings
         ignore = s.ignore_index
-        check_label_values(source_labels, K, ignore, "source_labels")
-        check_label_values(static_labels, K, ignore, "static_labels")
+        check_label_values(source_labels, K, ignore, "source_labels", original=user_s)
+        check_label_values(static_labels, K, ignore, "static_labels", original=user_f)
         y_s, y_f = source_labels.long(), static_labels.long()
 
         p_s, n_s = self._pool(source_features, y_s)  # 1
@@ -252,15 +290,15 @@ class BidirectionalContrast(nn.Module):
         p_t, n_t = self._pool(target_features, y_t)  # 5
         valid_t = n_t > 0
 
-        overlap = None
+        weight = class_weight
         if self.release_compatible:  # one class weight for both terms, as the release's single CrossEntropyLoss
             grid_s, grid_t = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
             both = contrast_kernels.presence(y_s, grid_s, K, ignore) & contrast_kernels.presence(y_t, grid_t, K, ignore)
-            overlap = both.to(p_s.dtype)
+            weight = both.to(p_s.dtype) if class_weight is None else both.to(p_s.dtype) * class_weight.to(p_s.dtype)
         proto_s = p_s.detach() if self.detach_prototypes else p_s
         proto_t = p_t.detach() if self.detach_prototypes else p_t
-        fcl = self._contrast(target_features, proto_s, y_t, valid_s, overlap, phi_t)  # 6
-        bcl = self._contrast(source_features, proto_t, y_s, valid_t, overlap)
+        fcl = self._contrast(target_features, proto_s, y_t, valid_s, weight, phi_t, target_weight)  # 6
+        bcl = self._contrast(source_features, proto_t, y_s, valid_t, weight, None, source_weight)
         loss = self.fcl_weight * fcl + self.bcl_weight * bcl
 
         if update:  # 7

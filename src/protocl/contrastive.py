@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,18 +25,22 @@ from ._validation import (
     ResizeMode,
     check_choice,
     check_features_prototypes,
-    check_float_tensor,
     check_ignore_index,
     check_int,
-    check_label_tensor,
     check_label_values,
+    check_layout_against_labels,
+    check_pixel_weights,
     check_positive,
     check_range,
     check_reduction,
     check_same_device,
     check_size2,
-    shape_in,
+    class_weight_vector,
+    label_map,
 )
+from .prototypes import PooledPrototypes
+
+Prototypes = Union[Tensor, PooledPrototypes]
 
 __all__ = [
     "pixel_prototype_contrastive_loss",
@@ -70,28 +74,49 @@ def contrast_settings(
     )
 
 
-def check_contrast_inputs(features, prototypes, labels, valid, class_weight, names) -> int:
-    """Validate the tensors of one contrastive term; returns K."""
+def prototypes_and_validity(prototypes, valid, pname: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """A :class:`~protocl.PooledPrototypes` gives its prototypes and ``counts > 0`` (then ``valid`` must be None);
+    a tensor is returned as is (``valid=None``: inferred from all-zero rows by the kernel)."""
+    if isinstance(prototypes, PooledPrototypes):
+        if valid is not None:
+            raise ValueError(
+                f"valid: expected None when {pname} is a PooledPrototypes (its counts > 0 are the validity), "
+                f"got a tensor; pass {pname}.prototypes to give valid yourself"
+            )
+        return prototypes.prototypes, prototypes.counts > 0
+    return prototypes, valid
+
+
+def check_contrast_inputs(features, prototypes, labels, valid, class_weight, names, pixel_weight=None) -> tuple:
+    """Validate the tensors of one contrastive term; returns ``(K, labels (B, H, W), class_weight,
+    pixel_weight)`` normalised (a ``(B, 1, H, W)`` label map squeezed, a ``(K, 1)`` class weight flattened)."""
     fname, pname, lname = names
     B, K = check_features_prototypes(features, prototypes, valid, fname, pname)
-    check_label_tensor(labels, lname, (3,), "(B, H, W)")
+    labels = label_map(labels, lname)
     check_same_device(fname, features, lname, labels)
     if labels.shape[0] != B:
         raise ValueError(f"{lname}: expected batch size {B} (the batch of {fname}), got shape {tuple(labels.shape)}")
+    check_layout_against_labels(features, labels, fname)
+    class_weight = class_weight_vector(class_weight, K, B, fname)
     if class_weight is not None:
-        check_float_tensor(class_weight, "class_weight", (1, 2), "(K,) or (B, K)")
         check_same_device(fname, features, "class_weight", class_weight)
-        if not shape_in(class_weight.shape, (K,), (B, K)):
-            raise ValueError(f"class_weight: expected shape {(K,)} or {(B, K)}, got {tuple(class_weight.shape)}")
-    return K
+    if pixel_weight is not None:
+        pixel_weight = check_pixel_weights(pixel_weight, features, labels, "pixel_weight", per_image=True)
+    return K, labels, class_weight, pixel_weight
 
 
-def _loss(features, prototypes, labels, names, *, valid, class_weight, reduction, **settings) -> Tensor:
+def _loss(
+    features, prototypes, labels, names, *, valid, class_weight, pixel_weight, reduction, **settings
+) -> Tensor:
     s = contrast_settings(**settings)
     check_reduction(reduction)
-    K = check_contrast_inputs(features, prototypes, labels, valid, class_weight, names)
-    check_label_values(labels, K, s.ignore_index, names[2])
-    return kernels.contrastive_loss(features, prototypes, labels, valid, class_weight, s, reduction)
+    prototypes, valid = prototypes_and_validity(prototypes, valid, names[1])
+    user_labels = labels
+    K, labels, class_weight, pixel_weight = check_contrast_inputs(
+        features, prototypes, labels, valid, class_weight, names, pixel_weight
+    )
+    check_label_values(labels, K, s.ignore_index, names[2], original=user_labels)
+    return kernels.contrastive_loss(features, prototypes, labels, valid, class_weight, s, reduction, pixel_weight)
 
 
 def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS) -> Tensor:
@@ -121,18 +146,21 @@ def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS
         >>> s.shape
         torch.Size([2, 3, 4, 4])
     """
+    if isinstance(prototypes, PooledPrototypes):
+        prototypes = prototypes.prototypes
     check_features_prototypes(features, prototypes, None, "features", "prototypes")
     return _cosine_map(features, prototypes, check_positive(eps, "eps"))
 
 
 def pixel_prototype_contrastive_loss(
     features: Tensor,
-    prototypes: Tensor,
+    prototypes: Prototypes,
     labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
     temperature: float = 0.1,
     class_weight: Optional[Tensor] = None,
+    pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
     at: At = "feature",
     ignore_index: int = IGNORE_INDEX,
@@ -152,13 +180,22 @@ def pixel_prototype_contrastive_loss(
 
     Args:
         features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are computed in fp32; fp64 stays fp64).
-        prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared).
-        labels: ``Tensor[B, H, W]`` int64 class ids in ``[0, K)`` or ``ignore_index``; any ``H, W`` (resized).
+        prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared), or the
+            :class:`~protocl.PooledPrototypes` of :func:`~protocl.masked_average_pool` (validity from its counts).
+        labels: ``Tensor[B, H, W]`` (or mmseg's ``Tensor[B, 1, H, W]``) int64 class ids in ``[0, K)`` or
+            ``ignore_index``; any ``H, W`` (resized).
         valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist (e.g. ``counts > 0`` from
-            :func:`~protocl.masked_average_pool`). None: all are valid.
+            :func:`~protocl.masked_average_pool`). None: every prototype that is not all zeros (an absent class
+            of :func:`~protocl.masked_average_pool`, whose cosine with every pixel would be 0) is valid. Must be
+            None when the prototypes are a :class:`~protocl.PooledPrototypes` (their ``counts > 0`` are used).
         temperature: :math:`\tau > 0`.
         class_weight: ``Tensor[K]`` or ``Tensor[B, K]``, the weight of a pixel's term by its class, as the
-            ``weight`` of ``F.cross_entropy``.
+            ``weight`` of ``F.cross_entropy`` (a ``(K, 1)`` column, as DASS builds it, is flattened).
+        pixel_weight: per-pixel weight, not differentiated: ``Tensor[B, H, W]`` (label grid), ``Tensor[B, h, w]``
+            (feature grid) or ``Tensor[B]`` (per image, e.g. DAFormer's ``pseudo_weight``); ``(B, 1, ·, ·)`` is
+            accepted too. Nearest-resized to the grid of the loss when it is on the other one. It multiplies the
+            class weight: "mean" divides by the summed weights of the contributing pixels (so a constant
+            weight cancels out of "mean"; use ``"sum"`` to scale).
         absent: ``"mask"`` (invalid prototypes leave the softmax; pixels of their classes do not contribute) or
             ``"min_similarity"`` (invalid prototypes get cosine −1 and stay; their pixels still contribute: the
             authors' release).
@@ -166,8 +203,9 @@ def pixel_prototype_contrastive_loss(
             cross-entropy at label resolution against logits nearest-upsampled to ``(H, W)``, computed with
             per-cell label histograms, never materialising ``(B, K, H, W)``).
         ignore_index: label id that does not contribute.
-        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the class-weighted mean over contributing
-            pixels (``F.cross_entropy``'s); with no contributing pixel it is a zero still connected to the graph
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the weighted mean over contributing pixels
+            (``F.cross_entropy``'s: :math:`\sum_p w_p \ell_p / \sum_p w_p`, :math:`w_p` = class weight × pixel
+            weight); with no contributing pixel (or all weights 0) it is a zero still connected to the graph
             (never NaN).
         resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
         min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
@@ -181,7 +219,8 @@ def pixel_prototype_contrastive_loss(
     Shape:
         - features: :math:`(B, D, h, w)`
         - prototypes: :math:`(B, K, D)` or :math:`(K, D)`
-        - labels: :math:`(B, H, W)`
+        - labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`; pixel_weight: :math:`(B, H, W)`, :math:`(B, h, w)`
+          or :math:`(B,)`
         - output: scalar, or :math:`(B, h, w)` / :math:`(B, H, W)` with ``reduction="none"``
     Example:
         >>> f = torch.randn(2, 8, 6, 6, requires_grad=True)
@@ -194,19 +233,21 @@ def pixel_prototype_contrastive_loss(
     """
     return _loss(
         features, prototypes, labels, ("features", "prototypes", "labels"),
-        valid=valid, temperature=temperature, class_weight=class_weight, absent=absent, at=at,
+        valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
+        absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
     )
 
 
 def fcl_loss(
     target_features: Tensor,
-    source_prototypes: Tensor,
+    source_prototypes: Prototypes,
     target_labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
     temperature: float = 0.1,
     class_weight: Optional[Tensor] = None,
+    pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
     at: At = "feature",
     ignore_index: int = IGNORE_INDEX,
@@ -228,13 +269,22 @@ def fcl_loss(
 
     Args:
         target_features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are computed in fp32; fp64 stays fp64).
-        source_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared).
-        target_labels: ``Tensor[B, H, W]`` int64 class ids in ``[0, K)`` or ``ignore_index``; any ``H, W`` (resized).
+        source_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared), or the
+            :class:`~protocl.PooledPrototypes` of :func:`~protocl.masked_average_pool` (validity from its counts).
+        target_labels: ``Tensor[B, H, W]`` (or mmseg's ``Tensor[B, 1, H, W]``) int64 class ids in ``[0, K)`` or
+            ``ignore_index``; any ``H, W`` (resized).
         valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist (e.g. ``counts > 0`` from
-            :func:`~protocl.masked_average_pool`). None: all are valid.
+            :func:`~protocl.masked_average_pool`). None: every prototype that is not all zeros (an absent class
+            of :func:`~protocl.masked_average_pool`, whose cosine with every pixel would be 0) is valid. Must be
+            None when the prototypes are a :class:`~protocl.PooledPrototypes` (their ``counts > 0`` are used).
         temperature: :math:`\tau > 0`.
         class_weight: ``Tensor[K]`` or ``Tensor[B, K]``, the weight of a pixel's term by its class, as the
-            ``weight`` of ``F.cross_entropy``.
+            ``weight`` of ``F.cross_entropy`` (a ``(K, 1)`` column, as DASS builds it, is flattened).
+        pixel_weight: per-pixel weight, not differentiated: ``Tensor[B, H, W]`` (label grid), ``Tensor[B, h, w]``
+            (feature grid) or ``Tensor[B]`` (per image, e.g. DAFormer's ``pseudo_weight``); ``(B, 1, ·, ·)`` is
+            accepted too. Nearest-resized to the grid of the loss when it is on the other one. It multiplies the
+            class weight: "mean" divides by the summed weights of the contributing pixels (so a constant
+            weight cancels out of "mean"; use ``"sum"`` to scale).
         absent: ``"mask"`` (invalid prototypes leave the softmax; pixels of their classes do not contribute) or
             ``"min_similarity"`` (invalid prototypes get cosine −1 and stay; their pixels still contribute: the
             authors' release).
@@ -242,8 +292,9 @@ def fcl_loss(
             cross-entropy at label resolution against logits nearest-upsampled to ``(H, W)``, computed with
             per-cell label histograms, never materialising ``(B, K, H, W)``).
         ignore_index: label id that does not contribute.
-        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the class-weighted mean over contributing
-            pixels (``F.cross_entropy``'s); with no contributing pixel it is a zero still connected to the graph
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the weighted mean over contributing pixels
+            (``F.cross_entropy``'s: :math:`\sum_p w_p \ell_p / \sum_p w_p`, :math:`w_p` = class weight × pixel
+            weight); with no contributing pixel (or all weights 0) it is a zero still connected to the graph
             (never NaN).
         resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
         min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
@@ -257,30 +308,33 @@ def fcl_loss(
     Shape:
         - target_features: :math:`(B, D, h, w)`
         - source_prototypes: :math:`(B, K, D)` or :math:`(K, D)`
-        - target_labels: :math:`(B, H, W)`
+        - target_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`; pixel_weight: :math:`(B, H, W)`,
+          :math:`(B, h, w)` or :math:`(B,)`
         - output: scalar, or :math:`(B, h, w)` / :math:`(B, H, W)` with ``reduction="none"``
     Example:
         >>> from protocl import masked_average_pool
         >>> f_s, f_t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
         >>> y_s, y_t = torch.randint(0, 4, (2, 24, 24)), torch.randint(0, 4, (2, 24, 24))
-        >>> p_s, n_s = masked_average_pool(f_s, y_s, 4)
-        >>> fcl_loss(f_t, p_s, y_t, valid=n_s > 0).backward()
+        >>> source = masked_average_pool(f_s, y_s, 4)  # PooledPrototypes(prototypes, counts)
+        >>> fcl_loss(f_t, source, y_t).backward()  # validity from source.counts > 0
     """
     return _loss(
         target_features, source_prototypes, target_labels, ("target_features", "source_prototypes", "target_labels"),
-        valid=valid, temperature=temperature, class_weight=class_weight, absent=absent, at=at,
+        valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
+        absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
     )
 
 
 def bcl_loss(
     source_features: Tensor,
-    target_prototypes: Tensor,
+    target_prototypes: Prototypes,
     source_labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
     temperature: float = 0.1,
     class_weight: Optional[Tensor] = None,
+    pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
     at: At = "feature",
     ignore_index: int = IGNORE_INDEX,
@@ -301,13 +355,22 @@ def bcl_loss(
 
     Args:
         source_features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are computed in fp32; fp64 stays fp64).
-        target_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared).
-        source_labels: ``Tensor[B, H, W]`` int64 class ids in ``[0, K)`` or ``ignore_index``; any ``H, W`` (resized).
+        target_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared), or the
+            :class:`~protocl.PooledPrototypes` of :func:`~protocl.masked_average_pool` (validity from its counts).
+        source_labels: ``Tensor[B, H, W]`` (or mmseg's ``Tensor[B, 1, H, W]``) int64 class ids in ``[0, K)`` or
+            ``ignore_index``; any ``H, W`` (resized).
         valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist (e.g. ``counts > 0`` from
-            :func:`~protocl.masked_average_pool`). None: all are valid.
+            :func:`~protocl.masked_average_pool`). None: every prototype that is not all zeros (an absent class
+            of :func:`~protocl.masked_average_pool`, whose cosine with every pixel would be 0) is valid. Must be
+            None when the prototypes are a :class:`~protocl.PooledPrototypes` (their ``counts > 0`` are used).
         temperature: :math:`\tau > 0`.
         class_weight: ``Tensor[K]`` or ``Tensor[B, K]``, the weight of a pixel's term by its class, as the
-            ``weight`` of ``F.cross_entropy``.
+            ``weight`` of ``F.cross_entropy`` (a ``(K, 1)`` column, as DASS builds it, is flattened).
+        pixel_weight: per-pixel weight, not differentiated: ``Tensor[B, H, W]`` (label grid), ``Tensor[B, h, w]``
+            (feature grid) or ``Tensor[B]`` (per image, e.g. DAFormer's ``pseudo_weight``); ``(B, 1, ·, ·)`` is
+            accepted too. Nearest-resized to the grid of the loss when it is on the other one. It multiplies the
+            class weight: "mean" divides by the summed weights of the contributing pixels (so a constant
+            weight cancels out of "mean"; use ``"sum"`` to scale).
         absent: ``"mask"`` (invalid prototypes leave the softmax; pixels of their classes do not contribute) or
             ``"min_similarity"`` (invalid prototypes get cosine −1 and stay; their pixels still contribute: the
             authors' release).
@@ -315,8 +378,9 @@ def bcl_loss(
             cross-entropy at label resolution against logits nearest-upsampled to ``(H, W)``, computed with
             per-cell label histograms, never materialising ``(B, K, H, W)``).
         ignore_index: label id that does not contribute.
-        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the class-weighted mean over contributing
-            pixels (``F.cross_entropy``'s); with no contributing pixel it is a zero still connected to the graph
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the weighted mean over contributing pixels
+            (``F.cross_entropy``'s: :math:`\sum_p w_p \ell_p / \sum_p w_p`, :math:`w_p` = class weight × pixel
+            weight); with no contributing pixel (or all weights 0) it is a zero still connected to the graph
             (never NaN).
         resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
         min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
@@ -330,7 +394,8 @@ def bcl_loss(
     Shape:
         - source_features: :math:`(B, D, h, w)`
         - target_prototypes: :math:`(B, K, D)` or :math:`(K, D)`
-        - source_labels: :math:`(B, H, W)`
+        - source_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`; pixel_weight: :math:`(B, H, W)`,
+          :math:`(B, h, w)` or :math:`(B,)`
         - output: scalar, or :math:`(B, h, w)` / :math:`(B, H, W)` with ``reduction="none"``
     Example:
         >>> f_s = torch.randn(2, 8, 6, 6, requires_grad=True)
@@ -339,9 +404,18 @@ def bcl_loss(
     """
     return _loss(
         source_features, target_prototypes, source_labels, ("source_features", "target_prototypes", "source_labels"),
-        valid=valid, temperature=temperature, class_weight=class_weight, absent=absent, at=at,
+        valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
+        absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
     )
+
+
+def _overlap_sizes(size) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``(h, w)`` for both maps, or ``((h_s, w_s), (h_t, w_t))`` one per map."""
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, (tuple, list, torch.Size)) for v in size):
+        return check_size2(size[0], "size[0] (the source grid)"), check_size2(size[1], "size[1] (the target grid)")
+    one = check_size2(size, "size")
+    return one, one
 
 
 def overlap_class_weight(
@@ -349,7 +423,7 @@ def overlap_class_weight(
     target_labels: Tensor,
     num_classes: int,
     *,
-    size: Tuple[int, int],
+    size,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     r"""The release's class weight of FCL and BCL: 1 for classes present in both label maps after nearest resize.
@@ -357,11 +431,15 @@ def overlap_class_weight(
     .. math::
         w[b, k] = [\exists p: y_S^{\downarrow}(b, p) = k] \cdot [\exists p: y_T^{\downarrow}(b, p) = k]
 
+    Each map is resized to its own feature grid, as the release does (``label_s`` to the source features' grid,
+    ``label_t`` to the target features'): pass ``size=((h_s, w_s), (h_t, w_t))`` when the grids differ (source
+    and target crops of different sizes); ``size=(h, w)`` resizes both to the same grid.
+
     Args:
-        source_labels: ``Tensor[B, H, W]`` int64.
-        target_labels: ``Tensor[B, H', W']`` int64.
+        source_labels: ``Tensor[B, H, W]`` (or ``Tensor[B, 1, H, W]``) int64.
+        target_labels: ``Tensor[B, H', W']`` (or ``Tensor[B, 1, H', W']``) int64.
         num_classes: K.
-        size: the feature grid ``(h, w)`` both maps are nearest-resized to.
+        size: the feature grid ``(h, w)`` of both maps, or one grid per map ``((h_s, w_s), (h_t, w_t))``.
         ignore_index: label id that marks no class.
 
     Returns:
@@ -374,9 +452,12 @@ def overlap_class_weight(
         >>> y_s = torch.tensor([[[0, 1], [1, 1]]]); y_t = torch.tensor([[[1, 2], [2, 255]]])
         >>> overlap_class_weight(y_s, y_t, 3, size=(2, 2))
         tensor([[0., 1., 0.]])
+        >>> overlap_class_weight(y_s, y_t, 3, size=((2, 2), (1, 1)))  # y_t on a 1x1 grid: class 1
+        tensor([[0., 1., 0.]])
     """
-    check_label_tensor(source_labels, "source_labels", (3,), "(B, H, W)")
-    check_label_tensor(target_labels, "target_labels", (3,), "(B, H, W)")
+    user_s, user_t = source_labels, target_labels
+    source_labels = label_map(source_labels, "source_labels")
+    target_labels = label_map(target_labels, "target_labels")
     check_same_device("source_labels", source_labels, "target_labels", target_labels)
     if source_labels.shape[0] != target_labels.shape[0]:
         raise ValueError(
@@ -384,12 +465,12 @@ def overlap_class_weight(
             f"got shape {tuple(target_labels.shape)}"
         )
     num_classes = check_int(num_classes, "num_classes", 1)
-    size = check_size2(size, "size")
+    size_s, size_t = _overlap_sizes(size)
     check_ignore_index(ignore_index)
-    check_label_values(source_labels, num_classes, ignore_index, "source_labels")
-    check_label_values(target_labels, num_classes, ignore_index, "target_labels")
-    both = kernels.presence(source_labels, size, num_classes, ignore_index) & kernels.presence(
-        target_labels, size, num_classes, ignore_index
+    check_label_values(source_labels, num_classes, ignore_index, "source_labels", original=user_s)
+    check_label_values(target_labels, num_classes, ignore_index, "target_labels", original=user_t)
+    both = kernels.presence(source_labels, size_s, num_classes, ignore_index) & kernels.presence(
+        target_labels, size_t, num_classes, ignore_index
     )
     return both.to(torch.float32)
 
@@ -399,7 +480,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
 
     The keyword arguments (``temperature``, ``absent``, ``at``, ``ignore_index``, ``reduction``, ``resize``,
     ``min_purity``, ``eps``) mean what they mean in :func:`pixel_prototype_contrastive_loss` (stored in
-    ``settings``, a frozen dataclass, and ``reduction``); ``valid`` and ``class_weight`` are
+    ``settings``, a frozen dataclass, and ``reduction``); ``valid``, ``class_weight`` and ``pixel_weight`` are
     passed per call.
 
     Shape:
@@ -437,15 +518,18 @@ class PixelPrototypeContrastiveLoss(nn.Module):
     def forward(
         self,
         features: Tensor,
-        prototypes: Tensor,
+        prototypes: Prototypes,
         labels: Tensor,
         valid: Optional[Tensor] = None,
         class_weight: Optional[Tensor] = None,
+        pixel_weight: Optional[Tensor] = None,
     ) -> Tensor:
-        K = check_contrast_inputs(
-            features, prototypes, labels, valid, class_weight, ("features", "prototypes", "labels")
+        prototypes, valid = prototypes_and_validity(prototypes, valid, "prototypes")
+        user_labels = labels
+        K, labels, class_weight, pixel_weight = check_contrast_inputs(
+            features, prototypes, labels, valid, class_weight, ("features", "prototypes", "labels"), pixel_weight
         )
-        check_label_values(labels, K, self.settings.ignore_index, "labels")
+        check_label_values(labels, K, self.settings.ignore_index, "labels", original=user_labels)
         return kernels.contrastive_loss(
-            features, prototypes, labels, valid, class_weight, self.settings, self.reduction
+            features, prototypes, labels, valid, class_weight, self.settings, self.reduction, pixel_weight
         )

@@ -17,6 +17,7 @@ from ._validation import (
     RESIZE_MODES,
     ResizeMode,
     check_bool,
+    check_channels,
     check_choice,
     check_dim_size,
     check_features_labels,
@@ -71,7 +72,8 @@ def masked_average_pool(
 
     Args:
         features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are pooled in fp32; fp64 stays fp64).
-        labels: ``Tensor[B, H, W]`` int64 class ids in ``[0, K)`` or ``ignore_index``.
+        labels: ``Tensor[B, H, W]`` (or mmseg's ``gt_semantic_seg`` ``Tensor[B, 1, H, W]``) int64 class ids in
+            ``[0, K)`` or ``ignore_index``.
         num_classes: K.
         ignore_index: label id of pixels that belong to no class.
         per_image: one prototype per (image, class) if True, per class over the batch if False.
@@ -86,7 +88,7 @@ def masked_average_pool(
 
     Shape:
         - features: :math:`(B, D, h, w)`
-        - labels: :math:`(B, H, W)`
+        - labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`
         - prototypes: :math:`(B, K, D)`, or :math:`(K, D)` with ``per_image=False``
         - counts: :math:`(B, K)`, or :math:`(K,)`
 
@@ -98,15 +100,16 @@ def masked_average_pool(
         (torch.Size([2, 3, 8]), torch.Size([2, 3]))
         >>> protos.sum().backward()
     """
-    check_features_labels(features, labels)
+    user_labels = labels
+    labels = check_features_labels(features, labels)
     num_classes = check_int(num_classes, "num_classes", 1)
     ignore_index = check_ignore_index(ignore_index)
     check_bool(per_image, "per_image")
     check_choice(resize, "resize", RESIZE_MODES)
     check_range(min_purity, "min_purity", 0.0, 1.0)
     if weights is not None:
-        check_pixel_weights(weights, features, labels)
-    check_label_values(labels, num_classes, ignore_index, "labels")
+        weights = check_pixel_weights(weights, features, labels)
+    check_label_values(labels, num_classes, ignore_index, "labels", original=user_labels)
     prototypes, counts = kernels.masked_average_pool(
         features, labels, num_classes, ignore_index=ignore_index, per_image=per_image, weights=weights,
         resize=resize, min_purity=min_purity,
@@ -175,16 +178,18 @@ class PrototypeEMA(nn.Module):
         min_purity: float = MIN_PURITY,
         weights: Optional[Tensor] = None,
     ) -> None:
-        """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` (pooled over the batch); ``resize``,
+        """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` or ``(B, 1, H, W)`` (pooled over
+        the batch); ``resize``,
         ``min_purity`` and ``weights`` as in :func:`masked_average_pool`."""
-        check_features_labels(features, labels)
-        check_dim_size(features, 1, self.dim, "features", "D, the channels of the EMA")
+        user_labels = labels
+        labels = check_features_labels(features, labels)
+        check_channels(features, self.dim, "features", "the dim of the EMA")
         ignore_index = check_ignore_index(ignore_index)
         check_choice(resize, "resize", RESIZE_MODES)
         check_range(min_purity, "min_purity", 0.0, 1.0)
         if weights is not None:
-            check_pixel_weights(weights, features, labels)
-        check_label_values(labels, self.num_classes, ignore_index, "labels")
+            weights = check_pixel_weights(weights, features, labels)
+        check_label_values(labels, self.num_classes, ignore_index, "labels", original=user_labels)
         sums, counts = kernels.class_sums(
             features.detach(), labels, self.num_classes, ignore_index=ignore_index, weights=weights, resize=resize,
             min_purity=min_purity,

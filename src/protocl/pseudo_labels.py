@@ -24,12 +24,13 @@ from ._validation import (
     check_float_tensor,
     check_ignore_index,
     check_int,
-    check_label_tensor,
     check_range,
     check_same_device,
     check_size2,
+    label_map,
 )
 from .distributed import all_reduce_sum_, is_distributed
+from .prototypes import PooledPrototypes
 
 __all__ = ["dynamic_pseudo_label", "hybrid_fuse", "static_pseudo_label", "ClassBalancedThresholds"]
 
@@ -54,13 +55,15 @@ def dynamic_pseudo_label(
         \text{ignore\_index} & \text{otherwise} \end{cases}
 
     Invalid prototypes are excluded from the arg max (a pixel with none valid is ignore). Never differentiable:
-    the features are detached. Ties go to the lowest class id.
+    the features are detached. Ties go to the lowest class id. As in the losses, ``valid=None`` takes every
+    prototype that is not all zeros as valid, and a :class:`~protocl.PooledPrototypes` gives ``counts > 0``
+    (calibrated prototypes of absent classes are not zero: pass ``valid`` with them).
 
     Args:
         target_features: ``Tensor[B, D, h, w]``.
         prototypes: ``Tensor[B, K, D]`` (paired with image b) or ``Tensor[K, D]``, typically
-            :func:`~protocl.domain_bias_calibrate` output.
-        valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist. None: all.
+            :func:`~protocl.domain_bias_calibrate` output; or a :class:`~protocl.PooledPrototypes`.
+        valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist. None: the nonzero ones.
         threshold: cosine threshold in ``[-1, 1]`` (paper grid {0.5, 0.6, 0.7, 0.8, 0.9}).
         ignore_index: label written where no prototype is similar enough.
         size: ``(H, W)`` to nearest-upsample the labels to (``F.interpolate`` rule); None keeps ``(h, w)``.
@@ -78,7 +81,14 @@ def dynamic_pseudo_label(
         >>> dynamic_pseudo_label(f, P, threshold=0.7)
         tensor([[[  0,   2, 255]]])
     """
+    if isinstance(prototypes, PooledPrototypes):
+        if valid is not None:
+            raise ValueError("valid: expected None when prototypes is a PooledPrototypes (its counts > 0 are the "
+                             "validity), got a tensor")
+        prototypes, valid = prototypes.prototypes, prototypes.counts > 0
     check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
+    if valid is None:
+        valid = prototypes.detach().ne(0).any(-1)
     threshold = check_range(threshold, "threshold", -1.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
     if size is not None:
@@ -106,8 +116,9 @@ def hybrid_fuse(
     - ``"dynamic_first"``: :math:`y_D` where it is not ignore, else :math:`y_F`.
 
     Args:
-        static_labels: ``Tensor[B, H, W]`` int64 (:func:`static_pseudo_label` output).
-        dynamic_labels: ``Tensor[B, h, w]`` int64 (:func:`dynamic_pseudo_label` output, any size).
+        static_labels: ``Tensor[B, H, W]`` int64 (:func:`static_pseudo_label` output; ``(B, 1, H, W)`` accepted).
+        dynamic_labels: ``Tensor[B, h, w]`` int64 (:func:`dynamic_pseudo_label` output, any size; ``(B, 1, h, w)``
+            accepted).
         mode: ``"fill"`` | ``"agree"`` | ``"dynamic_first"``.
         ignore_index: the ignore label.
 
@@ -124,8 +135,8 @@ def hybrid_fuse(
         >>> hybrid_fuse(y_f, y_d, mode="agree")
         tensor([[[255, 255,   1, 255]]])
     """
-    check_label_tensor(static_labels, "static_labels", (3,), "(B, H, W)")
-    check_label_tensor(dynamic_labels, "dynamic_labels", (3,), "(B, h, w)")
+    static_labels = label_map(static_labels, "static_labels")
+    dynamic_labels = label_map(dynamic_labels, "dynamic_labels")
     check_same_device("static_labels", static_labels, "dynamic_labels", dynamic_labels)
     if dynamic_labels.shape[0] != static_labels.shape[0]:
         raise ValueError(
@@ -214,7 +225,9 @@ class ClassBalancedThresholds(nn.Module):
     :math:`1 / (1 + \sum_{k \ne \hat y} e^{z_k - z_{\hat y}})` (the largest softmax probability, but a float32
     ``softmax().max()`` rounds every pixel with a logit margin above ~17 to exactly 1, which would tie a
     saturated class's top pixels together), and so are the thresholds; :func:`static_pseudo_label` computes and
-    compares confidences the same way. ``+inf`` for a class never predicted.
+    compares confidences the same way. ``+inf`` for a class never predicted (in a set that was seen: calling
+    ``compute()`` before any ``update()``, or after ``reset()``, raises a ``RuntimeError`` instead of silently
+    returning ``+inf`` for every class, which would label nothing; a loaded ``state_dict`` counts as seen).
 
     Histograms are int64 buffers (exact counts, ``state_dict``-able) and are all-reduced across ranks on every
     ``update`` when ``torch.distributed`` is initialised and ``sync=True``, so all ranks hold the same thresholds at
@@ -249,6 +262,13 @@ class ClassBalancedThresholds(nn.Module):
         self.bins = check_int(bins, "bins", 2)
         self.sync = check_bool(sync, "sync")
         self.register_buffer("histogram", torch.zeros(self.num_classes, self.bins, dtype=torch.int64))
+        # whether a set has been seen since construction or reset(): host-side, so compute() needs no host read
+        # (a loaded state_dict counts as seen)
+        self._seen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._seen = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, proportion={self.proportion}, bins={self.bins}, sync={self.sync}"
@@ -257,6 +277,7 @@ class ClassBalancedThresholds(nn.Module):
     def reset(self) -> None:
         """Forget everything seen (start of a new pass over the target set)."""
         self.histogram.zero_()
+        self._seen = False
 
     @torch.no_grad()
     def update(self, logits: Tensor) -> None:
@@ -265,12 +286,23 @@ class ClassBalancedThresholds(nn.Module):
         check_dim_size(logits, 1, self.num_classes, "logits", "K, the classes of the thresholds")
         check_same_device("histogram", self.histogram, "logits", logits)
         delta = kernels.confidence_histogram(logits, self.num_classes, self.bins)
+        self._seen = True
         if self.sync and is_distributed():
             all_reduce_sum_(delta)
         self.histogram.add_(delta)
 
     def compute(self) -> Tensor:
-        """Per-class thresholds ``(K,)`` float64 (``+inf`` for classes never predicted)."""
+        """Per-class thresholds ``(K,)`` float64 (``+inf`` for classes never predicted).
+
+        Raises ``RuntimeError`` when no ``update`` has run since construction or ``reset`` (and no state was
+        loaded): a host-side flag, so this reads nothing back from the device.
+        """
+        if not self._seen:
+            raise RuntimeError(
+                "ClassBalancedThresholds.compute(): no confidences accumulated (no update() since construction or "
+                "reset()); call update(logits) on the target set first (every class would get +inf and "
+                "static_pseudo_label would label nothing)"
+            )
         return kernels.thresholds(self.histogram, self.proportion)
 
     def forward(self) -> Tensor:

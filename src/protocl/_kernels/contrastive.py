@@ -14,7 +14,7 @@ from .._validation import EPS, IGNORE_INDEX, MIN_PURITY, Absent, At, Reduction, 
 from .cosine import compute_features, cosine
 from .dtypes import no_autocast
 from .reduction import reduce_loss
-from .resize import cell_index, known_labels, label_histogram, resize_labels
+from .resize import cell_index, known_labels, label_histogram, resize_labels, upsample_rule
 
 
 @dataclass(frozen=True)
@@ -59,35 +59,72 @@ def class_weights(valid: Tensor, class_weight: Optional[Tensor], absent: Absent,
     return w
 
 
-def _terms_at_grid(logp: Tensor, y: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
-    """Per-pixel weighted loss and weight on the grid of ``y`` (``logp`` on the same grid): ``(B, h, w)`` each."""
+def _terms_at_grid(
+    logp: Tensor, y: Tensor, cw: Tensor, pw: Optional[Tensor], ignore_index: int
+) -> Tuple[Tensor, Tensor]:
+    """Per-pixel weighted loss and weight on the grid of ``y`` (``logp`` and the pixel weight ``pw`` on the same
+    grid, or ``pw`` ``(B, 1, 1)``): ``(B, h, w)`` each."""
     known = known_labels(y, logp.shape[1], ignore_index)
     y0 = torch.where(known, y, torch.zeros_like(y))
     nll = -logp.gather(1, y0[:, None]).squeeze(1)  # b h w
     weight = torch.where(known, cw.gather(1, rearrange(y0, "b h w -> b (h w)")).view_as(y0), torch.zeros_like(nll))
+    if pw is not None:
+        weight = weight * pw
     return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
 
 
-def _terms_at_label_pixels(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
-    """Per label pixel loss of nearest-upsampled logits, by gathering (``(B, H, W)`` each, never ``(B, K, H, W)``)."""
+def _terms_at_label_pixels(
+    logp: Tensor, labels: Tensor, cw: Tensor, pw: Optional[Tensor], ignore_index: int
+) -> Tuple[Tensor, Tensor]:
+    """Per label pixel loss of nearest-upsampled logits, by gathering (``(B, H, W)`` each, never ``(B, K, H, W)``);
+    ``pw`` is the pixel weight on the label grid (or ``(B, 1, 1)``)."""
     B, K, h, w = logp.shape
     H, W = labels.shape[-2:]
-    cell = cell_index((H, W), (h, w), labels.device)  # H W
+    cell = cell_index((H, W), (h, w), labels.device, upsample_rule((H, W), labels.device, logp.dtype))  # H W
     known = known_labels(labels, K, ignore_index)
     y0 = torch.where(known, labels, torch.zeros_like(labels))
     index = rearrange(y0 * (h * w) + cell, "b H W -> b (H W)")
     nll = -rearrange(logp, "b k h w -> b (k h w)").gather(1, index).view(B, H, W)
     weight = torch.where(known, cw.gather(1, rearrange(y0, "b H W -> b (H W)")).view(B, H, W), torch.zeros_like(nll))
+    if pw is not None:
+        weight = weight * pw
     return torch.where(weight != 0, weight * nll, torch.zeros_like(nll)), weight
 
 
-def _terms_by_histogram(logp: Tensor, labels: Tensor, cw: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+def _terms_by_histogram(
+    logp: Tensor, labels: Tensor, cw: Tensor, pw: Optional[Tensor], ignore_index: int
+) -> Tuple[Tensor, Tensor]:
     """Label-resolution CE as per-cell class histograms: ``(B, K, h, w)`` loss and weight whose sums equal the
-    sums over label pixels of nearest-upsampled logits."""
+    sums over label pixels of nearest-upsampled logits. ``pw``: pixel weights on the label grid ``(B, H, W)``
+    (summed into the histogram), on the feature grid ``(B, 1, h, w)``, or per image ``(B, 1, 1, 1)``."""
     B, K, h, w = logp.shape
-    hist = label_histogram(labels, (h, w), K, ignore_index).to(logp.dtype)  # b k h w
+    H, W = labels.shape[-2:]
+    rule = upsample_rule((H, W), labels.device, logp.dtype)
+    label_grid = pw is not None and pw.ndim == 3
+    hist = label_histogram(
+        labels, (h, w), K, ignore_index, rule=rule, values=pw if label_grid else None, dtype=logp.dtype
+    )  # b k h w
     weight = hist * cw[:, :, None, None]
+    if pw is not None and not label_grid:
+        weight = weight * pw
     return torch.where(weight != 0, -weight * logp, torch.zeros_like(logp)), weight
+
+
+def _pixel_weight_at(
+    pixel_weight: Optional[Tensor], grid: Tuple[int, int], other: Tuple[int, int], rule: torch.dtype, dtype
+) -> Optional[Tensor]:
+    """The pixel weight ``(B,)``/``(B, ·, ·)`` on ``grid`` (``(B, 1, 1)`` for per-image weights): taken as is
+    when it is on ``grid``, else resized from ``other`` by nearest neighbour (``rule``), detached, in ``dtype``."""
+    if pixel_weight is None:
+        return None
+    pw = pixel_weight.detach().to(dtype)
+    if pw.ndim == 1:
+        return pw[:, None, None]
+    if tuple(pw.shape[-2:]) == tuple(grid):
+        return pw
+    B = pw.shape[0]
+    cell = cell_index(grid, other, pw.device, rule).reshape(-1)  # each pixel of grid reads its source on other
+    return pw.reshape(B, -1).index_select(1, cell).view(B, *grid)
 
 
 def contrastive_terms(
@@ -100,27 +137,42 @@ def contrastive_terms(
     *,
     per_pixel: bool = False,
     phi: Optional[Tensor] = None,
+    pixel_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Unreduced weighted loss and weight, batch first.
 
     ``at="feature"``: ``(B, h, w)``. ``at="label"``: ``(B, H, W)`` when ``per_pixel`` else the equivalent
-    ``(B, K, h, w)`` histogram form (same sums, cheaper).
+    ``(B, K, h, w)`` histogram form (same sums, cheaper). ``valid=None``: a prototype is valid unless it is all
+    zeros (what :func:`protocl.masked_average_pool` writes for an absent class). ``pixel_weight``: ``(B,)``,
+    ``(B, h, w)`` or ``(B, H, W)``, not differentiated.
     """
     B = features.shape[0]
     K = prototypes.shape[-2]
     labels = labels.long()
     if valid is None:
-        valid = torch.ones(B, K, dtype=torch.bool, device=features.device)
+        valid = prototypes.detach().ne(0).any(-1)  # (b) k: a zero vector has no direction
     valid = valid.expand(B, K)
+    grid = tuple(features.shape[-2:])
+    label_size = tuple(labels.shape[-2:])
     with no_autocast(features):
         logp = log_probs(features, prototypes, valid, s, phi)
         cw = class_weights(valid, None if class_weight is None else class_weight.expand(B, K), s.absent, logp.dtype)
         if s.at == "feature":
-            y = resize_labels(labels, tuple(features.shape[-2:]), s.resize, K, s.ignore_index, s.min_purity)
-            return _terms_at_grid(logp, y, cw, s.ignore_index)
+            y = resize_labels(labels, grid, s.resize, K, s.ignore_index, s.min_purity)
+            pw = _pixel_weight_at(pixel_weight, grid, label_size, torch.float32, logp.dtype)
+            return _terms_at_grid(logp, y, cw, pw, s.ignore_index)
         if per_pixel:
-            return _terms_at_label_pixels(logp, labels, cw, s.ignore_index)
-        return _terms_by_histogram(logp, labels, cw, s.ignore_index)
+            rule = upsample_rule(label_size, labels.device, logp.dtype)
+            pw = _pixel_weight_at(pixel_weight, label_size, grid, rule, logp.dtype)
+            return _terms_at_label_pixels(logp, labels, cw, pw, s.ignore_index)
+        pw = None
+        if pixel_weight is not None:
+            pw = pixel_weight.detach().to(logp.dtype)
+            if pw.ndim == 1:
+                pw = pw[:, None, None, None]
+            elif tuple(pw.shape[-2:]) == grid and grid != label_size:
+                pw = pw[:, None]  # b 1 h w: scales each cell's histogram
+        return _terms_by_histogram(logp, labels, cw, pw, s.ignore_index)
 
 
 def contrastive_loss(
@@ -131,10 +183,12 @@ def contrastive_loss(
     class_weight: Optional[Tensor],
     s: ContrastSettings,
     reduction: Reduction,
+    pixel_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """The reduced loss of :func:`protocl.pixel_prototype_contrastive_loss`."""
     loss, weight = contrastive_terms(
-        features, prototypes, labels, valid, class_weight, s, per_pixel=reduction == "none"
+        features, prototypes, labels, valid, class_weight, s, per_pixel=reduction == "none",
+        pixel_weight=pixel_weight,
     )
     return reduce_loss(loss, reduction, weight)
 

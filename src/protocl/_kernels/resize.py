@@ -13,26 +13,48 @@ from torch import Tensor
 from .._validation import IGNORE_INDEX, MIN_PURITY, ResizeMode
 
 
-def source_index(out_size: int, in_size: int, device=None) -> Tensor:
+def source_index(out_size: int, in_size: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Input index read by each output index under ``F.interpolate(mode="nearest")``: ``Tensor[out_size]`` int64.
 
+    ``dtype=float32`` (the rule of every dtype but float64, and of float64 on CUDA):
     ``min(floor(i * fl32(in / out)), in - 1)`` with the scale rounded to float32 on the host (no host-to-device
-    copy, so nothing syncs or breaks CUDA-graph capture) and the product in float32, as PyTorch's kernels do.
+    copy, so nothing syncs or breaks CUDA-graph capture) and the product in float32. ``dtype=float64`` (the rule
+    of PyTorch's generic CPU kernel for float64 input): the scale and the product in float64, the product
+    rounded to float32 before the floor (``floorf``). Sizes equal or doubled are exact either way.
     """
     if out_size == in_size:
         return torch.arange(out_size, device=device)
     if out_size == 2 * in_size:
         return torch.arange(out_size, device=device) // 2
-    scale = float(np.float32(in_size) / np.float32(out_size))
-    src = (torch.arange(out_size, device=device, dtype=torch.float32) * scale).floor().to(torch.int64)
-    return src.clamp_max(in_size - 1)
+    if dtype == torch.float64:
+        scale = in_size / out_size  # float64 on the host
+        src = (torch.arange(out_size, device=device, dtype=torch.float64) * scale).to(torch.float32)
+    else:
+        scale = float(np.float32(in_size) / np.float32(out_size))
+        src = torch.arange(out_size, device=device, dtype=torch.float32) * scale
+    return src.floor().to(torch.int64).clamp_max(in_size - 1)
 
 
-def cell_index(label_size: Tuple[int, int], grid_size: Tuple[int, int], device) -> Tensor:
-    """For every label pixel, the flat index of the feature cell that nearest upsampling reads: ``(H, W)``."""
+def upsample_rule(out_size: Tuple[int, int], device, dtype: torch.dtype) -> torch.dtype:
+    """The index rule ``F.interpolate(x, out_size, mode="nearest")`` uses for a contiguous ``(B, K, h, w)`` map
+    of ``dtype`` on ``device``: float64 only for float64 on CPU when ``H + W > 128`` (PyTorch's generic kernel;
+    smaller outputs go to its vectorised kernel, and CUDA always computes in float32), else float32."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype == torch.float64 and device.type == "cpu" and out_size[0] + out_size[1] > 128:
+        return torch.float64
+    return torch.float32
+
+
+def cell_index(
+    label_size: Tuple[int, int], grid_size: Tuple[int, int], device, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """For every label pixel, the flat index of the feature cell that nearest upsampling reads: ``(H, W)``.
+
+    ``dtype`` is the index rule (:func:`source_index`): float32 for labels (resized as ``F.interpolate`` resizes
+    ``labels.float()``), :func:`upsample_rule` for maps of feature values upsampled to the label grid."""
     (H, W), (h, w) = label_size, grid_size
-    rows = source_index(H, h, device)  # label row -> feature row
-    cols = source_index(W, w, device)
+    rows = source_index(H, h, device, dtype)  # label row -> feature row
+    cols = source_index(W, w, device, dtype)
     return rows[:, None] * w + cols[None, :]
 
 
@@ -69,21 +91,35 @@ def _coverage(src: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.float32, device=src.device).index_add_(0, src, ones)
 
 
-def label_histogram(labels: Tensor, size: Tuple[int, int], num_classes: int, ignore_index: int) -> Tensor:
-    """Per-cell class histogram ``(B, K, h, w)`` float32 of int64 labels ``(B, H, W)`` (see
-    :func:`protocl.label_histogram`)."""
+def label_histogram(
+    labels: Tensor,
+    size: Tuple[int, int],
+    num_classes: int,
+    ignore_index: int,
+    *,
+    rule: torch.dtype = torch.float32,
+    values: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Per-cell class histogram ``(B, K, h, w)`` of int64 labels ``(B, H, W)`` (see
+    :func:`protocl.label_histogram`): ``dtype`` counts, or sums of per-pixel ``values`` ``(B, H, W)``; ``rule``
+    is the index rule of the cells (:func:`cell_index`)."""
     B, H, W = labels.shape
     h, w = size
     K = num_classes
     # int32 index arithmetic: half the memory traffic of int64 over the (B, H, W) label map
-    cell = cell_index((H, W), (h, w), labels.device).to(torch.int32)  # (H, W)
+    cell = cell_index((H, W), (h, w), labels.device, rule).to(torch.int32)  # (H, W)
     known = known_labels(labels, K, ignore_index)
     # ignore (and, with value checks off, bad ids) -> extra bin K; flat target index over (b, K+1, h, w)
     flat = torch.where(known, labels.to(torch.int32), K)  # b H W, the class bin
     base = (torch.arange(B, device=labels.device, dtype=torch.int32) * (K + 1))[:, None, None]
     flat = flat.add_(base).mul_(h * w).add_(cell).reshape(-1)  # in place: no further label-sized temporaries
-    hist = torch.zeros(B * (K + 1) * h * w, dtype=torch.float32, device=labels.device)
-    hist.index_add_(0, flat, torch.ones((), dtype=torch.float32, device=labels.device).expand(flat.numel()))
+    hist = torch.zeros(B * (K + 1) * h * w, dtype=dtype, device=labels.device)
+    if values is None:
+        source = torch.ones((), dtype=dtype, device=labels.device).expand(flat.numel())
+    else:
+        source = values.detach().to(dtype).reshape(-1)
+    hist.index_add_(0, flat, source)
     hist = rearrange(hist, "(b k h w) -> b k h w", b=B, k=K + 1, h=h, w=w)
     return hist[:, :K]
 
