@@ -33,6 +33,14 @@ copies, losses and statistics are accumulated on the device and read only at the
 first step of each stage and round only (``--value-checks always`` keeps them on). ``--sync-debug`` runs every
 other step under ``torch.cuda.set_sync_debug_mode("error")``, so that any sync raises.
 
+A day-long run on a shared cluster (docs/reproduce.md, "Long runs"): every file is loaded with
+``torch.load(weights_only=True)``; a pre-flight check reads every image and label before training
+(``--no-check-data`` skips it); a bad file met during training stops the run with its path, or is skipped
+(``--on-bad-sample skip``, counted in metrics.json); SIGTERM/SIGUSR1 finish the step, write the checkpoint and
+exit with status 75, and ``--resume auto`` continues from ``<out>/checkpoint.pt``; a non-finite loss or
+gradient (:class:`gta2cs.runtime.NonFiniteGuard`, read at the log point) stops the run without overwriting the
+last good checkpoint; the output folder is checked before training.
+
 The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY`` (for SYNTHIA: over the 16 shared
 classes; metrics.json also has ``miou13``). See docs/examples.md.
 """
@@ -49,11 +57,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gta2cs import checkpoint, diagnostics, dist
-from gta2cs.data import CLASS_NAMES, PseudoLabelSet
+from gta2cs import checkpoint, diagnostics, dist, runtime
+from gta2cs.data import CLASS_NAMES, BadSampleError, PseudoLabelSet, ignore_stop_signals, skip_records
 from gta2cs.evaluate import evaluate as evaluate_model
 from gta2cs.options import parse_args
-from gta2cs.run import AMP_DTYPES, Run, finish, new_optimizer, round_diagnostics, round_figure, scalars, setup
+from gta2cs.run import (
+    AMP_DTYPES,
+    Run,
+    bad_samples,
+    finish,
+    new_optimizer,
+    round_diagnostics,
+    round_figure,
+    scalars,
+    setup,
+)
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -76,17 +94,23 @@ def new_state(run: Run) -> dict:
     "done"), round and iteration within the phase, ``step`` (iterations since the start of stage 1, the x axis of
     logs and curves), results so far and this round's per-class label counts (``--diagnostics``)."""
     return {"phase": "source", "round": 0, "iteration": 0, "step": 0, "thresholds": None, "metrics": {},
+            "bad_samples": {"skipped": 0, "files": []},  # --on-bad-sample skip: this rank's skips
             "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
                         "coverage_dynamic": [], "coverage_hybrid": []},
             "label_counts": torch.zeros(3, 4, len(CLASS_NAMES), dtype=torch.int64, device=run.device)}
 
 
 def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
-    """Write the ONE checkpoint dict (rank 0, atomically; every rank calls it: it sums the label counts)."""
+    """Write the ONE checkpoint dict (rank 0, atomically; every rank calls it: it sums the label counts).
+
+    Never a non-finite state: the non-finite guard is read first (:func:`check_finite`), so a diverged run
+    stops with the last good checkpoint on disk."""
+    check_finite(run, state)
     counts = all_reduce_sum_(state["label_counts"].clone())
+    skipped = bad_samples(run, state)
     if run.rank == 0:
         checkpoint.save_atomic({
-            **state, "label_counts": counts.cpu(), "model": run.model.state_dict(),
+            **state, "label_counts": counts.cpu(), "bad_samples": skipped, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "contrast": run.contrast.state_dict(), "rng": checkpoint.rng_state(), "config": run.config,
             "streams": {"source": run.source_stream.state_dict(), "target": run.target_stream.state_dict()},
@@ -94,15 +118,27 @@ def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
     dist.barrier()
 
 
+def check_finite(run: Run, state: dict) -> None:
+    """Raise :class:`gta2cs.runtime.NonFiniteError` if a loss term or the gradients went non-finite since the
+    start (a collective under torch.distributed: every rank calls it, at log points and before every save)."""
+    if run.guard is not None:
+        run.guard.check(state["step"])
+
+
 def start(run: Run) -> dict:
-    """The run's state: new, resumed from ``--resume`` (exactly), or at stage 2 from ``--source-checkpoint``."""
+    """The run's state: new, resumed from ``--resume`` (exactly; ``auto``: ``<out>/checkpoint.pt`` if it exists),
+    or at stage 2 from ``--source-checkpoint``."""
     a, state = run.args, new_state(run)
-    if a.resume:
-        ckpt = checkpoint.load(a.resume)
+    resume = runtime.resolve_resume(a.resume, run.out)
+    if a.resume == "auto" and resume is None:
+        run.log(f"--resume auto: no {run.out / 'checkpoint.pt'} yet, starting from the beginning")
+    if resume is not None:
+        ckpt = checkpoint.load(resume, "--resume")
         state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics",
                                            "history")})
         if run.rank == 0:  # the counts were summed over ranks when saved
             state["label_counts"].copy_(ckpt["label_counts"])
+            state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])
         run.model.load_state_dict(ckpt["model"])
         if state["phase"] != "source":
             new_optimizer(run, a.lr)
@@ -121,13 +157,15 @@ def start(run: Run) -> dict:
         run.source_stream.load_state_dict(streams["source"])
         run.target_stream.load_state_dict(streams["target"])
         checkpoint.set_rng_state(ckpt["rng"])
-        run.log(f"resumed {a.resume}: {state['phase']}, round {state['round']}, iteration {state['iteration']}")
+        run.log(f"resumed {resume}: {state['phase']}, round {state['round']}, iteration {state['iteration']}")
     elif a.source_checkpoint:
         load_source_model(run, a.source_checkpoint)
         state["step"] = a.source_iters
         state["metrics"]["source_only"] = evaluate(run, state, "source-only (loaded with --source-checkpoint)")
         begin_phase(run, state, "adapt")
     run.started = (time.time(), state["step"])
+    if run.guard is not None:
+        run.guard.window_start = state["step"] + 1
     return state
 
 
@@ -137,7 +175,7 @@ def load_source_model(run: Run, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"expected --source-checkpoint to be a checkpoint file, got {str(file)!r} (not a file)")
-    ckpt = checkpoint.load(file)
+    ckpt = checkpoint.load(file, "--source-checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold {{'model': state_dict}}, got "
                          f"{type(ckpt).__name__} with keys {sorted(ckpt)[:5] if isinstance(ckpt, dict) else []}")
@@ -145,6 +183,10 @@ def load_source_model(run: Run, path: str) -> None:
         run.model.load_state_dict(ckpt["model"])
     except RuntimeError as error:
         raise ValueError(f"expected --source-checkpoint {str(file)!r} to match --arch {run.args.arch}: {error}")
+    bad = runtime.non_finite_tensors(ckpt["model"].items())
+    if bad:
+        raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold finite weights, got NaN or inf in "
+                         f"{len(bad)} tensor(s): {', '.join(bad[:5])}")
     if run.rank == 0:
         checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config, "from": str(file)},
                                run.out / "source_only.pt")
@@ -155,7 +197,7 @@ def load_source_model(run: Run, path: str) -> None:
 def begin_phase(run: Run, state: dict, phase: str) -> None:
     """Start stage 2 ("adapt") or the same-budget control ("control", from source_only.pt) or end ("done")."""
     if phase == "control":
-        run.model.load_state_dict(checkpoint.load(run.out / "source_only.pt")["model"])
+        run.model.load_state_dict(checkpoint.load(run.out / "source_only.pt", "source_only.pt")["model"])
     state.update(phase=phase, round=0, iteration=0)
     if phase != "done":
         new_optimizer(run, run.args.lr)
@@ -262,8 +304,11 @@ def train_source(run: Run, state: dict, *, until: int | None = None, step_contex
     while state["iteration"] < min(until or a.source_iters, a.source_iters):
         set_lr(run.optimizer, (1 - state["iteration"] / a.source_iters) ** 0.9)
         batch = next(run.source_stream)  # host-side data loading, before the step
+        count_skips(run, state, batch)
         with step_scope(run, "source", checked or a.value_checks == "always", step_context):
-            accumulate(sums, source_step(run, batch))
+            stats = source_step(run, batch)
+            accumulate(sums, stats)
+            watch(run, state, stats)
         checked = False
         state["iteration"] += 1
         state["step"] += 1
@@ -273,6 +318,7 @@ def train_source(run: Run, state: dict, *, until: int | None = None, step_contex
             if a.stage1_best_on_target_val:
                 keep_if_best(run, state)
             save_checkpoint(run, state)
+        stop_point(run, state)
 
 
 def end_source(run: Run, state: dict) -> None:
@@ -280,10 +326,11 @@ def end_source(run: Run, state: dict) -> None:
     evaluation, then stage 2 begins."""
     if run.args.stage1_best_on_target_val:
         keep_if_best(run, state)
-        best = checkpoint.load(run.out / "source_best.pt")
+        best = checkpoint.load(run.out / "source_best.pt", "source_best.pt")
         run.model.load_state_dict(best["model"])
         run.log(f"stage 1: using the checkpoint of iteration {best['iteration']} (best target-val mIoU "
                 f"{best['miou']:.2f}; this selection reads target labels)")
+    check_finite(run, state)
     if run.rank == 0:
         checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config}, run.out / "source_only.pt")
     state["metrics"]["source_only"] = evaluate(run, state, "source-only (stage 1, last checkpoint)")
@@ -319,8 +366,9 @@ def make_static_labels(run: Run, round_index: int) -> list[float]:
     dist.barrier()
     run.model.eval()
     shard = run.target_train[run.rank::run.world]
-    loader = DataLoader(PseudoLabelSet(shard, resize=a.resize), batch_size=1, num_workers=min(a.workers, 2),
-                        pin_memory=run.device.type == "cuda")
+    loader = DataLoader(PseudoLabelSet(shard, resize=a.resize, on_bad_sample=a.on_bad_sample), batch_size=1,
+                        num_workers=min(a.workers, 2), pin_memory=run.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)
     thresholds = protocl.ClassBalancedThresholds(len(CLASS_NAMES), proportion=a.proportion, sync=False).to(run.device)
     cache, budget = [], a.pseudo_cache_mb * 2**20  # logits kept for the second pass, within the budget
 
@@ -328,7 +376,15 @@ def make_static_labels(run: Run, round_index: int) -> list[float]:
         return F.interpolate(forward(run, run.model, images)[0], size=images.shape[-2:], mode="bilinear",
                              align_corners=False)
 
-    for batch in loader:
+    skipped = set()  # --on-bad-sample skip: unreadable images, left out of the thresholds, labelled all-ignore
+    for index, batch in enumerate(loader):
+        for path, message in skip_records(batch):
+            skipped.add(index)
+            run.log(f"warning: skipped {path!r}, left out of round {round_index}'s static labels "
+                    f"(--on-bad-sample skip): {message}")
+        if index in skipped:
+            cache.append(None)
+            continue
         logits = full_logits(batch["image"])
         thresholds.update(logits)
         budget -= logits.numel() * logits.element_size()
@@ -336,8 +392,11 @@ def make_static_labels(run: Run, round_index: int) -> list[float]:
     all_reduce_sum_(thresholds.histogram)  # merged thresholds: identical on every rank
     class_thresholds = thresholds.compute()
     covered = torch.zeros(2, dtype=torch.int64, device=run.device)  # labelled pixels, all pixels
-    second_pass = loader if any(c is None for c in cache) else [None] * len(cache)
+    second_pass = loader if any(c is None for i, c in enumerate(cache) if i not in skipped) else [None] * len(cache)
     for index, (batch, cached) in enumerate(zip(second_pass, cache)):
+        if index in skipped:  # the training set skips this image too; its label file just has to exist
+            Image.new("L", (1, 1), IGNORE_INDEX).save(tmp / f"{shard[index].name}.png")
+            continue
         logits = cached.to(run.device) if cached is not None else full_logits(batch["image"])
         labels = protocl.static_pseudo_label(logits, class_thresholds=class_thresholds, proportion=a.proportion)
         covered += torch.stack([torch.count_nonzero(labels != IGNORE_INDEX),
@@ -372,9 +431,13 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
         src = next(run.source_stream)  # host-side data loading, before the step
         tgt = None if control else next(run.target_stream)  # the control never looks at the target
+        count_skips(run, state, src)
+        if tgt is not None:
+            count_skips(run, state, tgt)
         with step_scope(run, state["phase"], checked or a.value_checks == "always", step_context):
             stats, labels = step(run, src, tgt)
             accumulate(sums, stats)
+            watch(run, state, stats)
             if a.diagnostics and labels is not None:  # opt-in: target ground truth, never trained on
                 gt = tgt["label"].to(run.device, non_blocking=True).long()
                 for i, kind in enumerate(diagnostics.LABEL_KINDS):
@@ -386,6 +449,7 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
             log_point(run, state, state["phase"], sums)
         if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < a.round_iters:
             save_checkpoint(run, state)
+        stop_point(run, state)
     if state["iteration"] < a.round_iters:
         return
     name = "source_only_continued" if control else "adapted"
@@ -414,6 +478,7 @@ def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: S
             state["thresholds"] = make_static_labels(run, state["round"])
         adapt_round(run, state, step=step, step_context=step_context)
         if state["round"] == run.args.rounds and state["phase"] == "adapt":
+            check_finite(run, state)
             if run.rank == 0:
                 checkpoint.save_atomic({"model": run.model.state_dict(), "config": run.config},
                                        run.out / "adapted.pt")
@@ -427,6 +492,8 @@ def evaluate(run: Run, state: dict, label: str) -> dict:
     """Target val mIoU of the current model (sharded over ranks), logged and added to the curves."""
     result = evaluate_model(run.model, run.val_loader, len(CLASS_NAMES), run.device, subsets=run.subsets,
                             amp_dtype=AMP_DTYPES[run.args.amp])
+    if hasattr(run.val_loader, "take"):  # files left out of the score (--on-bad-sample skip)
+        record_skips(run, state, run.val_loader.take(), "left out of the evaluation")
     h, a = state["history"], run.args
     if state["phase"] == "control":  # plotted at the iteration count it matches (same budget as the adapted model)
         h.setdefault("control_iter", []).append(a.source_iters + state["round"] * a.round_iters + state["iteration"])
@@ -471,6 +538,38 @@ def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None
             state["history"][f"coverage_{name}"].append(means[f"cov_{name}"])
     run.log(line)
     scalars(run, state, "control" if kind == "control" else "train", means)
+    check_finite(run, state)  # the guard's one host read, next to the losses' (a non-finite term stops here)
+
+
+def watch(run: Run, state: dict, stats: dict[str, Tensor]) -> None:
+    """Record non-finite loss terms and gradients of the step that just ran (device-side, no host read); the
+    record is read at the log point."""
+    if run.guard is not None:
+        run.guard.update(state["step"] + 1, {k: v for k, v in stats.items() if not k.startswith("cov_")},
+                         run.model.parameters())
+
+
+def count_skips(run: Run, state: dict, batch: dict) -> None:
+    """``--on-bad-sample skip``: log and count the bad files a batch passed over (a host-side CPU tensor)."""
+    record_skips(run, state, skip_records(batch), "replaced by the next sample")
+
+
+def record_skips(run: Run, state: dict, records: list[tuple[str, str]], what: str) -> None:
+    bad = state["bad_samples"]
+    for path, message in records:
+        bad["skipped"] += 1
+        if path not in bad["files"]:
+            bad["files"].append(path)
+        run.log(f"warning: skipped {path!r}, {what} (--on-bad-sample skip): {message}")
+
+
+def stop_point(run: Run, state: dict) -> None:
+    """After a step: if SIGTERM/SIGUSR1 was received (on any rank), write the checkpoint (all ranks, atomically)
+    and raise :class:`gta2cs.runtime.Stopped`; :func:`main` logs it and exits with status 75."""
+    if run.stop is None or not run.stop.requested():
+        return
+    save_checkpoint(run, state)
+    raise runtime.Stopped(run.stop.signal_name if run.stop.signum is not None else "a signal on another rank")
 
 
 def accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
@@ -494,11 +593,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         checks_before = protocl.value_checks_enabled()
+        every = 1 if run.world == 1 else min(10, run.args.log_every)  # ranks agree on a stop every N steps
         try:
-            train(run, state)
-            finish(run, state)
+            with runtime.StopRequest(every=every) as stop:
+                run.stop = stop
+                train(run, state)
+                finish(run, state)
+        except runtime.Stopped as stopped:
+            run.log(f"stop requested ({stopped}) at step {state['step']}: checkpoint written to "
+                    f"{run.out / 'checkpoint.pt'}; run the same command with --resume auto to continue "
+                    f"(exit status {runtime.EXIT_STOPPED})")
+            return runtime.EXIT_STOPPED
+        except runtime.NonFiniteError as error:
+            kept = run.out / "checkpoint.pt"
+            print(f"error: {error}; stopped, the last good checkpoint {str(kept)!r} is kept"
+                  + ("" if kept.is_file() else " (none written yet)"), file=sys.stderr)
+            return 1
+        except (BadSampleError, OSError) as error:  # a bad file during training, a checkpoint that failed to write
+            print(f"error: {runtime.last_line(error)}", file=sys.stderr)
+            return 1
         finally:
             protocl.set_value_checks(checks_before)
+            run.source_stream.close()  # the DataLoader workers go now, whatever ended the run
+            run.target_stream.close()
             if run.tb is not None:
                 run.tb.close()
         return 0

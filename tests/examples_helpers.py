@@ -72,7 +72,7 @@ def train_with(argv: list[str], step_context=None) -> int:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)  # (the RNG states: issue 17)
+    return torch.load(path, map_location="cpu", weights_only=True)  # RNG states are plain since issue 17
 
 
 def assert_same_state(a, b, where: str = "") -> None:

@@ -16,10 +16,20 @@ the short side, random scale, random crop (padding with ignore when needed), hor
 choice of a sample comes from a seed handed out by :class:`BatchStream` with its index, so a batch depends
 only on (seed, stream, epoch, position): the same whatever the number of workers, and reproducible after a
 resume. Images stay uint8 RGB; the model subtracts the mean (see :mod:`model`).
+
+Bad files. Every read names its file when it fails (:class:`BadSampleError`, a ``ValueError``): an image that
+does not decode (truncated, not an image), a label that does not decode, is in the wrong mode for its format (an
+RGB colour rendering where an 8-bit id map belongs; SYNTHIA labels must be 16-bit RGB), holds values outside its
+format's id range (Cityscapes/GTA5: 8-bit ids, e.g. not an instance-id file; unlisted ids are ignored), or whose size differs from its image by more than
+a rescale (allowed: the same aspect ratio within :data:`ASPECT_TOLERANCE`, e.g. the few GTA5 labels whose size
+differs from their image; they are resized nearest). The training sets take ``on_bad_sample``: ``"error"``
+(default) raises; ``"skip"`` replaces the sample deterministically (see :class:`TrainSet`) and reports it in the
+batch. :mod:`preflight` runs the same checks over whole splits before training.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +39,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IGNORE = 255
+from protocl import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX  # an alias: tests/test_shifts.py still imports data.IGNORE
 NUM_CLASSES = 19
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -42,7 +54,7 @@ ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 2
 
 def lookup_table(mapping: dict[int, int], size: int) -> np.ndarray:
     """A (size,) uint8 lookup table from label ids to train ids (255 for ids not in ``mapping``)."""
-    lut = np.full(size, IGNORE, dtype=np.uint8)
+    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
     for label_id, train_id in mapping.items():
         lut[label_id] = train_id
     return lut
@@ -73,6 +85,103 @@ def synthia_id_to_train_id_lut() -> np.ndarray:
 
 _SYNTHIA_LUT = synthia_id_to_train_id_lut()
 LABEL_FORMATS = ("cityscapes", "synthia")
+ON_BAD_SAMPLE = ("error", "skip")
+# the largest id a label file may hold. Cityscapes label ids (GTA5 uses them too) are 8-bit: every value 0-255
+# is mappable (the listed ids to train ids, everything else to ignore, spec §4), a larger one (a 16/32-bit file
+# such as *_gtFine_instanceIds.png, id * 1000 + instance) is not. SYNTHIA class ids are 16-bit (channel 1; the
+# README's 0-22 map to train ids, any other value to ignore).
+MAX_LABEL_ID = {"cityscapes": 255, "synthia": 2**16 - 1}
+# a label may differ in size from its image when it is a rescale of it: same aspect ratio within 5 %
+ASPECT_TOLERANCE = 0.05
+LABEL_MODES = {"cityscapes": ("L", "P", "I", "I;16"), "synthia": ("RGB;16",)}
+
+
+class BadSampleError(ValueError):
+    """A file of a dataset that cannot be used; the message names the path and the reason, :attr:`path` holds
+    the path (None when the error was re-raised from a DataLoader worker, whose message still names it)."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def decode_image(path: str | Path) -> Image.Image:
+    """The RGB image at ``path``, fully decoded; :class:`BadSampleError` naming the path when it does not decode."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes every pixel (a truncated file fails here)
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... for broken files
+        raise BadSampleError(f"image {str(path)!r} does not decode ({_reason(error)})", path) from error
+
+
+def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.ndarray:
+    """The raw ids of a label file, ``(H, W)``, unmapped: Cityscapes label ids (8-bit L/P, or 16/32-bit I) or
+    SYNTHIA class ids (channel 1 of a 16-bit RGB PNG). :class:`BadSampleError` naming the path when the file
+    does not decode or is in another mode (e.g. an RGB colour rendering where an id map belongs)."""
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"expected label_format in {LABEL_FORMATS}, got {label_format!r}")
+    try:
+        if label_format == "synthia":
+            ids = read_png_channels(path)
+            if ids.ndim != 3 or ids.dtype != np.uint16:
+                with Image.open(path) as image:
+                    mode = image.mode
+                raise BadSampleError(
+                    f"label {str(path)!r}: expected a 16-bit RGB PNG (SYNTHIA GT/LABELS, class id in channel 1), "
+                    f"got {ids.dtype.itemsize * 8}-bit mode {mode}", path)
+            return ids[..., 0]
+        with Image.open(path) as label:
+            mode = label.mode
+            if mode not in LABEL_MODES["cityscapes"]:
+                what = " (a colour rendering?)" if mode in ("RGB", "RGBA") else ""
+                raise BadSampleError(
+                    f"label {str(path)!r}: expected a single-channel id map (mode L, P or I: Cityscapes label "
+                    f"ids, as GTA5 labels/*.png and *_gtFine_labelIds.png hold them), got mode {mode}{what}", path)
+            return np.asarray(label)
+    except BadSampleError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise BadSampleError(f"label {str(path)!r} does not decode ({_reason(error)})", path) from error
+
+
+def check_label_ids(ids: np.ndarray, path: str | Path, label_format: str = "cityscapes") -> None:
+    """:class:`BadSampleError` naming the path and the values when ``ids`` hold values outside the format's id
+    range (0 to :data:`MAX_LABEL_ID`; within it every value is mappable, unlisted ids become ignore)."""
+    top = MAX_LABEL_ID[label_format]
+    if ids.dtype == np.uint8 or (ids.dtype == np.uint16 and top >= 2**16 - 1) or ids.size == 0:
+        return
+    if int(ids.min()) >= 0 and int(ids.max()) <= top:
+        return
+    bad = (ids < 0) | (ids > top)
+    values = np.unique(ids[bad])
+    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    allowed = ("8-bit Cityscapes label ids 0-255 (not an instance-id file, id * 1000 + instance)"
+               if label_format == "cityscapes" else f"SYNTHIA class ids 0-{top}")
+    raise BadSampleError(f"label {str(path)!r}: expected {allowed}, got {shown} on {int(bad.sum())} pixels", path)
+
+
+def check_label_size(label_size: tuple[int, int], image_size: tuple[int, int], label_path: str | Path,
+                     image_path: str | Path) -> None:
+    """:class:`BadSampleError` unless a label of ``label_size`` = (W, H) can be resized (nearest) to its image's
+    ``image_size``: equal, or the same aspect ratio within :data:`ASPECT_TOLERANCE`."""
+    if tuple(label_size) == tuple(image_size):
+        return
+    (lw, lh), (iw, ih) = label_size, image_size
+    if min(lw, lh, iw, ih) > 0 and abs((lw / lh) / (iw / ih) - 1) <= ASPECT_TOLERANCE:
+        return
+    raise BadSampleError(
+        f"label {str(label_path)!r}: size {lw}x{lh} does not match its image {str(image_path)!r} of {iw}x{ih} "
+        f"(allowed: equal sizes, or a rescale of the same aspect ratio within {ASPECT_TOLERANCE:.0%}, resized "
+        "nearest)", label_path)
 
 
 @dataclass(frozen=True)
@@ -144,7 +253,8 @@ def cityscapes_files(root: str | Path, split: str, *, require_labels: bool = Tru
 
 
 def read_image(path: Path) -> Image.Image:
-    return Image.open(path).convert("RGB")
+    """:func:`decode_image` (kept under its old name)."""
+    return decode_image(path)
 
 
 def read_png_channels(path: str | Path) -> np.ndarray:
@@ -168,32 +278,29 @@ def read_png_channels(path: str | Path) -> np.ndarray:
     return (planes[0] << 8) | planes[1]
 
 
-def read_label(path: Path, size: tuple[int, int], label_format: str = "cityscapes") -> np.ndarray:
+def read_label(path: Path, size: tuple[int, int], label_format: str = "cityscapes",
+               image_path: str | Path | None = None) -> np.ndarray:
     """Read a label PNG, map it to train ids (uint8), nearest-resize to ``size`` = (W, H) when it differs.
 
     ``label_format``: ``"cityscapes"`` (8-bit Cityscapes label ids; GTA5 uses them too) or ``"synthia"``
-    (16-bit SYNTHIA class ids in the first channel).
+    (16-bit SYNTHIA class ids in the first channel). :class:`BadSampleError` naming the file when it does not
+    decode, is in the wrong mode, holds ids outside the format's or cannot be resized to ``size`` (another
+    aspect ratio; ``image_path`` is named in that message).
     """
-    if label_format == "synthia":
-        ids = read_png_channels(path)
-        ids = ids[..., 0] if ids.ndim == 3 else ids
-        label = Image.fromarray(_SYNTHIA_LUT[ids.astype(np.uint16)])
-    elif label_format == "cityscapes":
-        label = Image.open(path)
-        if label.mode not in ("L", "P", "I", "I;16"):
-            label = label.convert("L")
-    else:
-        raise ValueError(f"expected label_format in {LABEL_FORMATS}, got {label_format!r}")
-    if label.size != size:  # a few GTA5 labels differ in size from their image
-        label = label.resize(size, Image.NEAREST)
-    if label_format == "synthia":
+    ids = decode_label_ids(path, label_format)
+    check_label_ids(ids, path, label_format)
+    lut = _SYNTHIA_LUT if label_format == "synthia" else _LUT
+    label_size = (ids.shape[1], ids.shape[0])
+    if label_size != tuple(size):  # a few GTA5 labels differ in size from their image
+        check_label_size(label_size, size, path, image_path if image_path is not None else "?")
+        label = Image.fromarray(lut[ids.astype(np.int64)]).resize(size, Image.NEAREST)
         return np.asarray(label)
-    return _LUT[np.asarray(label).astype(np.int64).clip(0, 255)]
+    return lut[ids.astype(np.int64) if ids.dtype != np.uint8 else ids]
 
 
 def read_sample_label(sample: Sample, size: tuple[int, int]) -> np.ndarray:
     """The train-id label map of ``sample`` at ``size`` = (W, H)."""
-    return read_label(sample.label, size, sample.label_format)
+    return read_label(sample.label, size, sample.label_format, sample.image)
 
 
 def short_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
@@ -207,46 +314,132 @@ def resize_pair(image: Image.Image, labels: list[Image.Image], size: tuple[int, 
     return image.resize(size, Image.BILINEAR), [lab.resize(size, Image.NEAREST) for lab in labels]
 
 
+def skip_record(error: BadSampleError) -> str:
+    """One line of a ``skipped_files`` entry: ``"<path>\t<message>"``."""
+    return f"{error.path or '?'}\t{error}"
+
+
+def skip_records(batch: dict) -> list[tuple[str, str]]:
+    """The ``(path, message)`` of every bad file a batch (or an item) passed over (``on_bad_sample="skip"``);
+    reads the CPU tensor ``skipped`` only, never a device value."""
+    if "skipped" not in batch or not int(torch.as_tensor(batch["skipped"]).sum()):
+        return []
+    entries = batch["skipped_files"]
+    entries = [entries] if isinstance(entries, str) else entries
+    records = []
+    for entry in entries:
+        for line in entry.splitlines():
+            if line:
+                path, _, message = line.partition("\t")
+                records.append((path, message))
+    return records
+
+
+class SkipCounter:
+    """An iterable over ``loader`` that keeps the :func:`skip_records` of the batches it yields (in
+    :attr:`pending`, emptied by :meth:`take`), for loaders that another function iterates (the evaluation)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.pending = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.pending += skip_records(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def take(self) -> list[tuple[str, str]]:
+        pending, self.pending = self.pending, []
+        return pending
+
+
+def _check_on_bad_sample(value: str) -> str:
+    if value not in ON_BAD_SAMPLE:
+        raise ValueError(f"expected on_bad_sample in {ON_BAD_SAMPLE}, got {value!r}")
+    return value
+
+
 class TrainSet(Dataset):
     r"""Training crops: ``dataset[(index, seed)]`` -> dict of ``image`` uint8 (3, c, c), ``index`` and
 
     - ``label`` uint8 (c, c), the ground truth, when ``labels=True`` (for the target set it is read only for
       the opt-in ``--diagnostics``; without them the target ground truth is never opened);
-    - ``static`` uint8 (c, c) read from ``<pseudo_dir>/<name>.png`` when ``pseudo_dir`` is set.
+    - ``static`` uint8 (c, c) read from ``<pseudo_dir>/<name>.png`` when ``pseudo_dir`` is set;
+    - with ``on_bad_sample="skip"`` only: ``skipped`` (int64 scalar, how many bad samples were passed over to
+      produce this one, normally 0) and ``skipped_files`` (str, one ``"<path>\t<message>"`` line per bad file
+      passed over, empty when none; :func:`skip_records` parses them). Collated, they are a tensor and a list of
+      str per batch.
 
     Label maps stay uint8 (train ids and 255 fit a byte) so that the host-to-device copy moves an eighth of the
     bytes of int64; the trainer widens them to int64 on the device. Static pseudo labels are stored at the
     short-side-resized resolution (see :func:`pseudo_label_size`).
+
+    A bad file (see the module's docstring) raises :class:`BadSampleError` naming it with
+    ``on_bad_sample="error"`` (default). With ``"skip"`` the sample is replaced by the next index of the dataset
+    (wrapping around) under the same augmentation seed, so a batch is still a pure function of its place in the
+    stream and a resume stays exact; if every sample is bad the error is raised.
     """
 
     def __init__(self, samples: Sequence[Sample], *, resize: int, crop: int, scales: Sequence[float] = (1.0,),
-                 flip: bool = True, pseudo_dir: str | Path | None = None, labels: bool = True) -> None:
+                 flip: bool = True, pseudo_dir: str | Path | None = None, labels: bool = True,
+                 on_bad_sample: str = "error") -> None:
         self.samples = list(samples)
         self.resize, self.crop, self.scales, self.flip = resize, crop, tuple(scales), flip
         self.pseudo_dir = None if pseudo_dir is None else Path(pseudo_dir)
         self.labels = labels
+        self.on_bad_sample = _check_on_bad_sample(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = item
+        if self.on_bad_sample == "error":
+            return self._load(index, seed)
+        skipped = []
+        for attempt in range(len(self.samples)):
+            try:
+                out = self._load((index + attempt) % len(self.samples), seed)
+            except BadSampleError as error:
+                skipped.append(skip_record(error))
+                continue
+            out["skipped"] = torch.tensor(len(skipped))
+            out["skipped_files"] = "\n".join(skipped)
+            return out
+        raise BadSampleError(f"every one of the {len(self.samples)} samples is bad (on_bad_sample='skip' has "
+                             f"nothing to use instead), e.g. {skipped[0].split(chr(9), 1)[-1]}")
+
+    def _static_label(self, sample: Sample, size: tuple[int, int]) -> Image.Image:
+        path = self.pseudo_dir / f"{sample.name}.png"
+        try:
+            with Image.open(path) as file:
+                static = file.copy()
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise BadSampleError(f"static pseudo label {str(path)!r} does not decode ({_reason(error)})", path) from error
+        if static.size != size:
+            raise ValueError(f"expected static labels of size {size} in {self.pseudo_dir}, got {static.size} "
+                             f"({str(path)!r})")
+        return static
+
+    def _load(self, index: int, seed: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng(seed)
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image = decode_image(sample.image)
         size = short_side_size(image.size, self.resize)
         names, labels = [], []
         if self.labels:
-            gt = read_sample_label(sample, image.size) if sample.label else np.full(image.size[::-1], IGNORE, np.uint8)
+            gt = (read_sample_label(sample, image.size) if sample.label
+                  else np.full(image.size[::-1], IGNORE_INDEX, np.uint8))
             names.append("label")
             labels.append(Image.fromarray(gt))
         image, labels = resize_pair(image, labels, size)
         if self.pseudo_dir is not None:
-            static = Image.open(self.pseudo_dir / f"{sample.name}.png")
-            if static.size != size:
-                raise ValueError(f"expected static labels of size {size} in {self.pseudo_dir}, got {static.size}")
             names.append("static")
-            labels.append(static)
+            labels.append(self._static_label(sample, size))
         scale = float(rng.choice(self.scales))
         scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         image, labels = resize_pair(image, labels, scaled)
@@ -266,8 +459,8 @@ def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -
     h, w = arrays[0].shape[:2]
     ph, pw = max(0, crop - h), max(0, crop - w)
     if ph or pw:
-        arrays = [np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2), constant_values=0 if i == 0 else IGNORE)
-                  for i, a in enumerate(arrays)]
+        arrays = [np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2),
+                         constant_values=0 if i == 0 else IGNORE_INDEX) for i, a in enumerate(arrays)]
         h, w = arrays[0].shape[:2]
     top = int(rng.integers(0, h - crop + 1))
     left = int(rng.integers(0, w - crop + 1))
@@ -275,17 +468,37 @@ def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -
 
 
 class EvalSet(Dataset):
-    """Evaluation: image resized to ``size`` = (W, H), train-id label (uint8) at its full resolution."""
+    """Evaluation: image resized to ``size`` = (W, H), train-id label (uint8) at its full resolution.
 
-    def __init__(self, samples: Sequence[Sample], *, size: tuple[int, int]) -> None:
+    A bad file raises :class:`BadSampleError` naming it (``on_bad_sample="error"``). With ``"skip"`` the sample
+    is left out of the score: a black image with an all-ignore label of ``size`` (it adds nothing to the
+    confusion matrix), and every item carries ``skipped`` (0 or 1) and ``skipped_files`` as in :class:`TrainSet`.
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, size: tuple[int, int], on_bad_sample: str = "error") -> None:
         self.samples, self.size = list(samples), tuple(size)
+        self.on_bad_sample = _check_on_bad_sample(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        try:
+            out = self._load(index)
+        except BadSampleError as error:
+            if self.on_bad_sample == "error":
+                raise
+            w, h = self.size
+            return {"image": torch.zeros(3, h, w, dtype=torch.uint8),
+                    "label": torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8), "index": torch.tensor(index),
+                    "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
+        if self.on_bad_sample == "skip":
+            out["skipped"], out["skipped_files"] = torch.tensor(0), ""
+        return out
+
+    def _load(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image = decode_image(sample.image)
         label = read_sample_label(sample, image.size)
         image = np.asarray(image.resize(self.size, Image.BILINEAR))
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -293,23 +506,71 @@ class EvalSet(Dataset):
 
 
 def pseudo_label_size(sample: Sample, short: int) -> tuple[int, int]:
-    with Image.open(sample.image) as image:
-        return short_side_size(image.size, short)
+    """The (W, H) at which the static pseudo labels of ``sample`` are stored (short side ``short``); reads the
+    image header only; :class:`BadSampleError` naming the image when it cannot be opened."""
+    try:
+        with Image.open(sample.image) as image:
+            return short_side_size(image.size, short)
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise BadSampleError(f"image {str(sample.image)!r} does not open ({_reason(error)})", sample.image) from error
 
 
 class PseudoLabelSet(Dataset):
-    """Target train images resized on the short side (no augmentation), for static pseudo labels."""
+    """Target train images resized on the short side (no augmentation), for static pseudo labels.
 
-    def __init__(self, samples: Sequence[Sample], *, resize: int) -> None:
+    A bad image raises :class:`BadSampleError` naming it (``on_bad_sample="error"``); with ``"skip"`` the item
+    is a black image of the size the header gives (or 1x1 when even the header is unreadable) with
+    ``skipped`` 1 and ``skipped_files``; the caller leaves it out of the thresholds and writes an all-ignore
+    label for it (the training set skips that image anyway).
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, resize: int, on_bad_sample: str = "error") -> None:
         self.samples, self.resize = list(samples), resize
+        self.on_bad_sample = _check_on_bad_sample(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = read_image(self.samples[index].image)
+        try:
+            image = decode_image(self.samples[index].image)
+        except BadSampleError as error:
+            if self.on_bad_sample == "error":
+                raise
+            try:
+                w, h = pseudo_label_size(self.samples[index], self.resize)
+            except BadSampleError:
+                w, h = 1, 1
+            return {"image": torch.zeros(3, h, w, dtype=torch.uint8), "index": torch.tensor(index),
+                    "skipped": torch.tensor(1), "skipped_files": skip_record(error)}
         image = np.asarray(image.resize(short_side_size(image.size, self.resize), Image.BILINEAR))
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "index": torch.tensor(index)}
+        out = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "index": torch.tensor(index)}
+        if self.on_bad_sample == "skip":
+            out["skipped"], out["skipped_files"] = torch.tensor(0), ""
+        return out
+
+
+WORKER_GRACE_S = 30  # a DataLoader worker lives this long after SIGTERM (see ignore_stop_signals)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    remaining = signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the worker then
+    if remaining:
+        signal.alarm(remaining)  # a second SIGTERM does not postpone it
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader of the pipeline. A scheduler (SLURM) sends SIGTERM to every process
+    of the job: the main process turns it into a checkpoint (after the current step, which may still need a
+    batch) and shuts its workers down itself, so a worker must not die first. In a worker, SIGUSR1 is ignored and
+    SIGTERM ends it only :data:`WORKER_GRACE_S` seconds later: long enough for the batches of the steps before
+    the stop (at most ``min(10, --log-every)`` under torchrun), short enough that a worker which its parent
+    terminates at exit still goes (after an error raised in a worker, torch's DataLoader terminates its workers
+    at exit: such an exit takes about half a minute). Workers also exit when their parent dies."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 def sample_seed(seed: int, stream: int, epoch: int, position: int) -> int:
@@ -358,7 +619,7 @@ class BatchStream:
     One ``DataLoader`` serves every epoch (its batch sampler is endless), so worker processes start once and
     stay alive across epochs (``persistent_workers`` also keeps them over a :meth:`restart` that does not
     change the dataset). ``pin_memory=True`` (use it for CUDA) returns page-locked batches, which the trainer
-    copies to the GPU with ``non_blocking=True``.
+    copies to the GPU with ``non_blocking=True``. Workers ignore SIGTERM/SIGUSR1 (:func:`ignore_stop_signals`).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, stream: int, rank: int = 0, world: int = 1,
@@ -389,10 +650,20 @@ class BatchStream:
         ``dataset.pseudo_dir`` changed (once per round); continue at the same position."""
         self._iter, self._loader = None, None
 
+    def close(self) -> None:
+        """Shut the worker processes down now (as :meth:`restart`): call it when a run ends on an error, so that
+        no worker outlives the main process's own shutdown (the iterator and this stream refer to each other:
+        a garbage collection frees the iterator, whose ``__del__`` stops the workers)."""
+        import gc
+
+        self.restart()
+        gc.collect()
+
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._loader is None:
             self._loader = DataLoader(self.dataset, batch_sampler=_EndlessBatches(self), num_workers=self.workers,
-                                      persistent_workers=self.workers > 0, pin_memory=self.pin_memory)
+                                      persistent_workers=self.workers > 0, pin_memory=self.pin_memory,
+                                      worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
         if self._iter is None:
             self._iter = iter(self._loader)
         batch = next(self._iter)

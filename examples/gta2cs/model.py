@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import checkpoint
+
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # torchvision weights: (x / 255 - mean) / std
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # DeepLab init weights: BGR, mean only
@@ -291,7 +293,7 @@ def read_init(path: str | Path) -> tuple[dict[str, Tensor], str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"expected --init to be a ResNet-101 checkpoint file, got {str(path)!r} (not a file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.load(path, "--init")  # weights_only=True; a refused or unreadable file is a named ValueError
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

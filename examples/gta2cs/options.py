@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
     d.add_argument("--eval-size", type=_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
     d.add_argument("--workers", type=int, help="DataLoader worker processes")
+    d.add_argument("--check-data", action=argparse.BooleanOptionalAction,
+                   help="pre-flight check of every image and label of the chosen splits before training (decodes "
+                        "each file, checks label mode, ids and size; reports all bad files at once). Default: on "
+                        "for the real datasets, off for the generated demo; never repeated on --resume")
+    d.add_argument("--on-bad-sample", choices=("error", "skip"), default="error",
+                   help="a file that fails to read during training: 'error' stops with its path; 'skip' uses the "
+                        "next sample instead, logs a warning and counts it in metrics.json ('bad_samples')")
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=("deeplabv2", "tiny"), help="default: tiny for the demo, deeplabv2 otherwise")
     m.add_argument("--init", help="ImageNet ResNet-101 weights (torchvision or DeepLab init layout); never downloaded")
@@ -95,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: on for the demo, off otherwise)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--resume", help="checkpoint to continue from (e.g. <out>/checkpoint.pt)")
+    r.add_argument("--resume", help="checkpoint to continue from, or 'auto': <out>/checkpoint.pt when it exists, else "
+                                    "a fresh start (the same command for the first submission and every requeue)")
     r.add_argument("--log-every", type=int)
     r.add_argument("--ckpt-every", type=int, help="checkpoint every N iterations (and at each stage/round end)")
     r.add_argument("--threads", type=int,
@@ -136,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.control = demo
     if args.diagnostics is None:
         args.diagnostics = demo
+    if args.check_data is None:
+        args.check_data = not demo  # the demo is generated, hence well formed
     args.demo = demo
     return args
 

@@ -8,8 +8,9 @@ The training loop itself is ``examples/train_gta2cs.py``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,16 +21,19 @@ from torch.utils.data import DataLoader
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, diagnostics, dist, figures, options
+from . import checkpoint, diagnostics, dist, figures, options, preflight, runtime
 from .data import (
     CLASS_NAMES,
     SYNTHIA_CLASSES_13,
     SYNTHIA_CLASSES_16,
     BatchStream,
     EvalSet,
+    SkipCounter,
     TrainSet,
     cityscapes_files,
     gta5_files,
+    ignore_stop_signals,
+    pseudo_label_size,
     synthia_files,
 )
 from .evaluate import iou_table
@@ -64,6 +68,8 @@ class Run:
     scaler: torch.amp.GradScaler
     tb: object = None
     started: tuple = (0.0, 0)  # (time, step) when training (re)started: the it/s of the log
+    guard: runtime.NonFiniteGuard | None = None  # non-finite losses/gradients, read at the log point
+    stop: runtime.StopRequest | None = None  # SIGTERM/SIGUSR1, polled once per step (set by main)
 
 
 def setup(args) -> Run:
@@ -72,14 +78,13 @@ def setup(args) -> Run:
     rank, world, device = dist.setup(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = runtime.check_output_dir(args.out)  # before anything is written: exists, takes a file
     if args.demo:
         from .synthetic import write_demo_dataset
 
         if rank == 0:
             write_demo_dataset(args.demo_root, seed=args.seed, source=args.source)
         dist.barrier()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = make_log(out, rank)
     checkpoint.seed_everything(args.seed)
     source = gta5_files(args.gta5_root) if args.source == "gta5" else synthia_files(args.synthia_root)
@@ -89,13 +94,16 @@ def setup(args) -> Run:
         missing = [s.image for s in target_train if s.label is None]
         raise ValueError(f"expected gtFine train labels for --diagnostics (they are read for the logged "
                          f"pseudo-label diagnostics only), got {len(missing)} images without, e.g. {str(missing[0])!r}")
-    pin, scales = device.type == "cuda", tuple(args.scales)
-    source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales)
-    target_set = TrainSet(target_train, resize=args.resize, crop=args.crop, scales=scales,
+    if args.check_data and runtime.resolve_resume(args.resume, out) is None:  # not repeated on a resume
+        check_data(args, rank, world, log, out, source, target_train, target_val)
+    pin, scales, bad = device.type == "cuda", tuple(args.scales), args.on_bad_sample
+    source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales, on_bad_sample=bad)
+    target_set = TrainSet(target_train, resize=args.resize, crop=args.crop, scales=scales, on_bad_sample=bad,
                           labels=args.diagnostics)  # target ground truth: read only when asked for
     stream = {"seed": args.seed, "rank": rank, "world": world, "workers": args.workers, "pin_memory": pin}
-    val_loader = DataLoader(EvalSet(target_val[rank::world], size=tuple(args.eval_size)), batch_size=1,
-                            num_workers=min(args.workers, 2), pin_memory=pin)
+    val_loader = SkipCounter(DataLoader(  # SkipCounter: the evaluation's skipped files (--on-bad-sample skip)
+        EvalSet(target_val[rank::world], size=tuple(args.eval_size), on_bad_sample=bad), batch_size=1,
+        num_workers=min(args.workers, 2), pin_memory=pin, worker_init_fn=ignore_stop_signals))
     model = build_model(args.arch, len(CLASS_NAMES), features=args.features, proj_dim=args.proj_dim,
                         init=args.init).to(device)
     if args.arch == "deeplabv2" and args.init is None:
@@ -114,6 +122,15 @@ def setup(args) -> Run:
               target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
               model=model, net=net, contrast=contrast, optimizer=None, scaler=None)
     new_optimizer(run, args.source_lr)
+    # room for what the run writes (checkpoints ~ weights + SGD momentum, pseudo labels), checked before training
+    state_bytes = 2 * runtime.tensor_bytes(model.state_dict()) + runtime.tensor_bytes(contrast.state_dict())
+    try:
+        w, h = pseudo_label_size(target_train[0], args.resize)
+    except ValueError:  # an unreadable first image (--no-check-data): assume Cityscapes' 2:1
+        w, h = 2 * args.resize, args.resize
+    runtime.check_output_dir(out, runtime.estimate_output_bytes(state_bytes, pseudo_labels=len(target_train),
+                                                                pseudo_label_pixels=w * h // 4))
+    run.guard = runtime.NonFiniteGuard(device, grads=args.amp != "fp16")  # fp16: the GradScaler skips inf steps
     if args.tensorboard and rank == 0:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -126,6 +143,45 @@ def setup(args) -> Run:
     if args.sync_debug and device.type != "cuda":
         log("note: --sync-debug has an effect on CUDA only")
     return run
+
+
+def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Path, source: list,
+               target_train: list, target_val: list) -> None:
+    """The pre-flight check (:mod:`gta2cs.preflight`) of the source split, the target train images (and their
+    labels with ``--diagnostics``, the only case they are read) and the target val split; sharded over ranks,
+    the bad files of all ranks reported by every rank (one ``ValueError``). Statistics in
+    ``<out>/data_check.json``."""
+    if not args.diagnostics:
+        target_train = [replace(s, label=None) for s in target_train]
+    splits = {args.source: source, "cityscapes train": target_train, "cityscapes val": target_val}
+    shard = {name: split[rank::world] for name, split in splits.items()}
+    workers = max(1, preflight.default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    stats, bad = preflight.scan(shard, workers=workers, progress=rank == 0)
+    if world > 1:  # every rank learns every rank's bad files, and all stop together
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (stats, bad))
+        bad = [b for _, rank_bad in gathered for b in rank_bad]
+        stats = {**stats, **{k: sum(s[k] for s, _ in gathered) for k in ("files", "samples", "bytes")},
+                 "seconds": max(s["seconds"] for s, _ in gathered)}
+        stats["files_per_s"] = round(stats["files"] / max(stats["seconds"], 1e-9), 1)
+        stats["mb_per_s"] = round(stats["bytes"] / 2**20 / max(stats["seconds"], 1e-9), 1)
+    if bad:
+        raise ValueError(preflight.report(bad, splits, stats["files"]))
+    log(preflight.summary(stats, splits))
+    if rank == 0:
+        preflight.write_report(stats, out / "data_check.json")
+
+
+def bad_samples(run: Run, state: dict) -> dict:
+    """``{"skipped", "files"}`` of the bad files skipped so far (``--on-bad-sample skip``), over all ranks (a
+    collective under torch.distributed: every rank calls it). Each rank counts its own; on a resume rank 0
+    holds the total written in the checkpoint, the others start from zero."""
+    own = state["bad_samples"]
+    if run.world == 1:
+        return {"skipped": own["skipped"], "files": sorted(own["files"])}
+    gathered = [None] * run.world
+    torch.distributed.all_gather_object(gathered, own)
+    return {"skipped": sum(g["skipped"] for g in gathered), "files": sorted({f for g in gathered for f in g["files"]})}
 
 
 def make_log(out: Path, rank: int) -> Callable[[str], None]:
@@ -182,11 +238,12 @@ def finish(run: Run, state: dict) -> None:
     """After training (the last checkpoint is written): metrics.json, the curves, the per-class table and the last
     line ``target mIoU: source-only X.XX -> adapted Y.YY`` (rank 0)."""
     a, m = run.args, state["metrics"]
+    skipped = bad_samples(run, state)  # (a collective)
     if run.rank != 0:
         return
     metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics")
                if k in m}
-    metrics.update(config=run.config, class_names=list(CLASS_NAMES))
+    metrics.update(config=run.config, class_names=list(CLASS_NAMES), bad_samples=skipped)
     if run.subsets:
         metrics["class_subsets"] = {n: [CLASS_NAMES[k] for k in ks] for n, ks in run.subsets.items()}
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
