@@ -1,0 +1,195 @@
+r"""Label-free reliability signals of the target labels, per class and round (issue 20; on by default,
+``--no-signals`` switches them off).
+
+A user on real data has no target ground truth, so ``--diagnostics`` (the labels' true precision) is not
+available to them. These signals read **no target label**: only the static labels y_F, the dynamic labels y_D,
+the labels the target CE trains on (``hybrid``), the classifier's prediction and the prototypes. Per class c,
+over a round of stage 2 (a class's value is NaN where it is undefined, as in :mod:`gta2cs.diagnostics`):
+
+``static_agreement``
+    Of the pixels that carry both a static and a dynamic label, the dynamic label being c: the share whose
+    static label is c too. Static labels are the confident ones, so this estimates the precision of dynamic c
+    where the two overlap. NaN: dynamic c never met a static label.
+``prediction_agreement``
+    Of the pixels with dynamic label c: the share where the classifier's own argmax is c.
+``hybrid_prediction_agreement``
+    The same for the labels the target CE trains on.
+``margin``
+    The mean, over the feature cells whose dynamic label is c (best cosine above the threshold), of the best minus
+    the second-best cosine to the (calibrated, per-image) source prototypes: how clearly the cell's feature picks
+    c. A second prototype that does not exist counts as cosine −1.
+``inflation``
+    Pixels labelled c by the dynamic branch per pixel labelled c by the static one, + 1 (the class-balanced static
+    labels cover a fixed share of each class's predicted pixels): a class whose dynamic labels grow far beyond its
+    static ones is taking pixels from others; one with dynamic labels and no static label at all gets the count
+    of its dynamic pixels. NaN: neither label.
+``separation``
+    1 − the largest cosine between class c's target EMA prototype and another class's (at the round's end):
+    a class whose prototype sits close to another's cannot be told apart by the dynamic labels.
+
+For the first three and ``margin`` higher is more reliable; for ``inflation`` lower. How well each ranks classes
+by the true precision of their dynamic labels, on the study's shifts: docs/examples.md (the signal validation
+table); how to read them: docs/troubleshooting.md ("Reading the reliability signals on real data").
+
+On the training path nothing here reads the device: :func:`step_counts` returns per-class sums (one
+``scatter_add_``, float64 so a round's counts stay exact), the loop adds them up in ``state["signal_counts"]``,
+and :func:`summarize` turns them into values at the log point and at the round's end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+import protocl
+from protocl import IGNORE_INDEX
+
+from .diagnostics import class_mean
+
+SIGNALS = ("static_agreement", "prediction_agreement", "hybrid_prediction_agreement", "margin", "inflation",
+           "separation")
+HIGHER_IS_BETTER = {"static_agreement": True, "prediction_agreement": True, "hybrid_prediction_agreement": True,
+                    "margin": True, "inflation": False, "separation": True}
+ROWS = ("overlap", "agree", "dynamic", "dynamic_pred", "hybrid", "hybrid_pred", "margin_sum", "cells", "static")
+SHORT = {"static_agreement": "stat-agr", "prediction_agreement": "pred-agr", "hybrid_prediction_agreement": "hyb-agr",
+         "margin": "margin", "inflation": "inflation", "separation": "separation"}
+
+
+class Similarities(NamedTuple):
+    """Cosine of every target feature cell with the step's calibrated source prototypes."""
+
+    cosine: Tensor  # (B, K, h, w) float32, -inf for the classes without a prototype in the paired source image
+    valid: Tensor  # (B, K) bool
+
+
+def zeros(num_classes: int, device: torch.device | str | None = None) -> Tensor:
+    """The accumulator of :func:`step_counts`: ``(len(ROWS), K)`` float64 zeros."""
+    return torch.zeros(len(ROWS), num_classes, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def similarities(contrast: protocl.BidirectionalContrast, source_features: Tensor, source_labels: Tensor,
+                 target_features: Tensor) -> Similarities:
+    """The cosines behind this step's dynamic labels: per-image source prototypes (masked average pooling, the
+    orchestrator's nearest label resize), calibrated with the EMAs as they are **before** the orchestrator's call
+    (call this first: its step 7 moves them), against the target features. No gradient, no host read."""
+    K = contrast.num_classes
+    pooled = protocl.masked_average_pool(source_features.detach(), source_labels, K,
+                                         ignore_index=contrast.ignore_index, per_image=True)
+    anchors = contrast.calibrated(pooled.prototypes) if contrast.calibrate else pooled.prototypes
+    valid = pooled.counts > 0
+    cosine = protocl.cosine_similarity_map(target_features.detach(), anchors)
+    cosine = torch.where(valid[:, :, None, None], cosine, torch.full_like(cosine, -math.inf))
+    return Similarities(cosine, valid)
+
+
+def _scatter(index: Tensor, values: Tensor, rows: int, K: int) -> Tensor:
+    """Per-row class sums: ``index`` (rows, N) class ids (K = not counted), ``values`` (rows, N) float64."""
+    offset = index + torch.arange(rows, device=index.device)[:, None] * (K + 1)
+    out = torch.zeros(rows * (K + 1), dtype=torch.float64, device=index.device)
+    out.scatter_add_(0, offset.flatten(), values.flatten())
+    return out.view(rows, K + 1)[:, :K]
+
+
+@torch.no_grad()
+def step_counts(static: Tensor, dynamic: Tensor, hybrid: Tensor, prediction: Tensor, sims: Similarities,
+                threshold: float, num_classes: int) -> Tensor:
+    """One step's per-class sums ``(len(ROWS), K)`` float64 (rows :data:`ROWS`), from label maps ``(B, H, W)``
+    (``prediction``: the classifier's argmax at the same size) and the step's :class:`Similarities`."""
+    K, ig = num_classes, IGNORE_INDEX
+    has_s, has_d, has_h = static != ig, dynamic != ig, hybrid != ig
+    d = torch.where(has_d, dynamic, K)
+    h = torch.where(has_h, hybrid, K)
+    index = torch.stack([
+        torch.where(has_s, d, K),  # overlap: dynamic c where a static label exists
+        torch.where(has_s & (static == dynamic), d, K),  # agree
+        d,  # dynamic
+        torch.where(prediction == dynamic, d, K),  # dynamic_pred
+        h,  # hybrid
+        torch.where(prediction == hybrid, h, K),  # hybrid_pred
+        torch.where(has_s, static, K),  # static
+    ]).flatten(1)
+    counts = _scatter(index, torch.ones_like(index, dtype=torch.float64), index.shape[0], K)
+    top = sims.cosine.float().flatten(2).topk(min(2, K), dim=1).values  # (B, 2, hw)
+    best = top[:, 0]
+    second = top[:, 1].clamp_min(-1.0) if K > 1 else torch.full_like(best, -1.0)
+    cell_class = torch.where(best > threshold, sims.cosine.flatten(2).argmax(1), K).flatten()
+    margin = torch.nan_to_num(best - second, nan=0.0, posinf=0.0, neginf=0.0).flatten().double()
+    cells = _scatter(torch.stack([cell_class, cell_class]), torch.stack([margin, torch.ones_like(margin)]), 2, K)
+    return torch.cat([counts[:6], cells, counts[6:]])  # the order of ROWS
+
+
+def _ratio(num: Tensor, den: Tensor) -> list[float]:
+    return [float(n / d) if d > 0 else math.nan for n, d in zip(num, den)]
+
+
+def separation(ema: protocl.PrototypeEMA) -> list[float]:
+    """1 − max cosine of each class's EMA prototype with another initialised class's (NaN: not initialised)."""
+    p = torch.nn.functional.normalize(ema.prototypes.detach().double(), dim=-1)
+    init = ema.initialized.detach()
+    cos = p @ p.T
+    K = cos.shape[0]
+    cos = torch.where(init[None, :] & ~torch.eye(K, dtype=torch.bool, device=cos.device), cos,
+                      torch.full_like(cos, -1.0))
+    nearest = cos.max(dim=1).values.cpu()
+    return [1.0 - float(v) if bool(i) and K > 1 else math.nan for v, i in zip(nearest, init.cpu())]
+
+
+def summarize(counts: Tensor, ema: protocl.PrototypeEMA | None = None) -> dict:
+    """Per-class values of :data:`SIGNALS` (NaN where undefined), their class means, the sums (``counts``)."""
+    c = dict(zip(ROWS, counts.detach().double().cpu()))
+    values = {
+        "static_agreement": _ratio(c["agree"], c["overlap"]),
+        "prediction_agreement": _ratio(c["dynamic_pred"], c["dynamic"]),
+        "hybrid_prediction_agreement": _ratio(c["hybrid_pred"], c["hybrid"]),
+        "margin": _ratio(c["margin_sum"], c["cells"]),
+        "inflation": [float(d / (st + 1)) if d + st > 0 else math.nan for d, st in zip(c["dynamic"], c["static"])],
+        "separation": separation(ema) if ema is not None else [math.nan] * counts.shape[1],
+    }
+    out = {name: values[name] for name in SIGNALS}
+    out.update({f"class_mean_{name}": class_mean(values[name]) for name in SIGNALS})
+    out["counts"] = {row: [float(v) for v in c[row]] for row in ROWS}
+    return out
+
+
+def _fmt(value: float, name: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" if name in ("margin", "inflation", "separation") else f"{100 * value:.0f}%"
+
+
+def log_summary(summary: dict, class_names, *, low: float = 0.5) -> str:
+    """The log point's short form: class means and the classes whose dynamic labels agree with the static ones
+    on less than ``low`` of their overlap (the first signal to look at, docs/troubleshooting.md)."""
+    means = " ".join(f"{SHORT[n]} {_fmt(summary[f'class_mean_{n}'], n)}" for n in SIGNALS if n != "separation")
+    flagged = [class_names[k] for k, v in enumerate(summary["static_agreement"]) if not math.isnan(v) and v < low]
+    return (f" | signals (round so far, label-free) {means}; dynamic/static agreement < {100 * low:.0f}%: "
+            + (", ".join(flagged) if flagged else "none"))
+
+
+def table(summary: dict, class_names) -> str:
+    """A Markdown table of every signal per class (classes with neither a dynamic nor a static label left out)."""
+    lines = ["| class | " + " | ".join(SIGNALS) + " |", "|---|" + "---:|" * len(SIGNALS)]
+    counts = summary["counts"]
+    for k, name in enumerate(class_names):
+        if counts["dynamic"][k] or counts["static"][k] or counts["hybrid"][k]:
+            lines.append(f"| {name} | " + " | ".join(_fmt(summary[n][k], n) for n in SIGNALS) + " |")
+    lines.append("| **class mean** | " + " | ".join(f"**{_fmt(summary[f'class_mean_{n}'], n)}**" for n in SIGNALS)
+                 + " |")
+    return "\n".join(lines)
+
+
+def end_round(run, state: dict, class_names) -> dict:
+    """At a round's end (every rank: the counts are summed over ranks): the round's signals into
+    ``state["metrics"]["signals"]`` (metrics.json) and a per-class table in the log. Returns the entry."""
+    from protocl.distributed import all_reduce_sum_
+
+    counts = all_reduce_sum_(state["signal_counts"].clone())
+    entry = {"round": state["round"], **summarize(counts, run.contrast.target_ema)}
+    state["metrics"].setdefault("signals", []).append(entry)
+    run.log(f"round {state['round']}: label-free reliability signals of the dynamic labels (no target label read; "
+            "higher is more reliable, except inflation; docs/troubleshooting.md):\n" + table(entry, class_names))
+    return entry
