@@ -20,6 +20,16 @@ On the real datasets (DeepLab-V2 ResNet-101, the paper's settings are the defaul
     python examples/train_gta2cs.py --synthia-root /data/RAND_CITYSCAPES --cityscapes-root /data/cityscapes ...
     torchrun --nproc_per_node=4 examples/train_gta2cs.py ... (the same arguments)
 
+Other benchmarks and your own data (docs/datasets.md): ``--source {gta5,synthia,cityscapes,folder}``,
+``--target {cityscapes,acdc,darkzurich,folder}``, ``--class-table`` for your own K classes; without roots,
+``--source cityscapes --target acdc`` (or ``darkzurich``) and ``--source folder --target folder`` (K = 5) run on
+generated data in those layouts:
+
+    python examples/train_gta2cs.py --source cityscapes --cityscapes-root /data/cityscapes --target acdc \
+        --acdc-root /data/acdc --init resnet101-imagenet.pth --out runs/cs2acdc --device cuda
+    python examples/train_gta2cs.py --source folder --source-root /data/mine/src --target folder \
+        --target-root /data/mine/tgt --class-table /data/mine/classes.json ...
+
 Stage 1 trains on labelled source crops (cross-entropy) and keeps the last weights. Stage 2 adapts in rounds:
 at the start of each round static pseudo labels are regenerated over the target train split and written to
 disk; every step the orchestrator :class:`protocl.BidirectionalContrast` turns them into hybrid labels y_T and
@@ -29,7 +39,7 @@ returns the FCL + BCL loss; the step loss (:func:`adapt_step`) is
 
 The training step never synchronises with the host: batches come from page-locked memory with non-blocking
 copies, losses and statistics are accumulated on the device and read only at the log point (every
-``--log-every`` steps, :func:`log_point`), and protocl's value checks (one host read per label map) run on the
+``--log-every`` steps, :func:`log_point`), and protocl's value checks (a pass per label map, device-side on CUDA) run on the
 first step of each stage and round only (``--value-checks always`` keeps them on). ``--sync-debug`` runs every
 other step under ``torch.cuda.set_sync_debug_mode("error")``, so that any sync raises.
 
@@ -57,8 +67,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gta2cs import checkpoint, diagnostics, dist, runtime
-from gta2cs.data import CLASS_NAMES, BadSampleError, PseudoLabelSet, ignore_stop_signals, skip_records
+from gta2cs import checkpoint, diagnostics, dist, runtime, signals
+from gta2cs.data import BadSampleError, PseudoLabelSet, ignore_stop_signals, skip_records
 from gta2cs.evaluate import evaluate as evaluate_model
 from gta2cs.options import parse_args
 from gta2cs.run import (
@@ -97,7 +107,8 @@ def new_state(run: Run) -> dict:
             "bad_samples": {"skipped": 0, "files": []},  # --on-bad-sample skip: this rank's skips
             "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
                         "coverage_dynamic": [], "coverage_hybrid": []},
-            "label_counts": torch.zeros(3, 4, len(CLASS_NAMES), dtype=torch.int64, device=run.device)}
+            "label_counts": torch.zeros(3, 4, run.num_classes, dtype=torch.int64, device=run.device),
+            "signal_counts": signals.zeros(run.contrast.num_classes, run.device)}  # this round's (gta2cs.signals)
 
 
 def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
@@ -108,9 +119,11 @@ def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
     check_finite(run, state)
     counts = all_reduce_sum_(state["label_counts"].clone())
     skipped = bad_samples(run, state)
+    signal_counts = all_reduce_sum_(state["signal_counts"].clone())  # a collective: every rank sums
     if run.rank == 0:
         checkpoint.save_atomic({
             **state, "label_counts": counts.cpu(), "bad_samples": skipped, "model": run.model.state_dict(),
+            "signal_counts": signal_counts.cpu(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "contrast": run.contrast.state_dict(), "rng": checkpoint.rng_state(), "config": run.config,
             "streams": {"source": run.source_stream.state_dict(), "target": run.target_stream.state_dict()},
@@ -139,6 +152,8 @@ def start(run: Run) -> dict:
         if run.rank == 0:  # the counts were summed over ranks when saved
             state["label_counts"].copy_(ckpt["label_counts"])
             state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])
+            if "signal_counts" in ckpt:
+                state["signal_counts"].copy_(ckpt["signal_counts"])
         run.model.load_state_dict(ckpt["model"])
         if state["phase"] != "source":
             new_optimizer(run, a.lr)
@@ -243,8 +258,10 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
 
     Returns the step's statistics (device tensors, read at the log point) and the target labels it used
     (``static`` y_F, ``dynamic`` y_D, ``hybrid`` = what the target CE trained on). ``target_labels(out, y_f,
-    target_logits)`` (a study hook, default None) chooses the target CE's labels from the orchestrator's output
-    ``out``; FCL/BCL always use the orchestrator's own y_T.
+    target_logits, sims)`` (a study hook, default None) chooses the target CE's labels from the orchestrator's
+    output ``out`` and the step's prototype cosines ``sims`` (:class:`gta2cs.signals.Similarities`, the ones
+    behind ``out.dynamic_labels``); FCL/BCL always use the orchestrator's own y_T. With ``--signals`` (default)
+    the statistics hold ``signal_counts``, this step's sums for :mod:`gta2cs.signals` (no host read).
     """
     b = src["image"].shape[0]
     images = src["image"].to(run.device, non_blocking=True)  # (page-locked on CUDA: copied one by one)
@@ -258,8 +275,11 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
         optimize(run, ce_src)
         return {"ce_src": ce_src.detach()}, None
     up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
+    sims = None  # the cosines behind y_D, taken before the orchestrator moves its EMAs (label-free signals)
+    if run.args.signals or target_labels is not None:
+        sims = signals.similarities(run.contrast, features[:b], y_s, features[b:])
     out = run.contrast(features[:b], y_s, features[b:], y_f)  # FCL + BCL on y_T = hybrid(y_F, y_D)
-    y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach())
+    y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach(), sims)
     ce_tgt = safe_cross_entropy(up_t, y_t)
     ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)
     loss = ce_src + 0.3 * ce_tgt + 0.4 * ent + out.loss
@@ -269,6 +289,9 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
              "bcl": out.bcl.detach()}
     for name, y in labels.items():
         stats[f"cov_{name}"] = torch.count_nonzero(y != IGNORE_INDEX) * (100.0 / y.numel())
+    if run.args.signals:
+        stats["signal_counts"] = signals.step_counts(y_f, out.dynamic_labels, y_t, up_t.detach().argmax(1), sims,
+                                                     run.contrast.threshold, run.contrast.num_classes)
     return stats, labels
 
 
@@ -369,7 +392,7 @@ def make_static_labels(run: Run, round_index: int) -> list[float]:
     loader = DataLoader(PseudoLabelSet(shard, resize=a.resize, on_bad_sample=a.on_bad_sample), batch_size=1,
                         num_workers=min(a.workers, 2), pin_memory=run.device.type == "cuda",
                         worker_init_fn=ignore_stop_signals)
-    thresholds = protocl.ClassBalancedThresholds(len(CLASS_NAMES), proportion=a.proportion, sync=False).to(run.device)
+    thresholds = protocl.ClassBalancedThresholds(run.num_classes, proportion=a.proportion, sync=False).to(run.device)
     cache, budget = [], a.pseudo_cache_mb * 2**20  # logits kept for the second pass, within the budget
 
     def full_logits(images: Tensor) -> Tensor:
@@ -436,12 +459,14 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
             count_skips(run, state, tgt)
         with step_scope(run, state["phase"], checked or a.value_checks == "always", step_context):
             stats, labels = step(run, src, tgt)
+            if "signal_counts" in stats:  # the round's sums (gta2cs.signals), not a mean of the log point
+                state["signal_counts"] += stats.pop("signal_counts")
             accumulate(sums, stats)
             watch(run, state, stats)
             if a.diagnostics and labels is not None:  # opt-in: target ground truth, never trained on
                 gt = tgt["label"].to(run.device, non_blocking=True).long()
                 for i, kind in enumerate(diagnostics.LABEL_KINDS):
-                    state["label_counts"][i] += diagnostics.class_counts(labels[kind], gt, len(CLASS_NAMES))
+                    state["label_counts"][i] += diagnostics.class_counts(labels[kind], gt, run.num_classes)
         checked, last = False, (tgt, labels)
         state["iteration"] += 1
         state["step"] += 1
@@ -458,10 +483,13 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
         state["metrics"].setdefault("rounds", []).append({"round": state["round"], "miou": result["miou"]})
         if a.diagnostics:
             round_diagnostics(run, state)
+        if a.signals:
+            signals.end_round(run, state, run.table.names)
         if run.rank == 0 and last is not None and last[1] is not None:
             round_figure(run, state["round"], *last)
     state["round"], state["iteration"] = state["round"] + 1, 0
     state["label_counts"].zero_()
+    state["signal_counts"].zero_()
     if state["round"] < a.rounds:
         save_checkpoint(run, state)
     else:
@@ -490,7 +518,7 @@ def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: S
 # ---------------------------------------------------------------------------------------------- evaluation, logs
 def evaluate(run: Run, state: dict, label: str) -> dict:
     """Target val mIoU of the current model (sharded over ranks), logged and added to the curves."""
-    result = evaluate_model(run.model, run.val_loader, len(CLASS_NAMES), run.device, subsets=run.subsets,
+    result = evaluate_model(run.model, run.val_loader, run.num_classes, run.device, subsets=run.subsets,
                             amp_dtype=AMP_DTYPES[run.args.amp])
     if hasattr(run.val_loader, "take"):  # files left out of the score (--on-bad-sample skip)
         record_skips(run, state, run.val_loader.take(), "left out of the evaluation")
@@ -533,6 +561,9 @@ def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None
             for n, v in summary.items():
                 means[f"class_mean_coverage_{n}"] = v["class_mean_coverage"]
                 means[f"class_mean_precision_{n}"] = v["class_mean_precision"]
+        if a.signals:  # label-free: what a user without target labels can read (a collective, like the above)
+            line += signals.log_summary(signals.summarize(all_reduce_sum_(state["signal_counts"].clone())),
+                                        run.table.names)
         state["history"]["log_iter"].append(state["step"] - a.source_iters)
         for name in diagnostics.LABEL_KINDS:
             state["history"][f"coverage_{name}"].append(means[f"cov_{name}"])

@@ -50,12 +50,12 @@ def test_images_are_read_from_the_installed_wheel():
 
 
 def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
-    _, (gta, cs) = shift_roots
+    shift, (gta, cs) = shift_roots
     source = data.gta5_files(gta)
     train = data.cityscapes_files(cs, "train")
     val = data.cityscapes_files(cs, "val")
     assert (len(source), len(train), len(val)) == (4, 4, 2)
-    allowed = set(shifts.SHIFT_CLASSES) | {data.IGNORE}
+    allowed = set(shifts.SHAPE_CLASSES if shift == "shape" else shifts.SHIFT_CLASSES) | {data.IGNORE}
     seen = set()
     for sample in source + train + val:
         with Image.open(sample.image) as image:
@@ -63,7 +63,7 @@ def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
         labels = data.read_label(sample.label, (48, 24))
         assert set(np.unique(labels)) <= allowed
         seen |= set(np.unique(labels).tolist())
-    assert {shifts.ROAD, shifts.SKY, shifts.BUILDING} <= seen
+    assert ({shifts.GROUND, shifts.STROKE} if shift == "shape" else {shifts.ROAD, shifts.SKY, shifts.BUILDING}) <= seen
     crop = data.TrainSet(train, resize=24, crop=16)[(0, 7)]
     assert crop["image"].shape == (3, 16, 16) and crop["label"].shape == (16, 16)
     item = data.EvalSet(val, size=(48, 24))[0]
@@ -213,7 +213,7 @@ def test_gate_dynamic_keeps_static_and_agreeing_dynamic_labels():
     assert gates.gate_dynamic(static, hybrid, prediction)[0].tolist() == loop
 
 
-@pytest.mark.parametrize("gate", gates.RULES)
+@pytest.mark.parametrize("gate", gates.RULES[:3])  # issue 11's gates; issue 20's: tests/test_signals.py
 def test_gate_hook_trains_the_target_ce_on_gated_labels(photo_tiny, tmp_path, gate):
     """The study's gate through adapt_step's target_labels hook: the CE's labels are the gated ones, FCL/BCL the
     orchestrator's; the run finishes."""
@@ -224,8 +224,8 @@ def test_gate_hook_trains_the_target_ce_on_gated_labels(photo_tiny, tmp_path, ga
     seen = []
     hook = gates.target_labels_hook(gate, 19)
 
-    def recording(out, static, logits):
-        labels = hook(out, static, logits)
+    def recording(out, static, logits, sims):
+        labels = hook(out, static, logits, sims)
         seen.append((out.target_labels.clone(), labels.clone()))
         return labels
 

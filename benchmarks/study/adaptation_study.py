@@ -73,6 +73,11 @@ VARIANTS = {
     "no_dynamic": (["--no-control", "--no-dynamic"], None),
     "no_calibration": (["--no-control", "--no-calibration"], None),
     "static_only": (["--no-control", "--no-dynamic", "--no-contrastive"], None),
+    # issue 20's candidate fixes (benchmarks.study.gates): the target CE's labels only
+    "hires": (["--no-control"], "hires"),
+    "margin": (["--no-control"], "margin"),
+    "class_off": (["--no-control"], "class_off"),
+    "hires_margin": (["--no-control"], "hires_margin"),
 }
 
 
@@ -140,12 +145,14 @@ def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: di
     gta, cs = dataset(shift, seed, work)
     flags, gate = VARIANTS[variant]
     argv = ([source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out", str(out),
-             "--source-checkpoint", source["checkpoint"], "--diagnostics"] + flags + extra)
+             "--source-checkpoint", source["checkpoint"], "--diagnostics",
+             "--source-iters", source["argv"][source["argv"].index("--source-iters") + 1]] + flags + extra)
     t0 = time.time()
     run = train_gta2cs.setup(options.parse_args(argv))
     step = train_gta2cs.adapt_step
     if gate is not None:
-        step = functools.partial(train_gta2cs.adapt_step, target_labels=target_labels_hook(gate, K))
+        step = functools.partial(train_gta2cs.adapt_step,
+                                 target_labels=target_labels_hook(gate, K, threshold=run.contrast.threshold))
     state = train_gta2cs.start(run)
     train_gta2cs.train(run, state, step=step)
     train_gta2cs.finish(run, state)
@@ -158,6 +165,8 @@ def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: di
         result["control"] = metrics["source_only_continued"]["miou"]
         result["control_iou"] = metrics["source_only_continued"]["iou"]
     result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the pipeline's --diagnostics
+    result["signals"] = [  # per round: the label-free signals (gta2cs.signals) and each class's dynamic pixels
+        {**entry, "dynamic_pixels": entry["counts"]["dynamic"]} for entry in metrics.get("signals", [])]
     result["static_png"] = {f"round{r}": diagnostics.summarize(static_png_counts(out, cs, r))
                             for r in range(run.args.rounds)}
     losses = [line for line in (out / "log.txt").read_text().splitlines() if "ce_tgt" in line]
@@ -176,6 +185,9 @@ LABELS = {
     "either": "`--gate-dynamic either`",  # (the gates' names of the v2 tables; now benchmarks.study.gates)
     "no_contrastive": "`--no-contrastive`", "no_dynamic": "`--no-dynamic`", "no_calibration": "`--no-calibration`",
     "static_only": "static labels only (`--no-dynamic --no-contrastive`)",
+    "hires": "`hires`: dynamic labels at label resolution", "margin": "`margin`: margin ≥ 0.05 rejection",
+    "class_off": "`class_off`: a class's dynamic labels off below 50 % agreement",
+    "hires_margin": "`hires_margin`: `hires` + margin ≥ 0.05 at label resolution",
 }
 
 
@@ -218,6 +230,129 @@ def tables(results: dict, seeds: list[int], stage1_info: dict) -> str:
     return "\n".join(["Means over the seeds:", "", *summary, "", *lines])
 
 
+CANDIDATES = ("hires", "margin", "class_off", "hires_margin")  # issue 20's candidate fixes
+MIN_SUPPORT = 100  # a class enters the signal validation of a round with at least this many dynamic pixels
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties) of the pairs where both values are defined; NaN with
+    fewer than 3 pairs or a constant side."""
+    pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 3:
+        return math.nan
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        r = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks([a for a, _ in pairs]), ranks([b for _, b in pairs])
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def signal_rhos(run: dict, name: str) -> list[float]:
+    """Per round of one run: Spearman, over the classes with at least MIN_SUPPORT dynamic pixels, between signal
+    ``name`` and the true precision of the dynamic labels (the run's --diagnostics)."""
+    rhos = []
+    for sig, diag in zip(run.get("signals", []), run.get("labels_train_crops", [])):
+        support = sig.get("dynamic_pixels") or [MIN_SUPPORT] * len(sig[name])
+        values = [v if n >= MIN_SUPPORT else math.nan for v, n in zip(_nan(sig[name]), support)]
+        rhos.append(spearman(values, _nan(diag["dynamic"]["precision"])))
+    return rhos
+
+
+def _nan(values: list) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def validation_table(results: dict, seeds: list[int]) -> str:
+    """Mean Spearman (over seeds × rounds of the paper-default runs) of each signal with the dynamic labels' true
+    per-class precision, per shift; in brackets the share of (seed, round) cells with the expected sign."""
+    from gta2cs.signals import HIGHER_IS_BETTER, SIGNALS
+
+    head = "| shift | " + " | ".join(f"`{n}`" for n in SIGNALS) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(SIGNALS)]
+    pooled: dict = {n: [] for n in SIGNALS}
+    for shift, per_seed in results.items():
+        cells = []
+        for name in SIGNALS:
+            rhos = [r for s in seeds if per_seed.get(s, {}).get("full") for r in signal_rhos(per_seed[s]["full"], name)]
+            rhos = [r for r in rhos if not math.isnan(r)]
+            pooled[name] += rhos
+            sign = 1 if HIGHER_IS_BETTER[name] else -1
+            cells.append(f"{sum(rhos) / len(rhos):+.2f} ({sum(sign * r > 0 for r in rhos)}/{len(rhos)})" if rhos
+                         else "n/a")
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    cells = []
+    for name in SIGNALS:
+        rhos, sign = pooled[name], 1 if HIGHER_IS_BETTER[name] else -1
+        cells.append(f"**{sum(rhos) / len(rhos):+.2f}** ({sum(sign * r > 0 for r in rhos)}/{len(rhos)})" if rhos
+                     else "n/a")
+    lines.append("| **all shifts** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+AGREEMENTS = ("static_agreement", "prediction_agreement", "hybrid_prediction_agreement")
+
+
+def agreement_error_table(results: dict, seeds: list[int]) -> str:
+    """How close the agreement signals (shares, like precision) come to the true precision of the dynamic labels in
+    absolute terms: per shift, the mean over the paper-default runs' classes × rounds (at least MIN_SUPPORT dynamic
+    pixels) of signal − precision, in percentage points, and the mean absolute difference."""
+    lines = ["| shift | " + " | ".join(f"`{n}`: mean diff / mean abs diff" for n in AGREEMENTS) + " |",
+             "| --- |" + " ---: |" * len(AGREEMENTS)]
+    for shift, per_seed in results.items():
+        cells = []
+        for name in AGREEMENTS:
+            diffs = []
+            for s in seeds:
+                run = per_seed.get(s, {}).get("full") or {}
+                for sig, diag in zip(run.get("signals", []), run.get("labels_train_crops", [])):
+                    support = sig.get("dynamic_pixels") or [MIN_SUPPORT] * len(sig[name])
+                    for v, p, n in zip(_nan(sig[name]), _nan(diag["dynamic"]["precision"]), support):
+                        if n >= MIN_SUPPORT and not (math.isnan(v) or math.isnan(p)):
+                            diffs.append(100 * v - p)
+            cells.append(f"{sum(diffs) / len(diffs):+.1f} / {sum(map(abs, diffs)) / len(diffs):.1f}" if diffs
+                         else "n/a")
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decision_table(results: dict, seeds: list[int]) -> str:
+    """Per candidate and shift: mean − control mean, mean − paper-default mean, and the default's seed spread (the
+    standard deviation of its per-seed mIoU). A candidate qualifies as the new default only if on every shift its
+    mean is >= the control's and >= the default's minus that spread."""
+    lines = ["| candidate | " + " | ".join(results) + " | qualifies |", "| --- |" + " ---: |" * len(results) + " :---: |"]
+    for cand in CANDIDATES:
+        cells, ok = [], True
+        for shift, per_seed in results.items():
+            full = [per_seed.get(s, {}).get("full") for s in seeds]
+            mine = [per_seed.get(s, {}).get(cand) for s in seeds]
+            if not all(full) or not all(mine):
+                cells.append("n/a")
+                ok = None if ok is not False else False
+                continue
+            m, d, c = (_mean([r["adapted"] for r in mine]), _mean([r["adapted"] for r in full]),
+                       _mean([r["control"] for r in full]))
+            spread = float(np.std([r["adapted"] for r in full], ddof=1))
+            cells.append(f"{m - c:+.2f} / {m - d:+.2f} (±{spread:.2f})")
+            ok = ok if ok is None else ok and m >= c and m >= d - spread
+        verdict = "n/a" if ok is None else "**yes**" if ok else "no"
+        lines.append(f"| `{cand}` | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def _compact(value):
     """Floats to 2 decimals and without the raw pixel counts of the diagnostics (derivable from the rest)."""
     if isinstance(value, float):
@@ -254,9 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shifts", nargs="+", default=list(SHIFT_NAMES), choices=SHIFT_NAMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="stage-2 variants (none: stage 1 only)")
     p.add_argument("--ablation-seeds", nargs="+", type=int, help="seeds for the ablations (default: --seeds)")
     p.add_argument("--source-iters", type=int, default=1500, help="stage 1 iterations (to a plateau)")
+    p.add_argument("--source-iters-for", nargs="*", default=[], metavar="SHIFT=N",
+                   help="stage-1 iterations of one shift instead of --source-iters (a shift that plateaus later)")
     p.add_argument("--curve-every", type=int, default=250, help="stage-1 target-val evaluation period")
     p.add_argument("--stage2-args", default="", help="extra train_gta2cs.py options for every stage-2 run")
     p.add_argument("--tag", default="before", help="name of this set of stage-2 runs (results/<tag>/)")
@@ -270,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(a.work), Path(a.out) / a.tag
     extra = shlex.split(a.stage2_args)
     ablation_seeds = a.ablation_seeds if a.ablation_seeds is not None else a.seeds
+    iters_for = {}
+    for item in a.source_iters_for:
+        shift, _, n = item.partition("=")
+        if shift not in SHIFT_NAMES or not n.isdigit():
+            p.error(f"--source-iters-for: expected SHIFT=N with SHIFT in {SHIFT_NAMES}, got {item!r}")
+        iters_for[shift] = int(n)
     stored = None
     if a.cached_only:
         stored_file = out / "results.json"
@@ -279,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for shift in a.shifts:
         stage1_info[shift], results[shift] = {}, {}
         for seed in a.seeds:
-            info = stage1(shift, seed, work, a.source_iters, a.curve_every, stored)
+            info = stage1(shift, seed, work, iters_for.get(shift, a.source_iters), a.curve_every, stored)
             if info is None:
                 print(f"{shift} seed {seed}: no stage-1 result cached", flush=True)
                 continue
@@ -299,12 +443,25 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_compact(
         {"stage1": stage1_info, "stage2": results, "stage2_args": extra, "source_iters": a.source_iters,
+         "source_iters_for": iters_for,
          "class_names": list(CLASS_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}),
         separators=(",", ":")))
     md = (f"# Adaptation study: {a.tag}\n\nCommand: `python -m benchmarks.study.adaptation_study "
           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])) + "`\n\n"
-          + f"Stage 1: {a.source_iters} iterations; stage-2 extra options: `{' '.join(extra) or '(none)'}`.\n\n"
-          + tables(results, a.seeds, stage1_info))
+          + f"Stage 1: {a.source_iters} iterations"
+          + "".join(f", {k}: {v}" for k, v in iters_for.items()) + f"; stage-2 extra options: `{' '.join(extra) or '(none)'}`.\n\n"
+          + tables(results, a.seeds, stage1_info)
+          + "\n## Candidate fixes against the rule for a new default\n\nPer shift: candidate − same-budget "
+          "control / candidate − paper default (± the paper default's seed spread: the standard deviation of its "
+          "per-seed mIoU), means over the seeds. A candidate qualifies if on every shift the first is ≥ 0 and the "
+          "second ≥ −spread.\n\n" + decision_table(results, a.seeds)
+          + "\n\n## Label-free signals against the true precision of the dynamic labels\n\nSpearman rank "
+          "correlation over classes (at least " + str(MIN_SUPPORT) + " dynamic pixels in the round) between each "
+          "signal and the dynamic labels' per-class precision (the run's --diagnostics), per round of the "
+          "paper-default runs, mean over seeds × rounds; in brackets: cells with the expected sign (positive; "
+          "`inflation`: negative) / cells.\n\n" + validation_table(results, a.seeds)
+          + "\n\nThe agreement signals in absolute terms (signal − true precision, percentage points; same "
+          "classes and rounds):\n\n" + agreement_error_table(results, a.seeds) + "\n")
     (out / "results.md").write_text(md)
     plot_curves(stage1_info, out / "stage1_curves.png")
     print(md)

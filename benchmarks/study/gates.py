@@ -1,25 +1,33 @@
-r"""Dynamic-label gates of the adaptation study (the ``gated``, ``agreement`` and ``either`` variants).
+r"""Dynamic-label gates of the adaptation study (the ``gated``, ``agreement`` and ``either`` variants of issue 11;
+``hires``, ``margin`` and ``class_off``, the candidate fixes of issue 20).
 
 Not part of the reference pipeline: the study plugs a gate into the pipeline's step through its documented hook,
 ``train_gta2cs.adapt_step(run, src, tgt, target_labels=target_labels_hook(rule, K))``. What trains on what:
 the orchestrator builds the hybrid labels y_T and computes FCL/BCL (and its EMA updates) on the **ungated** y_T;
 the gate then chooses, from the orchestrator's output, the labels of the target cross-entropy only. The
 ``hybrid`` diagnostics of a gated run describe the gated labels (what the CE trained on). No rule helps on every
-shift (docs/examples.md).
+shift (docs/examples.md). Rule ``hires`` replaces the CE's labels by hybrid labels whose dynamic part is decided at
+label resolution (FCL/BCL keep the orchestrator's, decided on the feature grid: protocl's orchestrator has no
+option for it).
 
 All gates run on the device without a host read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from protocl import IGNORE_INDEX
+from protocl import IGNORE_INDEX, hybrid_fuse
 
-RULES = ("prediction", "agreement", "either")
+RULES = ("prediction", "agreement", "either", "hires", "margin", "class_off", "hires_margin")  # the last four: issue 20
+MARGIN = 0.05  # rule "margin": chosen before any study run from a short demo run's margins (thin classes ~0.03)
+CLASS_OFF_MIN_AGREEMENT = 0.5  # rule "class_off"
+CLASS_OFF_MOMENTUM = 0.98  # rule "class_off": memory of its running counts (about 50 steps)
 
 
 def gate_dynamic(static: Tensor, hybrid: Tensor, prediction: Tensor) -> Tensor:
@@ -53,13 +61,93 @@ def gate_by_agreement(static: Tensor, dynamic: Tensor, hybrid: Tensor, num_class
     return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE_INDEX))
 
 
-def target_labels_hook(rule: str, num_classes: int) -> Callable:
-    """``target_labels(out, static, target_logits)`` for :func:`train_gta2cs.adapt_step`: the gated labels of
+def label_resolution_dynamic(sims, static: Tensor, threshold: float, fuse: str = "fill", margin: float | None = None
+                             ) -> tuple[Tensor, Tensor]:
+    """Rule ``hires``: dynamic labels decided at the static labels' resolution. The step's prototype cosines
+    (``sims``: :class:`gta2cs.signals.Similarities`, on the feature grid) are upsampled bilinearly (the logits'
+    rule) to (H, W) before the arg max and the threshold, instead of deciding on the grid and upsampling the
+    label blocks; then fused with the static labels (``fuse``, the pipeline's ``fill``). Returns ``(y_D, y_T)``.
+
+    With ``margin`` (rule ``hires_margin``) a pixel also needs its best upsampled cosine to beat the second best
+    (−1 where there is none) by at least ``margin``."""
+    cosine = torch.where(sims.valid[:, :, None, None], sims.cosine, torch.full_like(sims.cosine, -2.0))
+    up = F.interpolate(cosine, size=static.shape[-2:], mode="bilinear", align_corners=False)
+    up = torch.where(sims.valid[:, :, None, None], up, torch.full_like(up, -math.inf))
+    best, arg = up.max(dim=1)
+    keep = best > threshold
+    if margin is not None:
+        keep = keep & (margin_map(up) >= margin)
+    dynamic = torch.where(keep, arg, torch.full_like(arg, IGNORE_INDEX))
+    return dynamic, hybrid_fuse(static, dynamic, mode=fuse)
+
+
+def margin_map(cosine: Tensor) -> Tensor:
+    """Best minus second-best cosine per cell ``(B, h, w)`` of a cosine map ``(B, K, h, w)`` (−inf: no prototype;
+    a missing second prototype counts as −1)."""
+    top = cosine.topk(min(2, cosine.shape[1]), dim=1).values
+    second = top[:, 1].clamp_min(-1.0) if top.shape[1] > 1 else torch.full_like(top[:, 0], -1.0)
+    return torch.nan_to_num(top[:, 0] - second, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def gate_by_margin(static: Tensor, hybrid: Tensor, sims, margin: float = MARGIN) -> Tensor:
+    """Rule ``margin``: keep the hybrid label where a static label exists, and a dynamic fill-in only where its
+    feature cell's best cosine beats the second best by at least ``margin`` (the cell's margin, nearest-upsampled
+    like the labels); else ignore."""
+    m = F.interpolate(margin_map(sims.cosine)[:, None], size=static.shape[-2:], mode="nearest")[:, 0]
+    keep = (static != IGNORE_INDEX) | (m >= margin)
+    return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE_INDEX))
+
+
+class ClassOff:
+    """Rule ``class_off``: switch a class's dynamic fill-ins off (for the target CE) while its **running**
+    dynamic/static agreement (the label-free signal ``static_agreement`` of :mod:`gta2cs.signals`, over the recent
+    steps: counts decayed by ``momentum`` per step) is below ``min_agreement``. A class without overlap so far
+    keeps them. Its counts are device tensors: no host read."""
+
+    def __init__(self, num_classes: int, min_agreement: float = CLASS_OFF_MIN_AGREEMENT,
+                 momentum: float = CLASS_OFF_MOMENTUM) -> None:
+        self.K, self.min_agreement, self.momentum = num_classes, min_agreement, momentum
+        self.overlap = self.agree = None
+
+    def __call__(self, static: Tensor, dynamic: Tensor, hybrid: Tensor) -> Tensor:
+        K = self.K
+        has_static, has_dynamic = static != IGNORE_INDEX, dynamic != IGNORE_INDEX
+        column = torch.where(has_static & has_dynamic, dynamic, K).flatten()
+        overlap = torch.zeros(K + 1, dtype=torch.float64, device=dynamic.device).scatter_add_(
+            0, column, torch.ones_like(column, dtype=torch.float64))
+        agree = torch.zeros(K + 1, dtype=torch.float64, device=dynamic.device).scatter_add_(
+            0, column, (static == dynamic).flatten().double())
+        if self.overlap is None:
+            self.overlap, self.agree = overlap, agree
+        else:
+            self.overlap = self.momentum * self.overlap + overlap
+            self.agree = self.momentum * self.agree + agree
+        reliable = self.agree >= self.min_agreement * self.overlap  # True where no overlap (0 >= 0); K: unused
+        keep = has_static | reliable[torch.where(has_dynamic, dynamic, K)]
+        return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE_INDEX))
+
+
+def target_labels_hook(rule: str, num_classes: int, threshold: float | None = None) -> Callable:
+    """``target_labels(out, static, target_logits, sims)`` for :func:`train_gta2cs.adapt_step`: the gated labels of
     the target CE under ``rule`` (one of :data:`RULES`)."""
     if rule not in RULES:
         raise ValueError(f"expected rule in {RULES}, got {rule!r}")
 
-    def target_labels(out, static: Tensor, target_logits: Tensor) -> Tensor:
+    if rule in ("hires", "hires_margin") and threshold is None:
+        raise ValueError(f"expected the dynamic-label threshold for rule {rule!r}, got threshold=None")
+    class_off = ClassOff(num_classes) if rule == "class_off" else None
+
+    def target_labels(out, static: Tensor, target_logits: Tensor, sims=None) -> Tensor:
+        if rule in ("hires", "margin", "hires_margin") and sims is None:
+            raise ValueError(f"expected the step's prototype cosines for rule {rule!r}, got sims=None")
+        if rule == "hires":
+            return label_resolution_dynamic(sims, static, threshold)[1]
+        if rule == "hires_margin":
+            return label_resolution_dynamic(sims, static, threshold, margin=MARGIN)[1]
+        if rule == "margin":
+            return gate_by_margin(static, out.target_labels, sims)
+        if rule == "class_off":
+            return class_off(static, out.dynamic_labels, out.target_labels)
         if rule == "prediction":
             return gate_dynamic(static, out.target_labels, target_logits.argmax(1))
         prediction = target_logits.argmax(1) if rule == "either" else None

@@ -1,8 +1,8 @@
-r"""Two more domain shifts built from real photographs that scikit-image ships in its wheel (study tooling:
+r"""Three more domain shifts built from real photographs that scikit-image ships in its wheel (study tooling:
 ``python -m benchmarks.study.shifts photo DIR`` writes one).
 
-The embedded demo (``examples/gta2cs/synthetic.py``) was designed together with the pipeline; these two shifts test whether
-adaptation holds beyond it. Both are written in the GTA5 / Cityscapes layouts (Cityscapes label ids), so
+The embedded demo (``examples/gta2cs/synthetic.py``) was designed together with the pipeline; these shifts test whether
+adaptation holds beyond it. All are written in the GTA5 / Cityscapes layouts (Cityscapes label ids), so
 ``examples/train_gta2cs.py --gta5-root ... --cityscapes-root ... --arch tiny`` trains on them unchanged.
 
 Everything comes from files inside the installed ``skimage/data`` folder (read with Pillow straight from the
@@ -15,7 +15,7 @@ package directory, so nothing is ever fetched) and from numpy, and is a pure fun
 * real photographs used as clutter: ``coffee.png``, ``chelsea.png``, ``astronaut.png``, ``rocket.jpg``,
   ``motorcycle_left.png``, ``hubble_deep_field.jpg``, ``camera.png``, ``coins.png``.
 
-Both shifts share one layout generator, :func:`make_layout` (a one-point-perspective street canyon: façades
+The first two shifts share one layout generator, :func:`make_layout` (a one-point-perspective street canyon: façades
 converging on a vanishing point, road, sidewalks, low walls, terrain verges, trees, cars, pedestrians, poles
 with signs; 11 of the 19 classes), which differs from the demo's generator. They differ in the kind of shift:
 
@@ -28,6 +28,18 @@ with signs; 11 of the 19 classes), which differs from the demo's generator. They
   layout, so objects are larger and fewer) and tilted (the horizon drawn lower in the layout), (2) blended with a real photograph (α 0.25–0.45, like a reflection in a
   windscreen) and (3) partly occluded by 1–2 pasted photo patches that carry no class (label id 0, ignored
   by training and evaluation).
+
+A third shift, ``shape``, has no street at all: its classes differ by **shape** only (issue 20).
+:func:`make_shape_layout` draws filled boxes and discs, then thin structures: rings, near-vertical strokes and
+diagonal hatching (2.5-4 px wide: at most one cell of the tiny CNN's stride-4 feature grid) on a ground; the six
+classes carry the Cityscapes train ids of road (ground), car (box), person (disc), traffic light (ring), pole
+(stroke) and fence (hatch), which name nothing but the ids here. Every image draws all of its shapes in one "ink"
+(a window of a photograph, its brightness moved away from the ground's) over a ground (another window), so colour
+and texture say nothing about the class. Source: gray textures (``brick``, ``gravel``, ``grass``, ``moon``,
+``camera``, ``coins``), tinted, at a clear contrast (70-120 grey levels). Target: colour photographs
+(``coffee``, ``chelsea``, ``astronaut``, ``rocket``, ``motorcycle_left``, ``hubble_deep_field``, ``retina``,
+``ihc``) at a lower contrast (55-100), blended with another photograph (α 0.2-0.4; also ``horse``, ``color``,
+``cell``, ``microaneurysms``, ``logo``), lens blur and sensor noise.
 
 Sizes (W, H) and counts default to the demo's: 160 source images, 160 target train and 60 target val images,
 128×64 pixels, so ``--arch tiny`` trains in a minute on one CPU thread.
@@ -49,7 +61,8 @@ from protocl import IGNORE_INDEX
 ROAD, SIDEWALK, BUILDING, WALL, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 13
 SHIFT_CLASSES = (ROAD, SIDEWALK, BUILDING, WALL, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 UNLABELLED = IGNORE_INDEX  # train id of pixels without a class (written as label id 0)
-SHIFTS = ("photo", "clutter")
+STREET_SHIFTS = ("photo", "clutter")  # the street-canyon layouts of make_layout
+SHIFTS = (*STREET_SHIFTS, "shape")
 
 # flat colours of the cartoon rendering (RGB), roughly the mean colour of each class's photo texture
 CARTOON = {
@@ -271,7 +284,112 @@ def render_clutter_target(label: np.ndarray, rng: np.random.Generator) -> tuple[
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
+# ---------------------------------------------------------------------------------------------------- shape
+# ``shape``: classes defined by their SHAPE alone (train ids of Cityscapes, named here by the shape they carry)
+GROUND, BOX, DISC, RING, STROKE, HATCH = 0, 13, 11, 6, 5, 4
+SHAPE_CLASSES = (GROUND, BOX, DISC, RING, STROKE, HATCH)
+SHAPE_NAMES = {GROUND: "ground (background)", BOX: "box (filled rectangle)", DISC: "disc (filled)",
+               RING: "ring (3-4 px outline)", STROKE: "stroke (2.5-4 px wide, near vertical)",
+               HATCH: "hatch (2-4 parallel 2.5-4 px diagonals)"}
+# the thin ones (ring, stroke, hatch) are at most one cell of the tiny CNN's stride-4 feature grid wide. All
+# shapes of an image share one "ink" (a photograph's window) over a ground (another one): texture and colour carry
+# no class. Source pool: gray textures, tinted; target pool: colour photographs, blended with another photograph.
+SHAPE_SOURCE_POOL = ("brick.png", "gravel.png", "grass.png", "moon.png", "camera.png", "coins.png")
+SHAPE_TARGET_POOL = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png",
+                     "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+SHAPE_BLEND = ("horse.png", "color.png", "cell.png", "microaneurysms.png", "logo.png")  # + the target pool
+
+
+def _segment_distance(xx: np.ndarray, yy: np.ndarray, a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+    """Distance of every pixel centre to the segment a-b."""
+    (ax, ay), (bx, by) = a, b
+    dx, dy = bx - ax, by - ay
+    t = np.clip(((xx - ax) * dx + (yy - ay) * dy) / max(1e-6, dx * dx + dy * dy), 0, 1)
+    return np.hypot(xx - (ax + t * dx), yy - (ay + t * dy))
+
+
+def make_shape_layout(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A (H, W) uint8 train-id map of shapes on a ground: filled boxes and discs, then the thin ones (rings,
+    near-vertical strokes, diagonal hatching) drawn over them; sizes (given for H = 64) scale with H."""
+    h, w = height, width
+    s = h / 64  # sizes are given for H = 64
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    label = np.full((h, w), GROUND, np.uint8)
+    for _ in range(int(rng.integers(1, 4))):  # boxes
+        bw, bh = rng.uniform(10, 30) * s, rng.uniform(8, 20) * s
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        label[(np.abs(xx - cx) <= bw / 2) & (np.abs(yy - cy) <= bh / 2)] = BOX
+    for _ in range(int(rng.integers(2, 5))):  # discs
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4.5, 10) * s
+        label[np.hypot(xx - cx, yy - cy) <= r] = DISC
+    for _ in range(int(rng.integers(1, 4))):  # rings
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(6, 13) * s
+        label[np.abs(np.hypot(xx - cx, yy - cy) - r) <= rng.uniform(1.4, 2.0) * s] = RING
+    for _ in range(int(rng.integers(3, 7))):  # near-vertical strokes
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        length, tilt = rng.uniform(20, 50) * s, rng.uniform(-0.17, 0.17)
+        end = (x0 + length * np.sin(tilt), y0 + length * np.cos(tilt))
+        label[_segment_distance(xx, yy, (x0, y0), end) <= rng.uniform(1.25, 2.0) * s] = STROKE
+    for _ in range(int(rng.integers(1, 4))):  # hatching: parallel diagonals
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        angle = rng.choice([-1, 1]) * rng.uniform(np.pi / 6, np.pi / 3)  # 30-60 degrees from horizontal
+        length, gap = rng.uniform(12, 26) * s, rng.uniform(6, 9) * s
+        ux, uy, nx, ny = np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle)
+        half = rng.uniform(1.25, 2.0) * s
+        for i in range(int(rng.integers(2, 5))):
+            ox, oy = cx + i * gap * nx, cy + i * gap * ny
+            a, b = (ox - length / 2 * ux, oy - length / 2 * uy), (ox + length / 2 * ux, oy + length / 2 * uy)
+            label[_segment_distance(xx, yy, a, b) <= half] = HATCH
+    return label
+
+
+def _pool_layer(rng: np.random.Generator, pool: tuple[str, ...], h: int, w: int, zoom: float) -> np.ndarray:
+    """A (h, w, 3) window of a random photograph of ``pool``; gray ones tinted with a random colour."""
+    name = pool[int(rng.integers(len(pool)))]
+    layer = _window(rng, _image(name), h, w, zoom)
+    if np.allclose(layer[..., 0], layer[..., 1]) and np.allclose(layer[..., 1], layer[..., 2]):
+        layer = layer * rng.uniform(0.55, 1.25, size=3).astype(np.float32)
+    return layer
+
+
+def render_shapes(label: np.ndarray, rng: np.random.Generator, pool: tuple[str, ...], contrast: tuple[float, float]
+                  ) -> np.ndarray:
+    """The ground is a window of a random photograph of ``pool``; every shape of the image is drawn in one "ink",
+    another photograph's window whose brightness is moved away from the ground's by ``contrast`` (a range, random
+    sign): all classes look alike, they differ by their shape only."""
+    h, w = label.shape
+    ground = _pool_layer(rng, pool, h, w, 2.0)
+    level = float(ground.mean())
+    ink = _pool_layer(rng, pool, h, w, 3.0)
+    sign = 1.0 if level < 100 else -1.0 if level > 155 else rng.choice([-1.0, 1.0])
+    goal = np.clip(level + sign * rng.uniform(*contrast), 15, 240)
+    ink = ink * (goal / max(1.0, float(ink.mean())))
+    return np.where((label != GROUND)[..., None], ink, ground)
+
+
+def render_shape_source(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Source of ``shape``: the gray textures, tinted, at a clear brightness contrast; a little noise."""
+    img = render_shapes(label, rng, SHAPE_SOURCE_POOL, (70, 120)) + rng.normal(0, 2, size=label.shape + (3,))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_shape_target(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Target of ``shape``: colour photographs at a lower contrast, blended with another real photograph
+    (α 0.2-0.4), lens blur and sensor noise."""
+    h, w = label.shape
+    img = render_shapes(label, rng, SHAPE_TARGET_POOL, (55, 100))
+    blend = _pool_layer(rng, SHAPE_BLEND + SHAPE_TARGET_POOL, h, w, 2.5)
+    alpha = rng.uniform(0.2, 0.4)
+    img = (1 - alpha) * img + alpha * blend
+    img = gaussian_blur(img, sigma=rng.uniform(0.3, 0.5))
+    img += rng.normal(0, 5, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def _source_sample(shift: str, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if shift == "shape":
+        label = make_shape_layout(rng, size[1], size[0])
+        return render_shape_source(label, rng), label
     label = make_layout(rng, size[1], size[0])
     if shift == "photo":
         return render_cartoon(label, rng), label
@@ -280,6 +398,9 @@ def _source_sample(shift: str, rng: np.random.Generator, size: tuple[int, int]) 
 
 
 def _target_sample(shift: str, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if shift == "shape":
+        label = make_shape_layout(rng, size[1], size[0])
+        return render_shape_target(label, rng), label
     if shift == "photo":
         label = make_layout(rng, size[1], size[0])
         return render_photo_target(label, rng), label
@@ -289,7 +410,7 @@ def _target_sample(shift: str, rng: np.random.Generator, size: tuple[int, int]) 
 
 def write_shift(shift: str, root: str | Path, *, seed: int = 0, source_images: int = 160, target_train: int = 160,
                 target_val: int = 60, size: tuple[int, int] = (128, 64)) -> tuple[Path, Path]:
-    """Write shift ``shift`` ("photo" or "clutter") under ``root``: GTA5 layout in ``root/gta5``, Cityscapes
+    """Write shift ``shift`` ("photo", "clutter" or "shape") under ``root``: GTA5 layout in ``root/gta5``, Cityscapes
     layout in ``root/cityscapes`` (``leftImg8bit`` / ``gtFine`` ``{train,val}/<city>/``).
 
     ``size`` is (W, H) of every image. Returns ``(gta5_root, cityscapes_root)``. Deterministic in

@@ -124,7 +124,12 @@ def decode_image(path: str | Path) -> Image.Image:
 def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.ndarray:
     """The raw ids of a label file, ``(H, W)``, unmapped: Cityscapes label ids (8-bit L/P, or 16/32-bit I) or
     SYNTHIA class ids (channel 1 of a 16-bit RGB PNG). :class:`BadSampleError` naming the path when the file
-    does not decode or is in another mode (e.g. an RGB colour rendering where an id map belongs)."""
+    does not decode or is in another mode (e.g. an RGB colour rendering where an id map belongs). A
+    :class:`layouts.LabelFormat` reads single-channel 8/16-bit ids (:func:`layouts.decode_raw_ids`)."""
+    if not isinstance(label_format, str):
+        from .layouts import decode_raw_ids
+
+        return decode_raw_ids(path, label_format)
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"expected label_format in {LABEL_FORMATS}, got {label_format!r}")
     try:
@@ -155,7 +160,12 @@ def decode_label_ids(path: str | Path, label_format: str = "cityscapes") -> np.n
 
 def check_label_ids(ids: np.ndarray, path: str | Path, label_format: str = "cityscapes") -> None:
     """:class:`BadSampleError` naming the path and the values when ``ids`` hold values outside the format's id
-    range (0 to :data:`MAX_LABEL_ID`; within it every value is mappable, unlisted ids become ignore)."""
+    range (0 to :data:`MAX_LABEL_ID`; within it every value is mappable, unlisted ids become ignore). A
+    :class:`layouts.LabelFormat`: ids its class table does not map or ignore (:func:`layouts.check_raw_ids`)."""
+    if not isinstance(label_format, str):
+        from .layouts import check_raw_ids
+
+        return check_raw_ids(ids, path, label_format)
     top = MAX_LABEL_ID[label_format]
     if ids.dtype == np.uint8 or (ids.dtype == np.uint16 and top >= 2**16 - 1) or ids.size == 0:
         return
@@ -282,11 +292,17 @@ def read_label(path: Path, size: tuple[int, int], label_format: str = "cityscape
                image_path: str | Path | None = None) -> np.ndarray:
     """Read a label PNG, map it to train ids (uint8), nearest-resize to ``size`` = (W, H) when it differs.
 
-    ``label_format``: ``"cityscapes"`` (8-bit Cityscapes label ids; GTA5 uses them too) or ``"synthia"``
-    (16-bit SYNTHIA class ids in the first channel). :class:`BadSampleError` naming the file when it does not
-    decode, is in the wrong mode, holds ids outside the format's or cannot be resized to ``size`` (another
-    aspect ratio; ``image_path`` is named in that message).
+    ``label_format``: ``"cityscapes"`` (8-bit Cityscapes label ids; GTA5 uses them too), ``"synthia"``
+    (16-bit SYNTHIA class ids in the first channel) or a :class:`layouts.LabelFormat` (a class table's raw ids,
+    or files that already hold train ids such as ACDC's ``*_gt_labelTrainIds.png``: :func:`layouts.read_label`).
+    :class:`BadSampleError` naming the file when it does not decode, is in the wrong mode, holds ids outside the
+    format's (a class table's: ids it does not map) or cannot be resized to ``size`` (another aspect ratio;
+    ``image_path`` is named in that message).
     """
+    if not isinstance(label_format, str):
+        from .layouts import read_label as read_table_label
+
+        return read_table_label(path, size, label_format, image_path)
     ids = decode_label_ids(path, label_format)
     check_label_ids(ids, path, label_format)
     lut = _SYNTHIA_LUT if label_format == "synthia" else _LUT

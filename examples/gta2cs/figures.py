@@ -1,5 +1,5 @@
-r"""Pictures of a run: pseudo-label panels (image | static | dynamic | hybrid | ground truth) in the
-Cityscapes palette, and curves of target mIoU and pseudo-label coverage over training."""
+r"""Pictures of a run: pseudo-label panels (image | static | dynamic | hybrid | ground truth) in the class
+table's palette (Cityscapes' by default), and curves of target mIoU and pseudo-label coverage over training."""
 
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
-def colorize(labels: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 in the Cityscapes palette (ignore and unknown ids black)."""
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray | None = None) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 in ``palette`` (K RGB colours; default the Cityscapes palette), ignore
+    and ids >= K black."""
+    palette = PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
     lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(PALETTE)] = PALETTE
+    lut[: len(palette)] = palette
     return lut[np.asarray(labels).clip(0, 255).astype(np.uint8)]
 
 
 def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, *,
-                       class_names: Sequence[str] | None = None, min_height: int = 128) -> Path:
+                       class_names: Sequence[str] | None = None,
+                       palette: Sequence[Sequence[int]] | np.ndarray | None = None, min_height: int = 128) -> Path:
     """Save a panel, one row per image: image | static | dynamic | hybrid | ground truth, and a legend of the
     class colours (the classes that appear in the panel, with ``class_names``; black is ignore / unlabelled).
+    ``palette``: the K class colours (the run's class table; default the Cityscapes palette).
 
     Each row is a dict with ``image`` (H, W, 3) uint8 and ``static``, ``dynamic``, ``hybrid`` and optionally
     ``gt`` (H, W) train ids (the ground-truth column is drawn when the first row has one). The caller hands in
@@ -38,13 +42,14 @@ def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, 
     titles = ("image", *keys[:3], *(("ground truth",) if "gt" in keys else ()))
     tiles = []
     for row in rows:
-        cells = [row["image"]] + [colorize(row[k]) for k in keys]
+        cells = [row["image"]] + [colorize(row[k], palette) for k in keys]
         tiles.append(np.concatenate([np.pad(c, ((0, 0), (0, 4), (0, 0)), constant_values=255) for c in cells], 1))
     grid = np.concatenate([np.pad(t, ((0, 4), (0, 0), (0, 0)), constant_values=255) for t in tiles], 0)
     scale = max(1, int(np.ceil(min_height / rows[0]["image"].shape[0])))
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    present = sorted({int(v) for row in rows for k in keys for v in np.unique(row[k]) if v < len(PALETTE)})
-    legend = _legend(present, class_names, image.width)
+    palette = PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
+    present = sorted({int(v) for row in rows for k in keys for v in np.unique(row[k]) if v < len(palette)})
+    legend = _legend(present, class_names, image.width, palette)
     out = Image.new("RGB", (image.width, 14 + image.height + legend.height), "white")
     draw = ImageDraw.Draw(out)
     cell_w = (rows[0]["image"].shape[1] + 4) * scale
@@ -58,9 +63,10 @@ def pseudo_label_panel(rows: Sequence[dict[str, np.ndarray]], path: str | Path, 
     return path
 
 
-def _legend(classes: Sequence[int], class_names: Sequence[str] | None, width: int) -> Image.Image:
+def _legend(classes: Sequence[int], class_names: Sequence[str] | None, width: int,
+            palette: np.ndarray = PALETTE) -> Image.Image:
     """Colour swatches with the class names (or train ids), wrapped to ``width``, and black = ignore."""
-    entries = [(tuple(int(c) for c in PALETTE[k]), class_names[k] if class_names else str(k)) for k in classes]
+    entries = [(tuple(int(c) for c in palette[k]), class_names[k] if class_names else str(k)) for k in classes]
     entries.append(((0, 0, 0), "ignore"))
     item_w, line_h = 110, 14
     per_line = max(1, width // item_w)

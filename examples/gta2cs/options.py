@@ -11,6 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .layouts import ACDC_CONDITIONS, SOURCES, TARGETS
+
+# the option naming each dataset's root, as a source and as a target
+SOURCE_ROOTS = {"gta5": "gta5_root", "synthia": "synthia_root", "cityscapes": "cityscapes_root",
+                "folder": "source_root"}
+TARGET_ROOTS = {"cityscapes": "cityscapes_root", "acdc": "acdc_root", "darkzurich": "darkzurich_root",
+                "folder": "target_root"}
+ROOT_OPTIONS = ("gta5_root", "synthia_root", "cityscapes_root", "acdc_root", "darkzurich_root", "source_root",
+                "target_root")
+# the embedded demos: GTA5 / SYNTHIA -> Cityscapes (synthetic.write_demo_dataset) and the generated pairs of
+# layout_demo.write_demo
+LAYOUT_DEMOS = (("cityscapes", "acdc"), ("cityscapes", "darkzurich"), ("folder", "folder"))
+
 # paper settings for DeepLab-V2 (spec §4); the tiny demo's own budget
 DEFAULTS = {
     "deeplabv2": {"source_iters": 20000, "rounds": 10, "round_iters": 10000, "batch_size": 2, "crop": 730,
@@ -30,15 +43,29 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="GTA5 (or SYNTHIA) -> Cityscapes with bi-directional prototype contrast (protocl's reference pipeline).",
+    p = argparse.ArgumentParser(description="GTA5 / SYNTHIA / Cityscapes / your data -> Cityscapes / ACDC / Dark "
+                                            "Zurich / your data with bi-directional prototype contrast (protocl's "
+                                            "reference pipeline).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--source", choices=("gta5", "synthia"),
-                   help="source dataset (default: synthia when --synthia-root is given, else gta5)")
+    d = p.add_argument_group("data (layouts and class tables: docs/datasets.md)")
+    d.add_argument("--source", choices=SOURCES,
+                   help="source dataset (default: synthia when --synthia-root is given, folder when --source-root "
+                        "is, else gta5)")
+    d.add_argument("--target", choices=TARGETS, default="cityscapes", help="target dataset")
     d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
     d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
                                           "over the 16 shared classes (miou16) and 13 (miou13)")
-    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/): the target, or the source "
+                                             "with --source cityscapes")
+    d.add_argument("--acdc-root", help="ACDC root (rgb_anon/, gt/) for --target acdc")
+    d.add_argument("--acdc-conditions", nargs="+", choices=ACDC_CONDITIONS + ("all",), default=["all"],
+                   help="ACDC conditions trained on and evaluated")
+    d.add_argument("--darkzurich-root", help="Dark Zurich root (rgb_anon/, gt/) for --target darkzurich")
+    d.add_argument("--source-root", help="--source folder: images/ and labels/ (raw ids of the class table)")
+    d.add_argument("--target-root", help="--target folder: train/images/ (labels optional) and val/{images,labels}/")
+    d.add_argument("--class-table", help="class table (JSON: names, raw ids, ignore ids, colours) of --target "
+                                         "folder, and of --source folder unless --source-class-table is given")
+    d.add_argument("--source-class-table", help="class table of --source folder when its raw ids differ")
     d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
     d.add_argument("--out", default="runs/gta2cs", help="output directory (checkpoints, figures, log, metrics.json)")
     d.add_argument("--batch-size", type=int, help="source and target images per step and rank (2 + 2 in the paper)")
@@ -91,15 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
     r.add_argument("--value-checks", choices=("first", "always"), default="first",
-                   help="protocl's label-value checks (one host sync per label map): on the first step of each "
-                        "stage and round only, or on every step")
+                   help="protocl's label-value checks (a pass over each label map; on CUDA device-side, no host sync): "
+                        "on the first step of each stage and round only, or on every step")
     r.add_argument("--sync-debug", action="store_true",
                    help="run the training steps (not the first of a stage/round, not logging) under "
                         "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
     r.add_argument("--diagnostics", action=argparse.BooleanOptionalAction,
                    help="per-class coverage and precision of static/dynamic/hybrid labels against target train "
                         "ground truth, logged and in metrics.json (reads target labels; never trained on; "
-                        "default: on for the demo, off otherwise)")
+                        "default: on for the demo except Dark Zurich's, which has no train labels; off otherwise)")
+    r.add_argument("--signals", action=argparse.BooleanOptionalAction, default=True,
+                   help="label-free reliability signals of the dynamic labels per class and round (agreement with "
+                        "the static labels and the prediction, prototype margin and separation; gta2cs.signals), "
+                        "logged and in metrics.json; they read no target label")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", help="checkpoint to continue from, or 'auto': <out>/checkpoint.pt when it exists, else "
@@ -116,19 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; fill the architecture's defaults and the demo's dataset roots; validate the combination.
 
-    ``args.demo`` is True for the embedded demo (no dataset root given); then ``args.<source>_root`` and
-    ``args.cityscapes_root`` name the folders that :func:`train_gta2cs.setup` writes the demo dataset to.
+    ``args.demo`` is True for the embedded demo (no dataset root given); then the source's and the target's root
+    options (and ``--class-table`` for folder -> folder) name what :func:`train_gta2cs.setup` writes.
     """
     args = build_parser().parse_args(argv)
     if args.source is None:
-        args.source = "synthia" if args.synthia_root is not None else "gta5"
-    source_root, other = ("gta5_root", "synthia_root") if args.source == "gta5" else ("synthia_root", "gta5_root")
-    if getattr(args, other) is not None:
-        raise SystemExit(f"error: --{other.replace('_', '-')} given with --source {args.source}")
-    demo = getattr(args, source_root) is None and args.cityscapes_root is None
-    if (getattr(args, source_root) is None) != (args.cityscapes_root is None):
-        raise SystemExit(f"error: give both --{source_root.replace('_', '-')} and --cityscapes-root (or neither "
-                         "for the embedded demo)")
+        args.source = "synthia" if args.synthia_root else "folder" if args.source_root else "gta5"
+    source_root, target_root = SOURCE_ROOTS[args.source], TARGET_ROOTS[args.target]
+    flag = {key: "--" + key.replace("_", "-") for key in ROOT_OPTIONS}
+    if args.source == args.target and args.source != "folder":
+        raise SystemExit(f"error: --source and --target are both {args.source}")
+    for key in ROOT_OPTIONS:
+        if getattr(args, key) is not None and key not in (source_root, target_root):
+            raise SystemExit(f"error: {flag[key]} given with --source {args.source} --target {args.target}")
+    demo = getattr(args, source_root) is None and getattr(args, target_root) is None
+    if (getattr(args, source_root) is None) != (getattr(args, target_root) is None):
+        raise SystemExit(f"error: give both {flag[source_root]} and {flag[target_root]} (or neither for the "
+                         "embedded demo)")
+    layout_demo = demo and args.target != "cityscapes"
+    if layout_demo and (args.source, args.target) not in LAYOUT_DEMOS:
+        raise SystemExit(f"error: the embedded demo exists for gta5/synthia -> cityscapes and "
+                         f"{', '.join(f'{s} -> {t}' for s, t in LAYOUT_DEMOS)}; give {flag[source_root]} and "
+                         f"{flag[target_root]} for --source {args.source} --target {args.target}")
+    if not demo and "folder" in (args.source, args.target) and args.class_table is None:
+        raise SystemExit("error: --source folder / --target folder need --class-table (the labels' classes)")
+    if args.source_class_table is not None and args.source != "folder":
+        raise SystemExit(f"error: --source-class-table given with --source {args.source} (built-in classes)")
     if args.arch is None:
         args.arch = "tiny" if demo else "deeplabv2"
     for key, value in DEFAULTS[args.arch].items():
@@ -138,12 +182,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
     if demo:
         args.demo_root = str(args.demo_root or Path(args.out) / "demo_data")
-        setattr(args, source_root, str(Path(args.demo_root) / args.source))
-        args.cityscapes_root = str(Path(args.demo_root) / "cityscapes")
+        if layout_demo:  # the roots that layout_demo.write_demo writes
+            from .layout_demo import demo_roots
+
+            for key, value in demo_roots(args.demo_root, args.source, args.target).items():
+                setattr(args, key, value)
+        else:
+            setattr(args, source_root, str(Path(args.demo_root) / args.source))
+            args.cityscapes_root = str(Path(args.demo_root) / "cityscapes")
+    args.acdc_conditions = list(ACDC_CONDITIONS) if "all" in args.acdc_conditions else args.acdc_conditions
     if args.control is None:
         args.control = demo
     if args.diagnostics is None:
-        args.diagnostics = demo
+        args.diagnostics = demo and args.target != "darkzurich"  # Dark Zurich has no train labels
     if args.check_data is None:
         args.check_data = not demo  # the demo is generated, hence well formed
     args.demo = demo

@@ -21,21 +21,9 @@ from torch.utils.data import DataLoader
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, diagnostics, dist, figures, options, preflight, runtime
-from .data import (
-    CLASS_NAMES,
-    SYNTHIA_CLASSES_13,
-    SYNTHIA_CLASSES_16,
-    BatchStream,
-    EvalSet,
-    SkipCounter,
-    TrainSet,
-    cityscapes_files,
-    gta5_files,
-    ignore_stop_signals,
-    pseudo_label_size,
-    synthia_files,
-)
+from . import checkpoint, diagnostics, dist, figures, layouts, options, preflight, runtime
+from .classes import ClassTable, load_table
+from .data import BatchStream, EvalSet, SkipCounter, TrainSet, ignore_stop_signals, pseudo_label_size
 from .evaluate import iou_table
 from .model import build_model
 
@@ -53,6 +41,7 @@ class Run:
     device: torch.device
     out: Path
     log: Callable[[str], None]
+    table: ClassTable  # the run's K classes: names, colours (the target's class table)
     subsets: dict | None
     target_train: list
     target_val: list
@@ -71,6 +60,11 @@ class Run:
     guard: runtime.NonFiniteGuard | None = None  # non-finite losses/gradients, read at the log point
     stop: runtime.StopRequest | None = None  # SIGTERM/SIGUSR1, polled once per step (set by main)
 
+    @property
+    def num_classes(self) -> int:
+        """K, from the class table: the network's head, the prototypes, thresholds, metrics and figures."""
+        return self.table.num_classes
+
 
 def setup(args) -> Run:
     """Build a run from parsed options (:func:`gta2cs.options.parse_args`): process group, demo dataset (written
@@ -80,19 +74,23 @@ def setup(args) -> Run:
         torch.set_num_threads(args.threads)
     out = runtime.check_output_dir(args.out)  # before anything is written: exists, takes a file
     if args.demo:
-        from .synthetic import write_demo_dataset
-
         if rank == 0:
-            write_demo_dataset(args.demo_root, seed=args.seed, source=args.source)
+            if args.target == "cityscapes":
+                from .synthetic import write_demo_dataset
+
+                write_demo_dataset(args.demo_root, seed=args.seed, source=args.source)
+            else:
+                from .layout_demo import write_demo
+
+                write_demo(args.demo_root, args.source, args.target, seed=args.seed)
         dist.barrier()
     log = make_log(out, rank)
     checkpoint.seed_everything(args.seed)
-    source = gta5_files(args.gta5_root) if args.source == "gta5" else synthia_files(args.synthia_root)
-    target_train = cityscapes_files(args.cityscapes_root, "train", require_labels=False)
-    target_val = cityscapes_files(args.cityscapes_root, "val")
+    domains = read_domains(args)
+    source, target_train, target_val, table = domains.source, domains.target_train, domains.target_val, domains.table
     if args.diagnostics and any(s.label is None for s in target_train):
         missing = [s.image for s in target_train if s.label is None]
-        raise ValueError(f"expected gtFine train labels for --diagnostics (they are read for the logged "
+        raise ValueError(f"expected target train labels for --diagnostics (they are read for the logged "
                          f"pseudo-label diagnostics only), got {len(missing)} images without, e.g. {str(missing[0])!r}")
     if args.check_data and runtime.resolve_resume(args.resume, out) is None:  # not repeated on a resume
         check_data(args, rank, world, log, out, source, target_train, target_val)
@@ -104,19 +102,20 @@ def setup(args) -> Run:
     val_loader = SkipCounter(DataLoader(  # SkipCounter: the evaluation's skipped files (--on-bad-sample skip)
         EvalSet(target_val[rank::world], size=tuple(args.eval_size), on_bad_sample=bad), batch_size=1,
         num_workers=min(args.workers, 2), pin_memory=pin, worker_init_fn=ignore_stop_signals))
-    model = build_model(args.arch, len(CLASS_NAMES), features=args.features, proj_dim=args.proj_dim,
+    model = build_model(args.arch, table.num_classes, features=args.features, proj_dim=args.proj_dim,
                         init=args.init).to(device)
     if args.arch == "deeplabv2" and args.init is None:
         log("warning: --init not given, DeepLab-V2 starts from random weights (expect poor results)")
     net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
                                    find_unused_parameters=args.features == "layer4") if world > 1 else model)
     contrast = protocl.BidirectionalContrast(
-        len(CLASS_NAMES), model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
+        table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
         bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
         momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
         dynamic=not args.no_dynamic).to(device)
-    run = Run(args=args, config=options.config_dict(args), rank=rank, world=world, device=device, out=out, log=log,
-              subsets={"16": SYNTHIA_CLASSES_16, "13": SYNTHIA_CLASSES_13} if args.source == "synthia" else None,
+    config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
+    run = Run(args=args, config=config, rank=rank, world=world, device=device, out=out, log=log, table=table,
+              subsets=domains.subsets,
               target_train=target_train, target_val=target_val, source_set=source_set, target_set=target_set,
               source_stream=BatchStream(source_set, args.batch_size, stream=0, **stream),
               target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
@@ -138,11 +137,23 @@ def setup(args) -> Run:
             raise ValueError(f"expected the tensorboard package for --tensorboard (pip install tensorboard, "
                              f"or pip install -e '.[examples]'), got ImportError: {error}") from None
         run.tb = SummaryWriter(str(out / "tensorboard"))
-    log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target train "
-        f"{len(target_train)}, target val {len(target_val)}; arch {args.arch}, D={model.feature_dim}, amp {args.amp}")
+    log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target ({args.target}) "
+        f"train {len(target_train)}, val {len(target_val)}; K={table.num_classes} classes ({table.name}); arch "
+        f"{args.arch}, D={model.feature_dim}, amp {args.amp}")
     if args.sync_debug and device.type != "cuda":
         log("note: --sync-debug has an effect on CUDA only")
     return run
+
+
+def read_domains(args) -> layouts.Domains:
+    """The source and target samples of the options and the run's class table (:func:`layouts.resolve_domains`:
+    same K and class names in both domains, or a ``ValueError``)."""
+    table = load_table(args.class_table) if args.class_table else None
+    source_table = load_table(args.source_class_table) if args.source_class_table else None
+    return layouts.resolve_domains(
+        args.source, getattr(args, options.SOURCE_ROOTS[args.source]), args.target,
+        getattr(args, options.TARGET_ROOTS[args.target]), conditions=args.acdc_conditions, class_table=table,
+        source_class_table=source_table)
 
 
 def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Path, source: list,
@@ -153,7 +164,7 @@ def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Pat
     ``<out>/data_check.json``."""
     if not args.diagnostics:
         target_train = [replace(s, label=None) for s in target_train]
-    splits = {args.source: source, "cityscapes train": target_train, "cityscapes val": target_val}
+    splits = {args.source: source, f"{args.target} train": target_train, f"{args.target} val": target_val}
     shard = {name: split[rank::world] for name, split in splits.items()}
     workers = max(1, preflight.default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     stats, bad = preflight.scan(shard, workers=workers, progress=rank == 0)
@@ -210,7 +221,7 @@ def round_diagnostics(run: Run, state: dict) -> None:
     state["metrics"].setdefault("diagnostics", []).append({"round": state["round"], **entry})
     run.log(f"round {state['round']}: pseudo labels on the round's target crops against target ground truth "
             "(coverage = labelled share of the class's pixels, precision = correct share of the pixels labelled "
-            "with the class; %, diagnostic only):\n" + diagnostics.table(entry, CLASS_NAMES))
+            "with the class; %, diagnostic only):\n" + diagnostics.table(entry, run.table.names))
 
 
 def round_figure(run: Run, round_index: int, tgt: dict, labels: dict[str, Tensor]) -> None:
@@ -224,7 +235,7 @@ def round_figure(run: Run, round_index: int, tgt: dict, labels: dict[str, Tensor
             row["gt"] = tgt["label"][i].cpu().numpy()
         rows.append(row)
     figures.pseudo_label_panel(rows, run.out / "figures" / f"pseudo_labels_round_{round_index:02d}.png",
-                               class_names=CLASS_NAMES)
+                               class_names=run.table.names, palette=run.table.colours)
 
 
 def scalars(run: Run, state: dict, prefix: str, values: dict[str, float]) -> None:
@@ -241,18 +252,19 @@ def finish(run: Run, state: dict) -> None:
     skipped = bad_samples(run, state)  # (a collective)
     if run.rank != 0:
         return
-    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics")
-               if k in m}
-    metrics.update(config=run.config, class_names=list(CLASS_NAMES), bad_samples=skipped)
+    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics",
+                                 "signals") if k in m}
+    names = run.table.names
+    metrics.update(config=run.config, class_names=list(names), bad_samples=skipped)
     if run.subsets:
-        metrics["class_subsets"] = {n: [CLASS_NAMES[k] for k in ks] for n, ks in run.subsets.items()}
+        metrics["class_subsets"] = {n: [names[k] for k in ks] for n, ks in run.subsets.items()}
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     figures.training_curves(state["history"], run.out / "figures" / "training_curves.png")
     columns = {"source-only": m["source_only"]["iou"], "adapted": m["adapted"]["iou"]}
     if "source_only_continued" in m:
         columns["source-only, same budget"] = m["source_only_continued"]["iou"]
-    what = "16-class protocol, n/a = not among the 16" if run.subsets else "19 classes"
-    run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, CLASS_NAMES))
+    what = "16-class protocol, n/a = not among the 16" if run.subsets else f"{len(names)} classes"
+    run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, names))
     if "source_only_continued" in m:
         run.log(f"source-only trained for the same total iterations ({a.source_iters} + "
                 f"{a.rounds * a.round_iters}): {m['source_only_continued']['miou']:.2f}")
