@@ -260,7 +260,8 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
     (``static`` y_F, ``dynamic`` y_D, ``hybrid`` = what the target CE trained on). ``target_labels(out, y_f,
     target_logits, sims)`` (a study hook, default None) chooses the target CE's labels from the orchestrator's
     output ``out`` and the step's prototype cosines ``sims`` (:class:`gta2cs.signals.Similarities`, the ones
-    behind ``out.dynamic_labels``); FCL/BCL always use the orchestrator's own y_T. With ``--signals`` (default)
+    behind ``out.dynamic_labels``; default: ``run.target_ce``, the ``--target-ce`` rule, None for the paper's
+    hybrid labels); FCL/BCL always use the orchestrator's own y_T. With ``--signals`` (default)
     the statistics hold ``signal_counts``, this step's sums for :mod:`gta2cs.signals` (no host read).
     """
     b = src["image"].shape[0]
@@ -275,6 +276,7 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
         optimize(run, ce_src)
         return {"ce_src": ce_src.detach()}, None
     up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
+    target_labels = run.target_ce if target_labels is None else target_labels  # --target-ce (gta2cs.target_ce)
     sims = None  # the cosines behind y_D, taken before the orchestrator moves its EMAs (label-free signals)
     if run.args.signals or target_labels is not None:
         sims = signals.similarities(run.contrast, features[:b], y_s, features[b:])

@@ -8,24 +8,23 @@ the gate then chooses, from the orchestrator's output, the labels of the target 
 ``hybrid`` diagnostics of a gated run describe the gated labels (what the CE trained on). No rule helps on every
 shift (docs/examples.md). Rule ``hires`` replaces the CE's labels by hybrid labels whose dynamic part is decided at
 label resolution (FCL/BCL keep the orchestrator's, decided on the feature grid: protocl's orchestrator has no
-option for it).
+option for it). ``hires``, ``margin`` and ``hires_margin`` live in the pipeline as ``--target-ce``
+(:mod:`gta2cs.target_ce`); this module adds the study-only rules around them.
 
 All gates run on the device without a host read.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from gta2cs.target_ce import MARGIN, gate_by_margin, label_resolution_dynamic, margin_map  # noqa: F401 (re-exported)
 from torch import Tensor
 
-from protocl import IGNORE_INDEX, hybrid_fuse
+from protocl import IGNORE_INDEX
 
 RULES = ("prediction", "agreement", "either", "hires", "margin", "class_off", "hires_margin")  # the last four: issue 20
-MARGIN = 0.05  # rule "margin": chosen before any study run from a short demo run's margins (thin classes ~0.03)
 CLASS_OFF_MIN_AGREEMENT = 0.5  # rule "class_off"
 CLASS_OFF_MOMENTUM = 0.98  # rule "class_off": memory of its running counts (about 50 steps)
 
@@ -58,43 +57,6 @@ def gate_by_agreement(static: Tensor, dynamic: Tensor, hybrid: Tensor, num_class
     keep = has_static | reliable[torch.where(has_dynamic, dynamic, K)]
     if prediction is not None:
         keep = keep | (hybrid == prediction)
-    return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE_INDEX))
-
-
-def label_resolution_dynamic(sims, static: Tensor, threshold: float, fuse: str = "fill", margin: float | None = None
-                             ) -> tuple[Tensor, Tensor]:
-    """Rule ``hires``: dynamic labels decided at the static labels' resolution. The step's prototype cosines
-    (``sims``: :class:`gta2cs.signals.Similarities`, on the feature grid) are upsampled bilinearly (the logits'
-    rule) to (H, W) before the arg max and the threshold, instead of deciding on the grid and upsampling the
-    label blocks; then fused with the static labels (``fuse``, the pipeline's ``fill``). Returns ``(y_D, y_T)``.
-
-    With ``margin`` (rule ``hires_margin``) a pixel also needs its best upsampled cosine to beat the second best
-    (−1 where there is none) by at least ``margin``."""
-    cosine = torch.where(sims.valid[:, :, None, None], sims.cosine, torch.full_like(sims.cosine, -2.0))
-    up = F.interpolate(cosine, size=static.shape[-2:], mode="bilinear", align_corners=False)
-    up = torch.where(sims.valid[:, :, None, None], up, torch.full_like(up, -math.inf))
-    best, arg = up.max(dim=1)
-    keep = best > threshold
-    if margin is not None:
-        keep = keep & (margin_map(up) >= margin)
-    dynamic = torch.where(keep, arg, torch.full_like(arg, IGNORE_INDEX))
-    return dynamic, hybrid_fuse(static, dynamic, mode=fuse)
-
-
-def margin_map(cosine: Tensor) -> Tensor:
-    """Best minus second-best cosine per cell ``(B, h, w)`` of a cosine map ``(B, K, h, w)`` (−inf: no prototype;
-    a missing second prototype counts as −1)."""
-    top = cosine.topk(min(2, cosine.shape[1]), dim=1).values
-    second = top[:, 1].clamp_min(-1.0) if top.shape[1] > 1 else torch.full_like(top[:, 0], -1.0)
-    return torch.nan_to_num(top[:, 0] - second, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def gate_by_margin(static: Tensor, hybrid: Tensor, sims, margin: float = MARGIN) -> Tensor:
-    """Rule ``margin``: keep the hybrid label where a static label exists, and a dynamic fill-in only where its
-    feature cell's best cosine beats the second best by at least ``margin`` (the cell's margin, nearest-upsampled
-    like the labels); else ignore."""
-    m = F.interpolate(margin_map(sims.cosine)[:, None], size=static.shape[-2:], mode="nearest")[:, 0]
-    keep = (static != IGNORE_INDEX) | (m >= margin)
     return torch.where(keep, hybrid, torch.full_like(hybrid, IGNORE_INDEX))
 
 

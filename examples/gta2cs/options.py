@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7; tiny demo 0.9)")
     c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
     c.add_argument("--proportion", type=float, default=0.1, help="class-balanced / per-image static label proportion")
+    c.add_argument("--target-ce", choices=("hybrid", "margin", "hires", "hires_margin"), default="hybrid",
+                   help="labels of the target cross-entropy (FCL/BCL always use the hybrid labels): hybrid (the "
+                        "paper's), margin (dynamic fill-ins only where the best prototype beats the second by "
+                        "--target-ce-margin), hires (dynamic labels decided at label resolution), hires_margin "
+                        "(both); gta2cs.target_ce, study in docs/examples.md")
+    c.add_argument("--target-ce-margin", type=float, default=0.05,
+                   help="cosine margin of --target-ce margin / hires_margin, in [0, 2]")
     c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
     c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
     c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
@@ -173,6 +180,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("error: --source folder / --target folder need --class-table (the labels' classes)")
     if args.source_class_table is not None and args.source != "folder":
         raise SystemExit(f"error: --source-class-table given with --source {args.source} (built-in classes)")
+    if not 0.0 <= args.target_ce_margin <= 2.0:
+        raise SystemExit(f"error: expected --target-ce-margin in [0, 2] (a cosine difference), got "
+                         f"{args.target_ce_margin}")
+    if args.no_dynamic and args.target_ce in ("hires", "hires_margin"):
+        raise SystemExit(f"error: --target-ce {args.target_ce} decides dynamic labels, but --no-dynamic is given")
     if args.arch is None:
         args.arch = "tiny" if demo else "deeplabv2"
     for key, value in DEFAULTS[args.arch].items():

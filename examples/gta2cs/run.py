@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, diagnostics, dist, figures, layouts, options, preflight, runtime
+from . import checkpoint, diagnostics, dist, figures, layouts, options, preflight, runtime, target_ce
 from .classes import ClassTable, load_table
 from .data import BatchStream, EvalSet, SkipCounter, TrainSet, ignore_stop_signals, pseudo_label_size
 from .evaluate import iou_table
@@ -59,6 +59,7 @@ class Run:
     started: tuple = (0.0, 0)  # (time, step) when training (re)started: the it/s of the log
     guard: runtime.NonFiniteGuard | None = None  # non-finite losses/gradients, read at the log point
     stop: runtime.StopRequest | None = None  # SIGTERM/SIGUSR1, polled once per step (set by main)
+    target_ce: Callable | None = None  # --target-ce: the target CE's labels (gta2cs.target_ce; None: hybrid y_T)
 
     @property
     def num_classes(self) -> int:
@@ -120,6 +121,8 @@ def setup(args) -> Run:
               source_stream=BatchStream(source_set, args.batch_size, stream=0, **stream),
               target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
               model=model, net=net, contrast=contrast, optimizer=None, scaler=None)
+    run.target_ce = target_ce.hook(args.target_ce, threshold=args.threshold, margin=args.target_ce_margin,
+                                   fuse=args.fuse)
     new_optimizer(run, args.source_lr)
     # room for what the run writes (checkpoints ~ weights + SGD momentum, pseudo labels), checked before training
     state_bytes = 2 * runtime.tensor_bytes(model.state_dict()) + runtime.tensor_bytes(contrast.state_dict())
