@@ -202,20 +202,29 @@ def acdc_files(root: str | Path, split: str, conditions: str | Iterable[str] = A
         require_labels = split != "test"
     samples = []
     for condition in conditions:
-        image_dir = root / "rgb_anon" / condition / split
-        images = sorted(image_dir.glob("*/*_rgb_anon.png"))
-        if not images:
-            raise ValueError(f"expected images in {str(image_dir)!r} (ACDC layout: {ACDC_LAYOUT}), found none")
-        for image in images:
-            stem = image.name[: -len("_rgb_anon.png")]
-            label = root / "gt" / condition / split / image.parent.name / f"{stem}_gt_labelTrainIds.png"
-            if not label.is_file():
-                if require_labels:
-                    raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (ACDC layout: "
-                                     f"{ACDC_LAYOUT})")
-                label = None
-            samples.append(Sample(image, label, stem, CITYSCAPES_TRAINIDS))
+        samples += _rgb_anon_samples(root, (condition, split), require_labels, "ACDC", ACDC_LAYOUT)
     return _unique(samples, "ACDC")
+
+
+def _rgb_anon_samples(root: Path, parts: tuple[str, ...], require_labels: bool, dataset: str, layout: str
+                      ) -> list[Sample]:
+    """The layout ACDC and Dark Zurich share: ``rgb_anon/<parts>/<sequence>/<stem>_rgb_anon.png`` with the label
+    ``gt/<parts>/<sequence>/<stem>_gt_labelTrainIds.png`` (train ids; None where missing and not required)."""
+    image_dir = root.joinpath("rgb_anon", *parts)
+    images = sorted(image_dir.glob("*/*_rgb_anon.png"))
+    if not images:
+        raise ValueError(f"expected images in {str(image_dir)!r} ({dataset} layout: {layout}), found none")
+    samples = []
+    for image in images:
+        stem = image.name[: -len("_rgb_anon.png")]
+        label = root.joinpath("gt", *parts, image.parent.name, f"{stem}_gt_labelTrainIds.png")
+        if not label.is_file():
+            if require_labels:
+                raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} ({dataset} layout: "
+                                 f"{layout})")
+            label = None
+        samples.append(Sample(image, label, stem, CITYSCAPES_TRAINIDS))
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------- Dark Zurich
@@ -231,21 +240,7 @@ def darkzurich_files(root: str | Path, split: str, *, time_of_day: str = "night"
         raise ValueError(f"expected a Dark Zurich split in {DARKZURICH_SPLITS}, got {split!r}")
     if require_labels is None:
         require_labels = split == "val"
-    image_dir = root / "rgb_anon" / split / time_of_day
-    images = sorted(image_dir.glob("*/*_rgb_anon.png"))
-    if not images:
-        raise ValueError(f"expected images in {str(image_dir)!r} (Dark Zurich layout: {DARKZURICH_LAYOUT}), "
-                         "found none")
-    samples = []
-    for image in images:
-        stem = image.name[: -len("_rgb_anon.png")]
-        label = root / "gt" / split / time_of_day / image.parent.name / f"{stem}_gt_labelTrainIds.png"
-        if not label.is_file():
-            if require_labels:
-                raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (Dark Zurich layout: "
-                                 f"{DARKZURICH_LAYOUT})")
-            label = None
-        samples.append(Sample(image, label, stem, CITYSCAPES_TRAINIDS))
+    samples = _rgb_anon_samples(root, (split, time_of_day), require_labels, "Dark Zurich", DARKZURICH_LAYOUT)
     return _unique(samples, "Dark Zurich")
 
 
