@@ -627,15 +627,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         checks_before = protocl.value_checks_enabled()
         every = 1 if run.world == 1 else min(10, run.args.log_every)  # ranks agree on a stop every N steps
+        stopped = False
         try:
             with runtime.StopRequest(every=every) as stop:
                 run.stop = stop
                 train(run, state)
                 finish(run, state)
-        except runtime.Stopped as stopped:
-            run.log(f"stop requested ({stopped}) at step {state['step']}: checkpoint written to "
+        except runtime.Stopped as request:
+            run.log(f"stop requested ({request}) at step {state['step']}: checkpoint written to "
                     f"{run.out / 'checkpoint.pt'}; run the same command with --resume auto to continue "
                     f"(exit status {runtime.EXIT_STOPPED})")
+            stopped = True  # StopRequest now ignores SIGTERM/SIGUSR1: the exit status stays 75
             return runtime.EXIT_STOPPED
         except runtime.NonFiniteError as error:
             kept = run.out / "checkpoint.pt"
@@ -651,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             run.target_stream.close()
             if run.tb is not None:
                 run.tb.close()
+            if stopped:  # all ranks agreed on the stop: they leave together, so torchrun sees one clean stop
+                dist.barrier()
         return 0
     finally:
         dist.cleanup()

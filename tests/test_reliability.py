@@ -337,6 +337,34 @@ def test_stop_request_flags_signals_and_restores_handlers():
     assert runtime.EXIT_STOPPED == 75
 
 
+STOPPED_EXIT = """
+import os, signal, sys
+sys.path.insert(0, {examples!r})
+from gta2cs import runtime
+try:
+    with runtime.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+        raise runtime.Stopped("SIGTERM")  # what the loop raises once the checkpoint is written
+except runtime.Stopped:
+    pass
+for sig in (signal.SIGTERM, signal.SIGUSR1):  # torchrun's agent / a scheduler repeating itself while we exit
+    os.kill(os.getpid(), sig)
+print("still here", signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, flush=True)
+sys.exit(runtime.EXIT_STOPPED)
+"""
+
+
+def test_a_stopped_run_ignores_further_stop_signals_while_it_exits(tmp_path):
+    """After the block ends with Stopped, a second SIGTERM (torchrun's agent sends one to every rank still alive
+    once the first has exited) or SIGUSR1 must not kill the process: it exits with 75, not -15."""
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_EXIT.format(examples=str(EXAMPLES)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 75, (result.returncode, result.stderr)
+    assert result.stdout.strip() == "still here True", result.stdout
+
+
 DIST_STOP = """
 import os, signal, sys
 sys.path.insert(0, {examples!r})

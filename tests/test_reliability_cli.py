@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,7 +275,10 @@ def test_stop_on_one_rank_stops_both_in_step(clean, tmp_path):
     log = (tmp_path / "stopped" / "log.txt").read_text()
     assert "stop requested (a signal on another rank)" in log or "stop requested (SIGUSR1)" in log, log
     assert "stop requested (a signal on another rank)" in log  # rank 0 (the log) was not signalled itself
-    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 75" in err and "rank      : 1 (local_rank: 1)\n  exitcode  : 75" in err
+    # torchrun's report lists the ranks it saw exited at one poll (every 0.1 s), then SIGTERMs the others: each
+    # listed rank ended with 75, and none was killed (a stopped rank ignores that SIGTERM, see StopRequest)
+    exits = re.findall(r"rank\s*: (\d) \(local_rank: \d\)\n\s*exitcode\s*: (-?\d+)", err)
+    assert exits and {code for _, code in exits} == {"75"}, err
     ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and (ckpt["phase"], ckpt["round"]) == ("adapt", 0) and ckpt["iteration"] >= 10
     resumed = subprocess.run(torchrun(tmp_path / "stopped"), capture_output=True, text=True, env=env, timeout=300,

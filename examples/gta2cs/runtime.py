@@ -70,6 +70,13 @@ class StopRequest:
     period of the scheduler (SLURM's ``KillWait``, 30 s by default, after SIGTERM; ``--signal=USR1@120``
     gives 120 s; Kubernetes' ``terminationGracePeriodSeconds``, 30 s by default).
 
+    When the block ends with :class:`Stopped` (the checkpoint is written, the process is on its way out with
+    :data:`EXIT_STOPPED`), the signals are then *ignored* instead of restored: a second signal must not turn a
+    clean stop into a kill while the DataLoader workers, the log and the process group are closed. It comes:
+    ``torchrun``'s agent sends SIGTERM to every rank still alive once the first rank has exited (it polls every
+    0.1 s), and schedulers repeat theirs. SIGKILL, which a scheduler sends when its grace period ends, still ends
+    the process. Any other end of the block restores the previous handlers.
+
     Handlers can only be installed from the main thread; elsewhere the context is a no-op that never requests
     a stop (and says so in :attr:`installed`).
     """
@@ -94,9 +101,10 @@ class StopRequest:
             self._group = None if tdist.get_backend() == "gloo" else tdist.new_group(backend="gloo")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        stopped = exc_type is not None and issubclass(exc_type, Stopped)
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if stopped else previous)
         self._previous.clear()
         self.installed = False
         if self._group is not None:
