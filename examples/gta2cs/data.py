@@ -246,19 +246,27 @@ def cityscapes_files(root: str | Path, split: str, *, require_labels: bool = Tru
         raise ValueError(
             f"expected --cityscapes-root to be a directory in the Cityscapes layout ({layout}), got {str(root)!r}"
         )
-    image_dir = root / "leftImg8bit" / split
-    images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+    return sequence_samples(root / "leftImg8bit" / split, root / "gtFine" / split, "_leftImg8bit.png",
+                            "_gtFine_labelIds.png", require_labels, f"Cityscapes layout: {layout}")
+
+
+def sequence_samples(image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str, require_labels: bool,
+                     layout: str, label_format: str = "cityscapes") -> list[Sample]:
+    """The layout Cityscapes, ACDC and Dark Zurich share: ``<image_dir>/<sequence>/<stem><image_suffix>`` with the
+    label ``<label_dir>/<sequence>/<stem><label_suffix>`` (None where missing and not required). ``layout`` is
+    named in every error (``"Cityscapes layout: ..."``)."""
+    images = sorted(image_dir.glob(f"*/*{image_suffix}"))
     if not images:
-        raise ValueError(f"expected images in {str(image_dir)!r} (Cityscapes layout: {layout}), found none")
+        raise ValueError(f"expected images in {str(image_dir)!r} ({layout}), found none")
     samples = []
     for image in images:
-        stem = image.name[: -len("_leftImg8bit.png")]
-        label = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
+        stem = image.name[: -len(image_suffix)]
+        label = label_dir / image.parent.name / f"{stem}{label_suffix}"
         if not label.is_file():
             if require_labels:
-                raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} (Cityscapes layout: {layout})")
+                raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} ({layout})")
             label = None
-        samples.append(Sample(image, label, stem))
+        samples.append(Sample(image, label, stem, label_format))
     return samples
 
 

@@ -210,21 +210,9 @@ def _rgb_anon_samples(root: Path, parts: tuple[str, ...], require_labels: bool, 
                       ) -> list[Sample]:
     """The layout ACDC and Dark Zurich share: ``rgb_anon/<parts>/<sequence>/<stem>_rgb_anon.png`` with the label
     ``gt/<parts>/<sequence>/<stem>_gt_labelTrainIds.png`` (train ids; None where missing and not required)."""
-    image_dir = root.joinpath("rgb_anon", *parts)
-    images = sorted(image_dir.glob("*/*_rgb_anon.png"))
-    if not images:
-        raise ValueError(f"expected images in {str(image_dir)!r} ({dataset} layout: {layout}), found none")
-    samples = []
-    for image in images:
-        stem = image.name[: -len("_rgb_anon.png")]
-        label = root.joinpath("gt", *parts, image.parent.name, f"{stem}_gt_labelTrainIds.png")
-        if not label.is_file():
-            if require_labels:
-                raise ValueError(f"expected the label {str(label)!r} for {str(image)!r} ({dataset} layout: "
-                                 f"{layout})")
-            label = None
-        samples.append(Sample(image, label, stem, CITYSCAPES_TRAINIDS))
-    return samples
+    return data.sequence_samples(root.joinpath("rgb_anon", *parts), root.joinpath("gt", *parts), "_rgb_anon.png",
+                                 "_gt_labelTrainIds.png", require_labels, f"{dataset} layout: {layout}",
+                                 CITYSCAPES_TRAINIDS)
 
 
 # ----------------------------------------------------------------------------------------------- Dark Zurich
