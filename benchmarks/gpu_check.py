@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import train_gta2cs
-from gta2cs import options
-from gta2cs.synthetic import write_demo_dataset
+from uda import options
+from uda.synthetic import write_demo_dataset
 
 import protocl
 

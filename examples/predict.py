@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gta2cs.predict import main  # noqa: E402
+from uda.predict import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@ r"""GTA5 (or SYNTHIA) -> Cityscapes with bi-directional prototype contrast (prot
 A script to read and copy: plain functions on protocl's public API, in the order a run calls them
 (``setup`` -> ``start`` -> ``train`` = ``train_source`` -> ``end_source`` -> per round ``make_static_labels`` +
 ``adapt_round`` (whose step is ``adapt_step``) -> ``finish``). Data, model, evaluation, figures and
-checkpoint files are modules of ``gta2cs/``; everything a restart needs is one checkpoint dict
+checkpoint files are modules of ``uda/``; everything a restart needs is one checkpoint dict
 (:func:`save_checkpoint`).
 
 Without dataset paths it runs the embedded demo: a small synthetic two-domain dataset is written in the
@@ -48,7 +48,7 @@ A day-long run on a shared cluster (docs/reproduce.md, "Long runs"): every file 
 (``--no-check-data`` skips it); a bad file met during training stops the run with its path, or is skipped
 (``--on-bad-sample skip``, counted in metrics.json); SIGTERM/SIGUSR1 finish the step, write the checkpoint and
 exit with status 75, and ``--resume auto`` continues from ``<out>/checkpoint.pt``; a non-finite loss or
-gradient (:class:`gta2cs.runtime.NonFiniteGuard`, read at the log point) stops the run without overwriting the
+gradient (:class:`uda.runtime.NonFiniteGuard`, read at the log point) stops the run without overwriting the
 last good checkpoint; the output folder is checked before training.
 
 The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY`` (for SYNTHIA: over the 16 shared
@@ -67,11 +67,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gta2cs import checkpoint, diagnostics, dist, runtime, signals
-from gta2cs.data import BadSampleError, PseudoLabelSet, ignore_stop_signals, skip_records
-from gta2cs.evaluate import evaluate as evaluate_model
-from gta2cs.options import parse_args
-from gta2cs.run import (
+from uda import checkpoint, diagnostics, dist, runtime, signals
+from uda.data import BadSampleError, PseudoLabelSet, ignore_stop_signals, skip_records
+from uda.evaluate import evaluate as evaluate_model
+from uda.options import parse_args
+from uda.run import (
     AMP_DTYPES,
     Run,
     bad_samples,
@@ -90,7 +90,7 @@ import protocl
 from protocl import IGNORE_INDEX
 from protocl.distributed import all_reduce_sum_
 
-__all__ = [  # the loop, in the order a run calls it (Run, setup and finish come from gta2cs.run)
+__all__ = [  # the loop, in the order a run calls it (Run, setup and finish come from uda.run)
     "Run", "setup", "start", "new_state", "save_checkpoint", "train", "train_source", "end_source",
     "make_static_labels", "adapt_round", "adapt_step", "source_step", "evaluate", "log_point", "finish", "main",
 ]
@@ -108,7 +108,7 @@ def new_state(run: Run) -> dict:
             "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
                         "coverage_dynamic": [], "coverage_hybrid": []},
             "label_counts": torch.zeros(3, 4, run.num_classes, dtype=torch.int64, device=run.device),
-            "signal_counts": signals.zeros(run.contrast.num_classes, run.device)}  # this round's (gta2cs.signals)
+            "signal_counts": signals.zeros(run.contrast.num_classes, run.device)}  # this round's (uda.signals)
 
 
 def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
@@ -132,7 +132,7 @@ def save_checkpoint(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
 
 
 def check_finite(run: Run, state: dict) -> None:
-    """Raise :class:`gta2cs.runtime.NonFiniteError` if a loss term or the gradients went non-finite since the
+    """Raise :class:`uda.runtime.NonFiniteError` if a loss term or the gradients went non-finite since the
     start (a collective under torch.distributed: every rank calls it, at log points and before every save)."""
     if run.guard is not None:
         run.guard.check(state["step"])
@@ -259,10 +259,10 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
     Returns the step's statistics (device tensors, read at the log point) and the target labels it used
     (``static`` y_F, ``dynamic`` y_D, ``hybrid`` = what the target CE trained on). ``target_labels(out, y_f,
     target_logits, sims)`` (a study hook, default None) chooses the target CE's labels from the orchestrator's
-    output ``out`` and the step's prototype cosines ``sims`` (:class:`gta2cs.signals.Similarities`, the ones
+    output ``out`` and the step's prototype cosines ``sims`` (:class:`uda.signals.Similarities`, the ones
     behind ``out.dynamic_labels``; default: ``run.target_ce``, the ``--target-ce`` rule, None for the paper's
     hybrid labels); FCL/BCL always use the orchestrator's own y_T. With ``--signals`` (default)
-    the statistics hold ``signal_counts``, this step's sums for :mod:`gta2cs.signals` (no host read).
+    the statistics hold ``signal_counts``, this step's sums for :mod:`uda.signals` (no host read).
     """
     b = src["image"].shape[0]
     images = src["image"].to(run.device, non_blocking=True)  # (page-locked on CUDA: copied one by one)
@@ -276,7 +276,7 @@ def adapt_step(run: Run, src: dict, tgt: dict | None, *, target_labels: Callable
         optimize(run, ce_src)
         return {"ce_src": ce_src.detach()}, None
     up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
-    target_labels = run.target_ce if target_labels is None else target_labels  # --target-ce (gta2cs.target_ce)
+    target_labels = run.target_ce if target_labels is None else target_labels  # --target-ce (uda.target_ce)
     sims = None  # the cosines behind y_D, taken before the orchestrator moves its EMAs (label-free signals)
     if run.args.signals or target_labels is not None:
         sims = signals.similarities(run.contrast, features[:b], y_s, features[b:])
@@ -461,7 +461,7 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
             count_skips(run, state, tgt)
         with step_scope(run, state["phase"], checked or a.value_checks == "always", step_context):
             stats, labels = step(run, src, tgt)
-            if "signal_counts" in stats:  # the round's sums (gta2cs.signals), not a mean of the log point
+            if "signal_counts" in stats:  # the round's sums (uda.signals), not a mean of the log point
                 state["signal_counts"] += stats.pop("signal_counts")
             accumulate(sums, stats)
             watch(run, state, stats)
@@ -598,7 +598,7 @@ def record_skips(run: Run, state: dict, records: list[tuple[str, str]], what: st
 
 def stop_point(run: Run, state: dict) -> None:
     """After a step: if SIGTERM/SIGUSR1 was received (on any rank), write the checkpoint (all ranks, atomically)
-    and raise :class:`gta2cs.runtime.Stopped`; :func:`main` logs it and exits with status 75."""
+    and raise :class:`uda.runtime.Stopped`; :func:`main` logs it and exits with status 75."""
     if run.stop is None or not run.stop.requested():
         return
     save_checkpoint(run, state)

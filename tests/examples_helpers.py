@@ -1,6 +1,6 @@
 """Shared helpers of the tests of the reference pipeline (examples/train_gta2cs.py).
 
-``examples/`` (the script and its ``gta2cs`` package), ``benchmarks/`` and the repository root are on the
+``examples/`` (the script and its ``uda`` package), ``benchmarks/`` and the repository root are on the
 import path through pytest's ``pythonpath`` option (pyproject.toml).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import train_gta2cs
-from gta2cs import options, synthetic
+from uda import options, synthetic
 
 import protocl
 

@@ -1,4 +1,4 @@
-"""Class tables (examples/gta2cs/classes.py): built-in tables, the JSON format, lookup tables and named errors."""
+"""Class tables (examples/uda/classes.py): built-in tables, the JSON format, lookup tables and named errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gta2cs import classes
-from gta2cs.classes import ClassTable
+from uda import classes
+from uda.classes import ClassTable
 
 # Cityscapes label id -> train id and a few palette colours (cityscapesScripts' labels.py), written out here
 SPEC_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,

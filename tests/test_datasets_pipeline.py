@@ -13,7 +13,7 @@ import pytest
 import torch
 import train_gta2cs
 from examples_helpers import TINY_RUN, build
-from gta2cs import classes, layout_demo, options, predict
+from uda import classes, layout_demo, options, predict
 from PIL import Image
 
 SIZE = (64, 32)

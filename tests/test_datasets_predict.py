@@ -1,4 +1,4 @@
-"""The prediction command (examples/predict.py, examples/gta2cs/predict.py) on tiny models and generated trees:
+"""The prediction command (examples/predict.py, examples/uda/predict.py) on tiny models and generated trees:
 checkpoint loading, the server formats, the evaluation's resize rule, the flip average and the round trip
 (predictions written, read back and scored = in-process evaluation)."""
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gta2cs import classes, data, evaluate, layout_demo, layouts, model, predict
+from uda import classes, data, evaluate, layout_demo, layouts, model, predict
 
 SPEC_TRAIN_TO_LABEL_ID = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 EVAL_SIZE = (48, 24)

@@ -18,7 +18,7 @@ from examples_helpers import (
     train_with,
     write_fixture,
 )
-from gta2cs import data, evaluate, figures, model, synthetic
+from uda import data, evaluate, figures, model, synthetic
 from PIL import Image
 
 # spec §4, written out here independently of the code under test
@@ -327,7 +327,7 @@ def test_resume_is_exact(full_run, fixture_roots, tmp_path, capsys):
 
 def test_checkpoint_holds_only_tensors_and_plain_values(full_run):
     """What torch.load(weights_only=True) reads: tensors and plain Python values only (the RNG states, converted
-    by gta2cs.checkpoint, aside)."""
+    by uda.checkpoint, aside)."""
     import io
 
     ckpt = load_checkpoint(full_run / "checkpoint.pt")

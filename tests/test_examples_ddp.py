@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gta2cs import data, model, synthetic
+from uda import data, model, synthetic
 from PIL import Image
 
 import protocl

@@ -32,7 +32,7 @@ from examples_helpers import (
     train_with,
     write_fixture,
 )
-from gta2cs import data, diagnostics
+from uda import data, diagnostics
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -16,7 +16,7 @@ from examples_helpers import TINY_RUN, data_args, write_fixture
 from PIL import Image
 
 import train_gta2cs
-from gta2cs import data, evaluate, synthetic
+from uda import data, evaluate, synthetic
 
 # SYNTHIA-RAND-CITYSCAPES README: the class ids of GT/LABELS/*.png (first channel), written out independently
 SYNTHIA_README = {0: "void", 1: "sky", 2: "building", 3: "road", 4: "sidewalk", 5: "fence", 6: "vegetation",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import write_fixture
-from gta2cs import checkpoint, data, preflight, runtime
+from uda import checkpoint, data, preflight, runtime
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -250,7 +250,7 @@ def test_workers_ignore_stop_signals():
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(EXAMPLES)!r})
-        from gta2cs import data
+        from uda import data
         data.ignore_stop_signals(0)
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -340,7 +340,7 @@ def test_stop_request_flags_signals_and_restores_handlers():
 STOPPED_EXIT = """
 import os, signal, sys
 sys.path.insert(0, {examples!r})
-from gta2cs import runtime
+from uda import runtime
 try:
     with runtime.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -369,7 +369,7 @@ DIST_STOP = """
 import os, signal, sys
 sys.path.insert(0, {examples!r})
 import torch.distributed as tdist
-from gta2cs import runtime
+from uda import runtime
 rank = int(sys.argv[1])
 tdist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
 answers = []

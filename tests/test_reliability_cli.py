@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import TINY_RUN, data_args, write_fixture
-from gta2cs import data
+from uda import data
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

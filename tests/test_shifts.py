@@ -14,7 +14,7 @@ import pytest
 import torch
 import train_gta2cs
 from examples_helpers import build
-from gta2cs import data, diagnostics
+from uda import data, diagnostics
 from PIL import Image
 
 from benchmarks.study import adaptation_study, gates, shifts
@@ -167,7 +167,7 @@ def test_source_checkpoint_errors(photo_tiny, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- study diagnostics
 def test_one_class_mean_rule_for_pipeline_and_study(tmp_path):
-    """The study's static-label diagnostics are the pipeline's (gta2cs.diagnostics): undefined classes are NaN and
+    """The study's static-label diagnostics are the pipeline's (uda.diagnostics): undefined classes are NaN and
     left out of the class means, a spurious class has precision 0, a mean over no defined class is NaN."""
     k = 19
     rng = np.random.default_rng(0)

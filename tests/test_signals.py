@@ -1,4 +1,4 @@
-"""The label-free reliability signals (examples/gta2cs/signals.py, issue 20) against plain loops, and in a run."""
+"""The label-free reliability signals (examples/uda/signals.py, issue 20) against plain loops, and in a run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import train_gta2cs
 from examples_helpers import TINY_RUN, build, data_args, write_fixture
-from gta2cs import signals
+from uda import signals
 
 import protocl
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gta2cs import data
+from uda import data
 from PIL import Image
 
 from benchmarks.study import shifts

@@ -1,7 +1,7 @@
-"""``--target-ce`` (examples/gta2cs/target_ce.py): issue 20's candidate rules for the target CE, as options.
+"""``--target-ce`` (examples/uda/target_ce.py): issue 20's candidate rules for the target CE, as options.
 
 The rules themselves are checked against plain loops in tests/test_signals.py (the study's names for them are
-re-exports of gta2cs.target_ce); here: the option reaches the step, equals the study's hook, and is validated.
+re-exports of uda.target_ce); here: the option reaches the step, equals the study's hook, and is validated.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 import train_gta2cs
 from examples_helpers import TINY_RUN, build, data_args, write_fixture
-from gta2cs import options, target_ce
+from uda import options, target_ce
 
 import protocl
 

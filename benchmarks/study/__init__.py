@@ -4,5 +4,5 @@ r"""The adaptation study (issue 11) and its tooling, apart from the reference pi
 - :mod:`.gates`: the ``gate`` variants' target-label rules, plugged into the pipeline's step through
   ``train_gta2cs.adapt_step(..., target_labels=...)``;
 - :mod:`.adaptation_study`: source-only vs adapted vs the same-budget control per shift and seed, the
-  ablations, the per-class label diagnostics (``gta2cs.diagnostics``, the pipeline's own).
+  ablations, the per-class label diagnostics (``uda.diagnostics``, the pipeline's own).
 """

@@ -15,11 +15,11 @@ For each shift (the embedded demo and the two shifts of :mod:`benchmarks.study.s
    * ``gated``, ``agreement``, ``either``: a dynamic-label gate on the target CE's labels
      (:mod:`benchmarks.study.gates`, through ``adapt_step``'s ``target_labels`` hook); ``threshold_0.95``.
 
-The study builds every run as the pipeline does (``gta2cs.options.parse_args`` + ``train_gta2cs.setup``) and
+The study builds every run as the pipeline does (``uda.options.parse_args`` + ``train_gta2cs.setup``) and
 calls the pipeline's functions; nothing is subclassed or patched.
 
 Per-class label diagnostics, against target ground truth (a diagnostic: never trained on), all with the
-pipeline's ``gta2cs.diagnostics`` (one implementation, one class-mean rule): for the static labels from the
+pipeline's ``uda.diagnostics`` (one implementation, one class-mean rule): for the static labels from the
 PNGs written under ``<run>/pseudo_labels/round_XX`` over the whole target train split, and for the static /
 dynamic / hybrid labels of the training crops of every stage-2 step (the pipeline's own ``--diagnostics``, per
 class and round, stored in each run's metrics.json).
@@ -49,10 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import train_gta2cs
-from gta2cs import diagnostics, options
-from gta2cs.data import CLASS_NAMES, cityscapes_files, read_label
-from gta2cs.evaluate import evaluate
-from gta2cs.synthetic import write_demo_dataset
+from uda import diagnostics, options
+from uda.data import CLASS_NAMES, cityscapes_files, read_label
+from uda.evaluate import evaluate
+from uda.synthetic import write_demo_dataset
 from PIL import Image
 
 from .gates import target_labels_hook
@@ -86,7 +86,7 @@ def source_flag(shift: str) -> str:
 
 
 def static_png_counts(run_dir: Path, cityscapes_root: str, round_index: int) -> torch.Tensor:
-    """:func:`gta2cs.diagnostics.class_counts` of the written static labels of one round against target train
+    """:func:`uda.diagnostics.class_counts` of the written static labels of one round against target train
     ground truth, summed over the split, ``(4, K)``."""
     folder = run_dir / "pseudo_labels" / f"round_{round_index:02d}"
     counts = torch.zeros(4, K, dtype=torch.int64)
@@ -165,7 +165,7 @@ def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: di
         result["control"] = metrics["source_only_continued"]["miou"]
         result["control_iou"] = metrics["source_only_continued"]["iou"]
     result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the pipeline's --diagnostics
-    result["signals"] = [  # per round: the label-free signals (gta2cs.signals) and each class's dynamic pixels
+    result["signals"] = [  # per round: the label-free signals (uda.signals) and each class's dynamic pixels
         {**entry, "dynamic_pixels": entry["counts"]["dynamic"]} for entry in metrics.get("signals", [])]
     result["static_png"] = {f"round{r}": diagnostics.summarize(static_png_counts(out, cs, r))
                             for r in range(run.args.rounds)}
@@ -279,7 +279,7 @@ def _nan(values: list) -> list[float]:
 def validation_table(results: dict, seeds: list[int]) -> str:
     """Mean Spearman (over seeds × rounds of the paper-default runs) of each signal with the dynamic labels' true
     per-class precision, per shift; in brackets the share of (seed, round) cells with the expected sign."""
-    from gta2cs.signals import HIGHER_IS_BETTER, SIGNALS
+    from uda.signals import HIGHER_IS_BETTER, SIGNALS
 
     head = "| shift | " + " | ".join(f"`{n}`" for n in SIGNALS) + " |"
     lines = [head, "| --- |" + " ---: |" * len(SIGNALS)]

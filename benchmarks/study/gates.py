@@ -9,7 +9,7 @@ the gate then chooses, from the orchestrator's output, the labels of the target 
 shift (docs/examples.md). Rule ``hires`` replaces the CE's labels by hybrid labels whose dynamic part is decided at
 label resolution (FCL/BCL keep the orchestrator's, decided on the feature grid: protocl's orchestrator has no
 option for it). ``hires``, ``margin`` and ``hires_margin`` live in the pipeline as ``--target-ce``
-(:mod:`gta2cs.target_ce`); this module adds the study-only rules around them.
+(:mod:`uda.target_ce`); this module adds the study-only rules around them.
 
 All gates run on the device without a host read.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from gta2cs.target_ce import MARGIN, gate_by_margin, label_resolution_dynamic, margin_map  # noqa: F401 (re-exported)
+from uda.target_ce import MARGIN, gate_by_margin, label_resolution_dynamic, margin_map  # noqa: F401 (re-exported)
 from torch import Tensor
 
 from protocl import IGNORE_INDEX
@@ -62,7 +62,7 @@ def gate_by_agreement(static: Tensor, dynamic: Tensor, hybrid: Tensor, num_class
 
 class ClassOff:
     """Rule ``class_off``: switch a class's dynamic fill-ins off (for the target CE) while its **running**
-    dynamic/static agreement (the label-free signal ``static_agreement`` of :mod:`gta2cs.signals`, over the recent
+    dynamic/static agreement (the label-free signal ``static_agreement`` of :mod:`uda.signals`, over the recent
     steps: counts decayed by ``momentum`` per step) is below ``min_agreement``. A class without overlap so far
     keeps them. Its counts are device tensors: no host read."""
 

@@ -1,11 +1,18 @@
-"""Modules of the GTA5 -> Cityscapes reference pipeline; its loop is ``examples/train_gta2cs.py``.
+"""Deprecated alias of :mod:`uda` (the reference pipeline's package was ``gta2cs`` until 0.1.0.dev0; it serves
+every benchmark now). ``import gta2cs.data`` and friends still work for one release and warn; import ``uda``.
+The table of what moved where is in CHANGELOG.md."""
 
-Modules: :mod:`options` (the command line: parsing only), :mod:`run` (``setup``: the one way to build a run;
-the round's figure and diagnostics; ``finish``), :mod:`model` (DeepLab-V2 ResNet-101 and a tiny CNN),
-:mod:`data` (GTA5 / SYNTHIA / Cityscapes readers and transforms), :mod:`synthetic` (the embedded two-domain demo
-dataset and the GTA5 / Cityscapes-layout writers), :mod:`evaluate` (confusion matrix and mIoU),
-:mod:`diagnostics` (per-class pseudo-label diagnostics), :mod:`figures` (pseudo-label panels and curves),
-:mod:`checkpoint` (atomic checkpoints, safe loading and RNG states), :mod:`preflight` (the data check before
-training), :mod:`runtime` (stop requests, the non-finite guard, the output folder, ``--resume auto``) and
-:mod:`dist` (torch.distributed set-up).
-"""
+import importlib
+import pkgutil
+import sys
+import warnings
+
+import uda
+
+warnings.warn("the package 'gta2cs' is now 'uda' (examples/uda/); 'gta2cs' is an alias kept for one release",
+              DeprecationWarning, stacklevel=2)
+for _info in pkgutil.walk_packages(uda.__path__, "uda."):
+    _module = importlib.import_module(_info.name)
+    sys.modules["gta2cs" + _info.name[len("uda"):]] = _module
+    if "." not in _info.name[len("uda."):]:
+        globals()[_info.name[len("uda."):]] = _module

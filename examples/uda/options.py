@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels of the target cross-entropy (FCL/BCL always use the hybrid labels): hybrid (the "
                         "paper's), margin (dynamic fill-ins only where the best prototype beats the second by "
                         "--target-ce-margin), hires (dynamic labels decided at label resolution), hires_margin "
-                        "(both); gta2cs.target_ce, study in docs/examples.md")
+                        "(both); uda.target_ce, study in docs/examples.md")
     c.add_argument("--target-ce-margin", type=float, default=0.05,
                    help="cosine margin of --target-ce margin / hires_margin, in [0, 2]")
     c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: on for the demo except Dark Zurich's, which has no train labels; off otherwise)")
     r.add_argument("--signals", action=argparse.BooleanOptionalAction, default=True,
                    help="label-free reliability signals of the dynamic labels per class and round (agreement with "
-                        "the static labels and the prediction, prototype margin and separation; gta2cs.signals), "
+                        "the static labels and the prediction, prototype margin and separation; uda.signals), "
                         "logged and in metrics.json; they read no target label")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     r.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,7 @@ Labels are written as the datasets release them:
 * folder: raw ids of a custom class table (K = 5 by default, 8- or 16-bit PNGs), with the table as
   ``classes.json``.
 
-Run ``python examples/gta2cs/layout_demo.py OUT`` to write all of them under ``OUT``.
+Run ``python examples/uda/layout_demo.py OUT`` to write all of them under ``OUT``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "gta2cs"
+    __package__ = "uda"
 
 from .classes import ClassTable  # noqa: E402
 from .layouts import ACDC_CONDITIONS  # noqa: E402

@@ -1,6 +1,6 @@
 r"""Pre-flight check of a dataset: every file of the chosen splits read once before training starts.
 
-For each sample (:class:`gta2cs.data.Sample`) :func:`check_sample` runs the checks the training readers run,
+For each sample (:class:`uda.data.Sample`) :func:`check_sample` runs the checks the training readers run,
 on the whole file:
 
 - the image opens and decodes completely (``convert("RGB")`` decodes every pixel, so a truncated PNG fails
@@ -8,7 +8,7 @@ on the whole file:
 - the label (when the split has one) decodes, is in the mode its format expects (Cityscapes/GTA5: a
   single-channel id map, mode L, P or I, never an RGB colour rendering; SYNTHIA: a 16-bit RGB PNG), holds ids
   in its format's range (Cityscapes/GTA5: 0-255, so not an instance-id file) and has its image's size or a
-  rescale of it (same aspect ratio within :data:`gta2cs.data.ASPECT_TOLERANCE`, resized nearest when read: a
+  rescale of it (same aspect ratio within :data:`uda.data.ASPECT_TOLERANCE`, resized nearest when read: a
   few GTA5 labels differ in size from their image).
 
 :func:`check_data` runs it over all splits in worker processes with a progress bar, collects every bad file

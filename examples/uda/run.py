@@ -59,7 +59,7 @@ class Run:
     started: tuple = (0.0, 0)  # (time, step) when training (re)started: the it/s of the log
     guard: runtime.NonFiniteGuard | None = None  # non-finite losses/gradients, read at the log point
     stop: runtime.StopRequest | None = None  # SIGTERM/SIGUSR1, polled once per step (set by main)
-    target_ce: Callable | None = None  # --target-ce: the target CE's labels (gta2cs.target_ce; None: hybrid y_T)
+    target_ce: Callable | None = None  # --target-ce: the target CE's labels (uda.target_ce; None: hybrid y_T)
 
     @property
     def num_classes(self) -> int:
@@ -68,7 +68,7 @@ class Run:
 
 
 def setup(args) -> Run:
-    """Build a run from parsed options (:func:`gta2cs.options.parse_args`): process group, demo dataset (written
+    """Build a run from parsed options (:func:`uda.options.parse_args`): process group, demo dataset (written
     by rank 0, the others wait at a barrier), data streams, model, orchestrator, optimizer, log."""
     rank, world, device = dist.setup(args.device)
     if args.threads:
@@ -161,7 +161,7 @@ def read_domains(args) -> layouts.Domains:
 
 def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Path, source: list,
                target_train: list, target_val: list) -> None:
-    """The pre-flight check (:mod:`gta2cs.preflight`) of the source split, the target train images (and their
+    """The pre-flight check (:mod:`uda.preflight`) of the source split, the target train images (and their
     labels with ``--diagnostics``, the only case they are read) and the target val split; sharded over ranks,
     the bad files of all ranks reported by every rank (one ``ValueError``). Statistics in
     ``<out>/data_check.json``."""

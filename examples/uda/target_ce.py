@@ -54,7 +54,7 @@ def gate_by_margin(static: Tensor, hybrid: Tensor, sims, margin: float = MARGIN)
 def label_resolution_dynamic(sims, static: Tensor, threshold: float, fuse: str = "fill", margin: float | None = None
                              ) -> tuple[Tensor, Tensor]:
     """Rule ``hires``: dynamic labels decided at the static labels' resolution. The step's prototype cosines
-    (``sims``: :class:`gta2cs.signals.Similarities`, on the feature grid) are upsampled bilinearly to (H, W)
+    (``sims``: :class:`uda.signals.Similarities`, on the feature grid) are upsampled bilinearly to (H, W)
     before the arg max and the threshold (``best > threshold``, the orchestrator's rule), then fused with the
     static labels (``fuse``, the pipeline's ``--fuse``). Returns ``(y_D, y_T)``, both ``Tensor[B, H, W]``.
 

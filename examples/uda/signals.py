@@ -4,7 +4,7 @@ r"""Label-free reliability signals of the target labels, per class and round (is
 A user on real data has no target ground truth, so ``--diagnostics`` (the labels' true precision) is not
 available to them. These signals read **no target label**: only the static labels y_F, the dynamic labels y_D,
 the labels the target CE trains on (``hybrid``), the classifier's prediction and the prototypes. Per class c,
-over a round of stage 2 (a class's value is NaN where it is undefined, as in :mod:`gta2cs.diagnostics`):
+over a round of stage 2 (a class's value is NaN where it is undefined, as in :mod:`uda.diagnostics`):
 
 ``static_agreement``
     Of the pixels that carry both a static and a dynamic label, the dynamic label being c: the share whose
