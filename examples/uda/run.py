@@ -1,13 +1,14 @@
-r"""Building a run of the reference pipeline and reporting it: :func:`setup` (the one way to build a run, used
-by ``train_gta2cs.main``, the tests, ``benchmarks/gpu_check.py`` and the adaptation study), the round's
-diagnostics and figure, and :func:`finish` (metrics.json, curves, the per-class table, the last line).
+r"""Building a run of the reference pipeline: :func:`setup` is the one way to build a :class:`Run` (used by
+``train_gta2cs.main``, the tests, ``benchmarks/gpu_check.py`` and the adaptation study): process group, demo
+data, data streams, model, orchestrator, optimizer, log, the output folder's checks.
 
-The training loop itself is ``examples/train_gta2cs.py``.
+The training loop itself is ``examples/train_gta2cs.py``; its state and checkpoints are :mod:`uda.state`, what it
+reports :mod:`uda.report`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,12 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import protocl
-from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, diagnostics, dist, figures, layouts, options, preflight, runtime, target_ce
+from . import checkpoint, dist, layouts, options, preflight, runtime, target_ce
 from .classes import ClassTable, load_table
 from .data import BatchStream, EvalSet, SkipCounter, TrainSet, ignore_stop_signals, pseudo_label_size
-from .evaluate import iou_table
 from .model import build_model
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,15 +114,6 @@ def setup(args) -> Run:
         momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
         dynamic=not args.no_dynamic).to(device)
     config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
-    run = Run(args=args, config=config, rank=rank, world=world, device=device, out=out, log=log, table=table,
-              subsets=domains.subsets,
-              target_train=target_train, target_val=target_val, source_set=source_set, target_set=target_set,
-              source_stream=BatchStream(source_set, args.batch_size, stream=0, **stream),
-              target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
-              model=model, net=net, contrast=contrast, optimizer=None, scaler=None)
-    run.target_ce = target_ce.hook(args.target_ce, threshold=args.threshold, margin=args.target_ce_margin,
-                                   fuse=args.fuse)
-    new_optimizer(run, args.source_lr)
     # room for what the run writes (checkpoints ~ weights + SGD momentum, pseudo labels), checked before training
     state_bytes = 2 * runtime.tensor_bytes(model.state_dict()) + runtime.tensor_bytes(contrast.state_dict())
     try:
@@ -132,14 +122,17 @@ def setup(args) -> Run:
         w, h = 2 * args.resize, args.resize
     runtime.check_output_dir(out, runtime.estimate_output_bytes(state_bytes, pseudo_labels=len(target_train),
                                                                 pseudo_label_pixels=w * h // 4))
-    run.guard = runtime.NonFiniteGuard(device, grads=args.amp != "fp16")  # fp16: the GradScaler skips inf steps
-    if args.tensorboard and rank == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ValueError(f"expected the tensorboard package for --tensorboard (pip install tensorboard, "
-                             f"or pip install -e '.[examples]'), got ImportError: {error}") from None
-        run.tb = SummaryWriter(str(out / "tensorboard"))
+    optimizer, scaler = make_optimizer(model, args.source_lr, device, args.amp)
+    run = Run(args=args, config=config, rank=rank, world=world, device=device, out=out, log=log, table=table,
+              subsets=domains.subsets,
+              target_train=target_train, target_val=target_val, source_set=source_set, target_set=target_set,
+              source_stream=BatchStream(source_set, args.batch_size, stream=0, **stream),
+              target_stream=BatchStream(target_set, args.batch_size, stream=1, **stream), val_loader=val_loader,
+              model=model, net=net, contrast=contrast, optimizer=optimizer, scaler=scaler,
+              tb=tensorboard(args, out, rank),
+              guard=runtime.NonFiniteGuard(device, grads=args.amp != "fp16"),  # fp16: the scaler skips inf steps
+              target_ce=target_ce.hook(args.target_ce, threshold=args.threshold, margin=args.target_ce_margin,
+                                       fuse=args.fuse))
     log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target ({args.target}) "
         f"train {len(target_train)}, val {len(target_val)}; K={table.num_classes} classes ({table.name}); arch "
         f"{args.arch}, D={model.feature_dim}, amp {args.amp}")
@@ -186,16 +179,25 @@ def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Pat
         preflight.write_report(stats, out / "data_check.json")
 
 
-def bad_samples(run: Run, state: dict) -> dict:
-    """``{"skipped", "files"}`` of the bad files skipped so far (``--on-bad-sample skip``), over all ranks (a
-    collective under torch.distributed: every rank calls it). Each rank counts its own; on a resume rank 0
-    holds the total written in the checkpoint, the others start from zero."""
-    own = state["bad_samples"]
-    if run.world == 1:
-        return {"skipped": own["skipped"], "files": sorted(own["files"])}
-    gathered = [None] * run.world
-    torch.distributed.all_gather_object(gathered, own)
-    return {"skipped": sum(g["skipped"] for g in gathered), "files": sorted({f for g in gathered for f in g["files"]})}
+def forward(run: Run, net: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The network under autocast (``--amp``); logits back in fp32 for the losses (protocl's losses upcast the
+    features themselves, so those stay in the autocast dtype)."""
+    dtype = AMP_DTYPES[run.args.amp]
+    with torch.autocast(run.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        logits, features = net(images.to(run.device, non_blocking=True))
+    return logits.float(), features
+
+
+def tensorboard(args, out: Path, rank: int):
+    """``--tensorboard``: a ``SummaryWriter`` on rank 0 (None otherwise)."""
+    if not (args.tensorboard and rank == 0):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ValueError(f"expected the tensorboard package for --tensorboard (pip install tensorboard, "
+                         f"or pip install -e '.[examples]'), got ImportError: {error}") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def make_log(out: Path, rank: int) -> Callable[[str], None]:
@@ -210,69 +212,15 @@ def make_log(out: Path, rank: int) -> Callable[[str], None]:
     return log
 
 
+def make_optimizer(model: nn.Module, lr: float, device: torch.device, amp: str
+                   ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """SGD, momentum 0.9, weight decay 5e-4, the classifier at 10x ``lr`` (fused on CUDA: with a GradScaler it
+    skips inf steps without a host read) and a fresh GradScaler (enabled with ``--amp fp16``)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.param_groups(lr), lr=lr, momentum=0.9, weight_decay=5e-4, **fused)
+    return optimizer, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
 def new_optimizer(run: Run, lr: float) -> None:
-    """SGD (fused on CUDA: with a GradScaler it skips inf steps without a host read) and a fresh GradScaler."""
-    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.args.amp == "fp16")
-    fused = {"fused": True} if run.device.type == "cuda" else {}
-    run.optimizer = torch.optim.SGD(run.model.param_groups(lr), lr=lr, momentum=0.9, weight_decay=5e-4, **fused)
-
-
-def round_diagnostics(run: Run, state: dict) -> None:
-    """Store and log the round's per-class coverage and precision of static, dynamic and hybrid labels."""
-    counts = all_reduce_sum_(state["label_counts"].clone())
-    entry = {n: diagnostics.summarize(counts[i]) for i, n in enumerate(diagnostics.LABEL_KINDS)}
-    state["metrics"].setdefault("diagnostics", []).append({"round": state["round"], **entry})
-    run.log(f"round {state['round']}: pseudo labels on the round's target crops against target ground truth "
-            "(coverage = labelled share of the class's pixels, precision = correct share of the pixels labelled "
-            "with the class; %, diagnostic only):\n" + diagnostics.table(entry, run.table.names))
-
-
-def round_figure(run: Run, round_index: int, tgt: dict, labels: dict[str, Tensor]) -> None:
-    """The round's last training batch: target crop | static | dynamic | hybrid (| ground truth with
-    ``--diagnostics``), as the step computed them."""
-    rows = []
-    for i in range(tgt["image"].shape[0]):
-        row = {"image": tgt["image"][i].permute(1, 2, 0).cpu().numpy()}
-        row.update({k: v[i].cpu().numpy() for k, v in labels.items()})
-        if "label" in tgt:
-            row["gt"] = tgt["label"][i].cpu().numpy()
-        rows.append(row)
-    figures.pseudo_label_panel(rows, run.out / "figures" / f"pseudo_labels_round_{round_index:02d}.png",
-                               class_names=run.table.names, palette=run.table.colours)
-
-
-def scalars(run: Run, state: dict, prefix: str, values: dict[str, float]) -> None:
-    """TensorBoard scalars (``--tensorboard``) at ``state["step"]``."""
-    if run.tb is not None:
-        for name, value in values.items():
-            run.tb.add_scalar(f"{prefix}/{name}", value, state["step"])
-
-
-def finish(run: Run, state: dict) -> None:
-    """After training (the last checkpoint is written): metrics.json, the curves, the per-class table and the last
-    line ``target mIoU: source-only X.XX -> adapted Y.YY`` (rank 0)."""
-    a, m = run.args, state["metrics"]
-    skipped = bad_samples(run, state)  # (a collective)
-    if run.rank != 0:
-        return
-    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics",
-                                 "signals") if k in m}
-    names = run.table.names
-    metrics.update(config=run.config, class_names=list(names), bad_samples=skipped)
-    if run.subsets:
-        metrics["class_subsets"] = {n: [names[k] for k in ks] for n, ks in run.subsets.items()}
-    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    figures.training_curves(state["history"], run.out / "figures" / "training_curves.png")
-    columns = {"source-only": m["source_only"]["iou"], "adapted": m["adapted"]["iou"]}
-    if "source_only_continued" in m:
-        columns["source-only, same budget"] = m["source_only_continued"]["iou"]
-    what = "16-class protocol, n/a = not among the 16" if run.subsets else f"{len(names)} classes"
-    run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, names))
-    if "source_only_continued" in m:
-        run.log(f"source-only trained for the same total iterations ({a.source_iters} + "
-                f"{a.rounds * a.round_iters}): {m['source_only_continued']['miou']:.2f}")
-    if run.subsets:
-        run.log("target mIoU over 16 classes (13 classes): source-only "
-                f"{m['source_only']['miou16']:.2f} ({m['source_only']['miou13']:.2f}) -> adapted "
-                f"{m['adapted']['miou16']:.2f} ({m['adapted']['miou13']:.2f})")
-    run.log(f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}")
+    """A fresh optimizer and scaler at ``lr`` (a new phase: stage 2, the control)."""
+    run.optimizer, run.scaler = make_optimizer(run.model, lr, run.device, run.args.amp)

@@ -12,6 +12,7 @@ output folder check and ``--resume auto``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -308,3 +309,14 @@ def resolve_resume(resume: str | None, out: str | Path) -> Path | None:
         path = Path(out) / "checkpoint.pt"
         return path if path.is_file() else None
     return Path(resume)
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    """``--sync-debug``: inside the block, any CUDA host synchronisation raises (restored afterwards)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
