@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import train_gta2cs
 from uda import options
-from uda.synthetic import write_demo_dataset
+from uda.demo import write_demo_dataset
 
 import protocl
 

@@ -11,20 +11,20 @@ an optional horizontal-flip average; on a labelled split it prints the IoU table
         --split val --out preds/cs_val
     python examples/predict.py --checkpoint runs/mine/adapted.pt --images my_photos/ --class-table classes.json \
         --eval-size 1024x512 --out preds/mine
+    python examples/predict.py --checkpoint GTA2Cityscapes_dass.pth --peer-classifier all-branches \
+        --dataset cityscapes --root /data/cityscapes --split val --eval-size 1024x512 --out preds/peer
     python examples/predict.py --score preds/cs_val/trainids --dataset cityscapes --root /data/cityscapes \
         --split val
 
-See docs/datasets.md.
+The code is ``uda/inference.py`` (Python puts this script's folder, ``examples/``, on ``sys.path``). See
+docs/datasets.md and, for the files accepted, docs/reproduce.md ("Initial weights").
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from uda.predict import main  # noqa: E402
+from uda.inference import main
 
 if __name__ == "__main__":
     sys.exit(main())

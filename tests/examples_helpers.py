@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 import train_gta2cs
-from uda import options, synthetic
+from uda import options
+from uda.demo import write_demo_dataset
 
 import protocl
 
@@ -41,8 +42,8 @@ def crash_after(steps: int):
 
 def write_fixture(root: Path, source: str = "gta5", seed: int = 3) -> tuple[Path, Path]:
     """A tiny dataset in the real layouts (the demo generator at a small size): ``(source_root, cityscapes_root)``."""
-    return synthetic.write_demo_dataset(root, seed=seed, source_images=6, target_train=6, target_val=3,
-                                        source_size=(72, 40), target_size=(64, 32), source=source)
+    return write_demo_dataset(root, seed=seed, source_images=6, target_train=6, target_val=3,
+                              source_size=(72, 40), target_size=(64, 32), source=source)
 
 
 def data_args(source_root: Path, cityscapes_root: Path, out: Path, source: str = "gta5") -> list[str]:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import train_gta2cs
 from examples_helpers import TINY_RUN, build
-from uda import classes, layout_demo, options, predict
+from uda import classes, options
+from uda import inference as predict
+from uda.demo import write_acdc, write_cityscapes, write_darkzurich, write_folder
 from PIL import Image
 
 SIZE = (64, 32)
@@ -24,9 +25,9 @@ def custom(tmp_path_factory):
     """A K = 5 run, folder -> folder (8-bit source ids through their own table, the target's 16-bit ids through
     its table), with diagnostics; returns (out, data roots)."""
     root = tmp_path_factory.mktemp("custom")
-    src8, _, table8 = layout_demo.write_folder(root / "eight", seed=4, source=6, train=2, val=2, size=SIZE)
-    _, tgt16, table16 = layout_demo.write_folder(root / "sixteen", seed=5, bits=16, source=2, train=6, val=3,
-                                                 size=SIZE)
+    src8, _, table8 = write_folder(root / "eight", seed=4, source=6, train=2, val=2, size=SIZE)
+    _, tgt16, table16 = write_folder(root / "sixteen", seed=5, bits=16, source=2, train=6, val=3,
+                                     size=SIZE)
     out = root / "run"
     code = train_gta2cs.main(["--source", "folder", "--source-root", str(src8), "--source-class-table", str(table8),
                               "--target", "folder", "--target-root", str(tgt16), "--class-table", str(table16),
@@ -75,8 +76,8 @@ def test_custom_checkpoint_predicts_the_runs_miou(custom, tmp_path, capsys):
 
 
 def test_cityscapes_to_acdc_end_to_end(tmp_path):
-    cs = layout_demo.write_cityscapes(tmp_path / "cityscapes", seed=6, train=6, val=0, size=SIZE)
-    acdc = layout_demo.write_acdc(tmp_path / "acdc", seed=6, train=3, val=1, test=1, size=SIZE)
+    cs = write_cityscapes(tmp_path / "cityscapes", seed=6, train=6, val=0, size=SIZE)
+    acdc = write_acdc(tmp_path / "acdc", seed=6, train=3, val=1, test=1, size=SIZE)
     out = tmp_path / "run"
     args = ["--source", "cityscapes", "--cityscapes-root", str(cs), "--target", "acdc", "--acdc-root", str(acdc),
             "--arch", "tiny", "--out", str(out), *TINY_RUN]
@@ -97,9 +98,9 @@ def test_cityscapes_to_acdc_end_to_end(tmp_path):
 
 
 def test_cityscapes_to_darkzurich_and_one_acdc_condition(tmp_path):
-    cs = layout_demo.write_cityscapes(tmp_path / "cityscapes", seed=7, train=4, val=0, size=SIZE)
-    dz = layout_demo.write_darkzurich(tmp_path / "dz", seed=7, train=4, val=2, test=1, size=SIZE)
-    acdc = layout_demo.write_acdc(tmp_path / "acdc", seed=7, train=2, val=1, test=0, size=SIZE)
+    cs = write_cityscapes(tmp_path / "cityscapes", seed=7, train=4, val=0, size=SIZE)
+    dz = write_darkzurich(tmp_path / "dz", seed=7, train=4, val=2, test=1, size=SIZE)
+    acdc = write_acdc(tmp_path / "acdc", seed=7, train=2, val=1, test=0, size=SIZE)
     run = build(["--source", "cityscapes", "--cityscapes-root", str(cs), "--target", "darkzurich",
                  "--darkzurich-root", str(dz), "--arch", "tiny", "--out", str(tmp_path / "a"), *TINY_RUN])
     assert (len(run.target_train), len(run.target_val)) == (4, 2)
@@ -137,8 +138,8 @@ def test_options(tmp_path):
 
 
 def test_k_mismatch_between_domains_is_a_clear_error(tmp_path, capsys):
-    src, tgt, table = layout_demo.write_folder(tmp_path / "mine", seed=8, source=2, train=2, val=1, size=SIZE)
-    cs = layout_demo.write_cityscapes(tmp_path / "cityscapes", seed=8, train=2, val=0, size=SIZE)
+    src, tgt, table = write_folder(tmp_path / "mine", seed=8, source=2, train=2, val=1, size=SIZE)
+    cs = write_cityscapes(tmp_path / "cityscapes", seed=8, train=2, val=0, size=SIZE)
     code = train_gta2cs.main(["--source", "cityscapes", "--cityscapes-root", str(cs), "--target", "folder",
                               "--target-root", str(tgt), "--class-table", str(table), "--arch", "tiny", "--out",
                               str(tmp_path / "run"), *TINY_RUN])
@@ -163,7 +164,7 @@ def test_generated_demo_cityscapes_to_acdc_runs(tmp_path):
 
 
 def test_bad_custom_label_is_named_by_the_preflight_check_and_skipped_on_request(tmp_path, capsys):
-    src, tgt, table = layout_demo.write_folder(tmp_path / "mine", seed=9, source=4, train=2, val=1, size=SIZE)
+    src, tgt, table = write_folder(tmp_path / "mine", seed=9, source=4, train=2, val=1, size=SIZE)
     bad = src / "labels" / "src_0001.png"
     ids = np.asarray(Image.open(bad)).copy()
     ids[:2, :2] = 77  # an id the class table does not know

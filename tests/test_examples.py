@@ -18,7 +18,13 @@ from examples_helpers import (
     train_with,
     write_fixture,
 )
-from uda import data, evaluate, figures, model, synthetic
+from uda import evaluate, figures, model, weights
+from uda.datasets import cityscapes_files, gta5_files
+from uda.demo import write_demo_dataset
+from uda.labels import read_label
+from uda.loading import TrainSet
+from uda.scenes import DEMO_CLASSES
+from uda.stream import BatchStream, epoch_batches
 from PIL import Image
 
 # spec §4, written out here independently of the code under test
@@ -66,7 +72,7 @@ def full_run(fixture_roots, tmp_path_factory):
 def test_label_ids_map_to_train_ids(tmp_path):
     ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(ids).save(tmp_path / "l.png")
-    got = data.read_label(tmp_path / "l.png", (16, 16)).reshape(-1)
+    got = read_label(tmp_path / "l.png", (16, 16)).reshape(-1)
     expected = np.full(256, 255)
     for label_id, train_id in SPEC_ID_TO_TRAIN_ID:
         expected[label_id] = train_id
@@ -78,23 +84,23 @@ def test_palette_mode_label_and_size_mismatch(tmp_path):
     label = Image.fromarray(np.array([[7, 26], [24, 0]], dtype=np.uint8), mode="L").convert("P")
     label.putpalette([v for i in range(256) for v in (i, 255 - i, 0)])
     label.save(tmp_path / "p.png")
-    got = data.read_label(tmp_path / "p.png", (4, 4))
+    got = read_label(tmp_path / "p.png", (4, 4))
     np.testing.assert_array_equal(got, [[0, 0, 13, 13], [0, 0, 13, 13], [11, 11, 255, 255], [11, 11, 255, 255]])
 
 
 def test_missing_or_empty_roots_name_path_and_layout(tmp_path):
     with pytest.raises(ValueError, match=r"gta5-root.*images/\*\.png.*nowhere"):
-        data.gta5_files(tmp_path / "nowhere")
+        gta5_files(tmp_path / "nowhere")
     (tmp_path / "gta").mkdir()
     with pytest.raises(ValueError, match=r"images.*GTA5 layout"):
-        data.gta5_files(tmp_path / "gta")
+        gta5_files(tmp_path / "gta")
     with pytest.raises(ValueError, match=r"cityscapes-root.*leftImg8bit"):
-        data.cityscapes_files(tmp_path / "nowhere", "train")
+        cityscapes_files(tmp_path / "nowhere", "train")
     (tmp_path / "cs" / "leftImg8bit" / "val" / "x").mkdir(parents=True)
     Image.new("RGB", (4, 2)).save(tmp_path / "cs" / "leftImg8bit" / "val" / "x" / "x_0_0_leftImg8bit.png")
     with pytest.raises(ValueError, match=r"gtFine_labelIds\.png"):
-        data.cityscapes_files(tmp_path / "cs", "val")
-    assert data.cityscapes_files(tmp_path / "cs", "val", require_labels=False)[0].label is None
+        cityscapes_files(tmp_path / "cs", "val")
+    assert cityscapes_files(tmp_path / "cs", "val", require_labels=False)[0].label is None
 
 
 def test_cli_reports_a_missing_root_without_traceback(fixture_roots, tmp_path, capsys):
@@ -107,8 +113,8 @@ def test_cli_reports_a_missing_root_without_traceback(fixture_roots, tmp_path, c
 
 def test_train_crops_are_deterministic_and_aligned(fixture_roots):
     gta, _ = fixture_roots
-    samples = data.gta5_files(gta)
-    ds = data.TrainSet(samples, resize=40, crop=24, scales=(0.8, 1.0, 1.2))
+    samples = gta5_files(gta)
+    ds = TrainSet(samples, resize=40, crop=24, scales=(0.8, 1.0, 1.2))
     a, b = ds[(1, 123)], ds[(1, 123)]
     assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.uint8
     assert a["label"].shape == (24, 24) and a["label"].dtype == torch.uint8  # widened to int64 on the device
@@ -122,22 +128,22 @@ def test_train_crops_are_deterministic_and_aligned(fixture_roots):
 
 def test_batch_stream_resumes_and_ignores_worker_count(fixture_roots):
     gta, _ = fixture_roots
-    ds = data.TrainSet(data.gta5_files(gta), resize=32, crop=16)
-    ref = data.BatchStream(ds, 2, seed=5, stream=0, workers=0)
+    ds = TrainSet(gta5_files(gta), resize=32, crop=16)
+    ref = BatchStream(ds, 2, seed=5, stream=0, workers=0)
     batches = [next(ref)["image"] for _ in range(7)]  # crosses an epoch boundary (3 batches per epoch)
-    other = data.BatchStream(ds, 2, seed=5, stream=0, workers=2)
+    other = BatchStream(ds, 2, seed=5, stream=0, workers=2)
     assert all(torch.equal(next(other)["image"], x) for x in batches[:4])
-    resumed = data.BatchStream(ds, 2, seed=5, stream=0, workers=0)
+    resumed = BatchStream(ds, 2, seed=5, stream=0, workers=0)
     resumed.load_state_dict(other.state_dict())
     assert all(torch.equal(next(resumed)["image"], x) for x in batches[4:])
 
 
 def test_shards_partition_each_epoch():
-    full = [i for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=0, world=1) for i, _ in b]
-    parts = [i for r in range(2) for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=r, world=2)
+    full = [i for b in epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=0, world=1) for i, _ in b]
+    parts = [i for r in range(2) for b in epoch_batches(12, 2, seed=1, stream=0, epoch=3, rank=r, world=2)
              for i, _ in b]
     assert sorted(full) == sorted(parts) == list(range(12))
-    other_epoch = [i for b in data.epoch_batches(12, 2, seed=1, stream=0, epoch=4, rank=0, world=1) for i, _ in b]
+    other_epoch = [i for b in epoch_batches(12, 2, seed=1, stream=0, epoch=4, rank=0, world=1) for i, _ in b]
     assert other_epoch != full
 
 
@@ -188,19 +194,19 @@ def test_init_torchvision_and_deeplab_layouts(tmp_path):
     net = model.DeepLabV2(19, blocks=blocks)
     state = _torchvision_like_state(net)
     torch.save(state, tmp_path / "tv.pth")
-    loaded, layout = model.read_init(tmp_path / "tv.pth")
+    loaded, layout = weights.read_init(tmp_path / "tv.pth")
     assert layout == "torchvision"
-    model.load_backbone(net, loaded, layout)
+    weights.load_backbone(net, loaded, layout)
     assert torch.equal(net.backbone.layer4[0].conv3.weight, state["layer4.0.conv3.weight"])
     assert net.bgr is False
 
     deeplab = {f"Scale.{k}": v for k, v in state.items() if not k.startswith("fc.")}
     deeplab["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(19, 2048, 3, 3)
     torch.save(deeplab, tmp_path / "dl.pth")
-    loaded, layout = model.read_init(tmp_path / "dl.pth")
+    loaded, layout = weights.read_init(tmp_path / "dl.pth")
     assert layout == "deeplab"
     net2 = model.DeepLabV2(19, blocks=blocks, stride_in_1x1=True)
-    model.load_backbone(net2, loaded, layout)
+    weights.load_backbone(net2, loaded, layout)
     assert torch.equal(net2.backbone.conv1.weight, state["conv1.weight"]) and net2.bgr is True
     assert net2.backbone.layer2[0].conv1.stride == (2, 2)  # caffe layout: stride in the first 1x1
 
@@ -212,12 +218,12 @@ def test_init_errors_name_missing_and_unexpected_keys(tmp_path):
     state["layer9.bogus"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys \(1\): \['layer3\.0\.conv2\.weight'\].*unexpected keys "
                                          r"\(1\): \['layer9\.bogus'\]"):
-        model.load_backbone(net, state, "torchvision")
+        weights.load_backbone(net, state, "torchvision")
     with pytest.raises(ValueError, match="not a file"):
-        model.read_init(tmp_path / "absent.pth")
+        weights.read_init(tmp_path / "absent.pth")
     torch.save({"weird.key": torch.zeros(1), "other.key": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="torchvision ResNet-101 layout"):
-        model.read_init(tmp_path / "bad.pth")
+        weights.read_init(tmp_path / "bad.pth")
 
 
 def test_tiny_has_the_same_interface():
@@ -354,16 +360,16 @@ def test_round_figure_shows_the_last_batch_with_a_legend(full_run):
 
 
 def test_demo_dataset_is_deterministic_and_shifted(tmp_path):
-    a = synthetic.write_demo_dataset(tmp_path / "a", seed=1, source_images=2, target_train=2, target_val=1)
-    synthetic.write_demo_dataset(tmp_path / "b", seed=1, source_images=2, target_train=2, target_val=1)
+    a = write_demo_dataset(tmp_path / "a", seed=1, source_images=2, target_train=2, target_val=1)
+    write_demo_dataset(tmp_path / "b", seed=1, source_images=2, target_train=2, target_val=1)
     for rel in ("gta5/images/00001.png", "cityscapes/leftImg8bit/train/demotrain/demotrain_000001_000019_leftImg8bit.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
-    src = data.gta5_files(a[0])
-    tgt = data.cityscapes_files(a[1], "train")
+    src = gta5_files(a[0])
+    tgt = cityscapes_files(a[1], "train")
     # flat source (low within-class variation) vs textured, noisy target
     def within_class_std(sample):
         img = np.asarray(Image.open(sample.image)).astype(float)
-        lab = data.read_label(sample.label, Image.open(sample.image).size)
+        lab = read_label(sample.label, Image.open(sample.image).size)
         return np.mean([img[lab == k].std(0).mean() for k in np.unique(lab) if k != 255 and (lab == k).sum() > 50])
     assert within_class_std(tgt[0]) > 2 * within_class_std(src[0])
-    assert set(np.unique(data.read_label(src[0].label, (128, 72)))) <= set(synthetic.DEMO_CLASSES) | {255}
+    assert set(np.unique(read_label(src[0].label, (128, 72)))) <= set(DEMO_CLASSES) | {255}

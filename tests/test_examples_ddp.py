@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from uda import data, model, synthetic
+from uda import model
+from uda.datasets import cityscapes_files
+from uda.demo import write_demo_dataset
+from uda.loading import PseudoLabelSet
 from PIL import Image
 
 import protocl
@@ -37,8 +40,8 @@ def _check_merged_static_labels(out: Path, cs: Path) -> None:
     net = model.TinySegNet(19)
     net.load_state_dict(torch.load(out / "source_only.pt", map_location="cpu", weights_only=False)["model"])
     net.eval()
-    samples = data.cityscapes_files(cs, "train", require_labels=False)
-    images = data.PseudoLabelSet(samples, resize=32)
+    samples = cityscapes_files(cs, "train", require_labels=False)
+    images = PseudoLabelSet(samples, resize=32)
     thresholds = protocl.ClassBalancedThresholds(19, proportion=0.1, sync=False)
     logits = []
     for i in range(len(images)):
@@ -54,8 +57,8 @@ def _check_merged_static_labels(out: Path, cs: Path) -> None:
 
 
 def test_two_ranks_then_resume_in_one_process(tmp_path):
-    gta, cs = synthetic.write_demo_dataset(tmp_path / "data", seed=4, source_images=8, target_train=7,
-                                           target_val=3, source_size=(72, 40), target_size=(64, 32))
+    gta, cs = write_demo_dataset(tmp_path / "data", seed=4, source_images=8, target_train=7,
+                                 target_val=3, source_size=(72, 40), target_size=(64, 32))
     out = tmp_path / "out"
     data_args = ["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--arch", "tiny", "--out", str(out)]
     # 2 ranks: stage 1, sharded eval, sharded static labels (7 images: uneven shards), round 0, then a "crash"

@@ -16,7 +16,12 @@ from examples_helpers import TINY_RUN, data_args, write_fixture
 from PIL import Image
 
 import train_gta2cs
-from uda import data, evaluate, synthetic
+from uda import evaluate
+from uda.classes import CITYSCAPES_NAMES, SYNTHIA, SYNTHIA_CLASSES_13, SYNTHIA_CLASSES_16
+from uda.datasets import gta5_files, synthia_files
+from uda.demo import write_png16
+from uda.labels import read_label, read_png_channels, read_sample_label
+from uda.scenes import DEMO_CLASSES, TERRAIN, VEGETATION
 
 # SYNTHIA-RAND-CITYSCAPES README: the class ids of GT/LABELS/*.png (first channel), written out independently
 SYNTHIA_README = {0: "void", 1: "sky", 2: "building", 3: "road", 4: "sidewalk", 5: "fence", 6: "vegetation",
@@ -70,82 +75,82 @@ def test_synthia_ids_map_to_cityscapes_train_ids(tmp_path):
     label[..., 1] = g.integers(0, 2**16, (4, 8))  # instance ids, full 16 bits
     label[..., 2] = g.integers(0, 2**16, (4, 8))
     write_filtered_png16(tmp_path / "0000000.png", label)
-    np.testing.assert_array_equal(data.read_png_channels(tmp_path / "0000000.png"), label)
-    got = data.read_label(tmp_path / "0000000.png", (8, 4), "synthia")
+    np.testing.assert_array_equal(read_png_channels(tmp_path / "0000000.png"), label)
+    got = read_label(tmp_path / "0000000.png", (8, 4), "synthia")
     expected = np.array([expected_train_id(int(i)) for i in ids]).reshape(4, 8)
     np.testing.assert_array_equal(got, expected)
-    assert sorted(set(expected.flatten()) - {255}) == sorted(data.SYNTHIA_CLASSES_16)  # all 16, nothing else
+    assert sorted(set(expected.flatten()) - {255}) == sorted(SYNTHIA_CLASSES_16)  # all 16, nothing else
     # nearest resize of the mapped labels, as for the other datasets
-    assert data.read_label(tmp_path / "0000000.png", (16, 8), "synthia")[::2, ::2].tolist() == expected.tolist()
+    assert read_label(tmp_path / "0000000.png", (16, 8), "synthia")[::2, ::2].tolist() == expected.tolist()
 
 
 def test_benchmark_class_lists():
-    names = data.CLASS_NAMES
-    assert {names[k] for k in data.SYNTHIA_CLASSES_16} == set(CITYSCAPES_TRAIN_ID) - NOT_IN_SYNTHIA
-    assert {names[k] for k in data.SYNTHIA_CLASSES_13} == set(CITYSCAPES_TRAIN_ID) - NOT_IN_SYNTHIA - NOT_IN_13
+    names = CITYSCAPES_NAMES
+    assert {names[k] for k in SYNTHIA_CLASSES_16} == set(CITYSCAPES_TRAIN_ID) - NOT_IN_SYNTHIA
+    assert {names[k] for k in SYNTHIA_CLASSES_13} == set(CITYSCAPES_TRAIN_ID) - NOT_IN_SYNTHIA - NOT_IN_13
 
 
 def test_demo_png16_round_trip(tmp_path):
     array = np.random.default_rng(1).integers(0, 2**16, (5, 7, 3)).astype(np.uint16)
-    synthetic.write_png16(tmp_path / "x.png", array)
-    np.testing.assert_array_equal(data.read_png_channels(tmp_path / "x.png"), array)
+    write_png16(tmp_path / "x.png", array)
+    np.testing.assert_array_equal(read_png_channels(tmp_path / "x.png"), array)
     with pytest.raises(ValueError, match="uint16"):
-        synthetic.write_png16(tmp_path / "y.png", array.astype(np.uint8))
+        write_png16(tmp_path / "y.png", array.astype(np.uint8))
 
 
 def test_demo_in_the_synthia_layout(tmp_path):
     syn, cs = write_fixture(tmp_path / "syn", source="synthia")
     gta, cs_gta = write_fixture(tmp_path / "gta", source="gta5")
     assert syn.name == "synthia" and (syn / "RGB").is_dir() and (syn / "GT" / "LABELS").is_dir()
-    samples = data.synthia_files(syn)
+    samples = synthia_files(syn)
     assert len(samples) == 6 and all(s.label_format == "synthia" for s in samples)
     assert samples[0].image.name == "0000000.png" and samples[0].label == syn / "GT" / "LABELS" / "0000000.png"
-    raw = data.read_png_channels(samples[0].label)
+    raw = read_png_channels(samples[0].label)
     assert raw.dtype == np.uint16 and raw.shape == (40, 72, 3)
-    assert set(np.unique(raw[..., 0])) <= set(data.SYNTHIA_ID_TO_TRAIN_ID) | {0}
+    assert set(np.unique(raw[..., 0])) <= set(SYNTHIA.id_to_train_id) | {0}
     things = np.isin(raw[..., 0], (8, 10))  # car, pedestrian: instance ids beyond 8 bits
     assert things.any() and (raw[..., 1][things] >= 256).all() and (raw[..., 1][~things] == 0).all()
     for sample in samples:
-        label = data.read_sample_label(sample, Image.open(sample.image).size)
-        assert set(np.unique(label)) <= (set(synthetic.DEMO_CLASSES) - {synthetic.TERRAIN}) | {255}
+        label = read_sample_label(sample, Image.open(sample.image).size)
+        assert set(np.unique(label)) <= (set(DEMO_CLASSES) - {TERRAIN}) | {255}
     # the same scenes whichever source layout: the target split is identical
     for a, b in zip(sorted(cs.rglob("*.png")), sorted(cs_gta.rglob("*.png"))):
         assert a.relative_to(cs) == b.relative_to(cs_gta)
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     # GTA5 terrain pixels are vegetation in the SYNTHIA source (SYNTHIA has no terrain)
-    g_label = data.read_sample_label(data.gta5_files(gta)[0], (72, 40))
-    s_label = data.read_sample_label(samples[0], (72, 40))
-    terrain = g_label == synthetic.TERRAIN
-    assert np.array_equal(s_label[~terrain], g_label[~terrain]) and (s_label[terrain] == synthetic.VEGETATION).all()
+    g_label = read_sample_label(gta5_files(gta)[0], (72, 40))
+    s_label = read_sample_label(samples[0], (72, 40))
+    terrain = g_label == TERRAIN
+    assert np.array_equal(s_label[~terrain], g_label[~terrain]) and (s_label[terrain] == VEGETATION).all()
 
 
 def test_synthia_files_errors_name_path_and_layout(tmp_path):
     with pytest.raises(ValueError, match=r"synthia-root.*RGB/\*\.png.*nowhere"):
-        data.synthia_files(tmp_path / "nowhere")
+        synthia_files(tmp_path / "nowhere")
     (tmp_path / "s" / "RGB").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"RGB.*SYNTHIA-RAND-CITYSCAPES layout.*found none"):
-        data.synthia_files(tmp_path / "s")
+        synthia_files(tmp_path / "s")
     Image.new("RGB", (4, 2)).save(tmp_path / "s" / "RGB" / "0000001.png")
     with pytest.raises(ValueError, match=r"GT/LABELS/0000001\.png"):
-        data.synthia_files(tmp_path / "s")
+        synthia_files(tmp_path / "s")
 
 
 def test_iou_over_a_class_subset_against_a_loop():
     g = torch.Generator().manual_seed(0)
     confusion = torch.randint(0, 50, (19, 19), generator=g)
-    subset = data.SYNTHIA_CLASSES_16
+    subset = SYNTHIA_CLASSES_16
     got = evaluate.iou_over_classes(confusion, subset)
     for value, c in zip(got, subset):
         tp = int(confusion[c, c])
         fn = sum(int(confusion[c, j]) for j in range(19) if j != c)  # predictions of any class, kept rows
         fp = sum(int(confusion[i, c]) for i in subset if i != c)  # ground truth outside the subset: ignored
         assert value == pytest.approx(100 * tp / (tp + fn + fp))
-    summary = evaluate.summarize(confusion, {"16": subset, "13": data.SYNTHIA_CLASSES_13})
+    summary = evaluate.summarize(confusion, {"16": subset, "13": SYNTHIA_CLASSES_13})
     assert summary["miou16"] == pytest.approx(sum(got) / 16) and summary["miou"] == summary["miou16"]
     by_class = dict(zip(subset, got))
-    assert summary["miou13"] == pytest.approx(sum(by_class[c] for c in data.SYNTHIA_CLASSES_13) / 13)
+    assert summary["miou13"] == pytest.approx(sum(by_class[c] for c in SYNTHIA_CLASSES_13) / 13)
     assert summary["iou16"] == got and [math.isnan(v) for v in summary["iou"]] == [c not in subset for c in range(19)]
-    assert summary["iou13"] == [by_class[c] for c in data.SYNTHIA_CLASSES_13]  # the 16-class protocol's IoUs
+    assert summary["iou13"] == [by_class[c] for c in SYNTHIA_CLASSES_13]  # the 16-class protocol's IoUs
     with pytest.raises(ValueError, match="inside subset '16'"):
         evaluate.summarize(confusion, {"16": subset, "x": [9]})
     assert summary["iou19"] == evaluate.iou_from_confusion(confusion)  # the plain 19-class values are kept
@@ -172,14 +177,14 @@ def test_synthia_pipeline_in_bf16(tmp_path, capsys):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["source"] == "synthia" and metrics["config"]["amp"] == "bf16"
-    assert metrics["class_subsets"]["13"] == [data.CLASS_NAMES[k] for k in data.SYNTHIA_CLASSES_13]
+    assert metrics["class_subsets"]["13"] == [CITYSCAPES_NAMES[k] for k in SYNTHIA_CLASSES_13]
     for key in ("source_only", "adapted"):
         result = metrics[key]
         assert set(result) >= {"miou", "miou16", "miou13", "iou", "iou16", "iou13", "miou19", "iou19"}
         assert result["miou"] == result["miou16"] and len(result["iou"]) == 19 and len(result["iou16"]) == 16
         for name in NOT_IN_SYNTHIA:
             assert math.isnan(result["iou"][CITYSCAPES_TRAIN_ID[name]])
-        iou13 = [v for k, v in zip(data.SYNTHIA_CLASSES_16, result["iou16"]) if k in data.SYNTHIA_CLASSES_13]
+        iou13 = [v for k, v in zip(SYNTHIA_CLASSES_16, result["iou16"]) if k in SYNTHIA_CLASSES_13]
         assert result["iou13"] == iou13
         defined = [v for v in iou13 if not math.isnan(v)]
         assert result["miou13"] == pytest.approx(sum(defined) / len(defined))

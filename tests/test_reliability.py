@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import write_fixture
-from uda import checkpoint, data, preflight, runtime
+from uda import checkpoint, preflight, runtime
+from uda.classes import CITYSCAPES
+from uda.datasets import cityscapes_files, gta5_files, synthia_files
+from uda.labels import BadSampleError, read_label
+from uda.loading import EvalSet, PseudoLabelSet, TrainSet
+from uda.stream import WORKER_GRACE_S, BatchStream
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -147,27 +152,30 @@ def truncate(path: Path, size: int = 300) -> Path:
 
 
 def test_ignore_is_protocl_ignore_index():
-    assert data.IGNORE == protocl.IGNORE_INDEX == 255
+    # the class tables (every label format reads through one) map unlisted ids and the train-id files' ignore to
+    # protocl's ignore index
+    assert CITYSCAPES.lut()[0] == protocl.IGNORE_INDEX == 255
+    assert CITYSCAPES.train_id_table().ignore_ids == (protocl.IGNORE_INDEX,)
 
 
 def test_truncated_image_is_named_by_every_reader(roots):
     gta, _ = roots
-    samples = data.gta5_files(gta)
+    samples = gta5_files(gta)
     bad = truncate(samples[2].image)
-    readers = [lambda: data.TrainSet(samples, resize=32, crop=32)[(2, 7)],
-               lambda: data.EvalSet(samples, size=(64, 32))[2],
-               lambda: data.PseudoLabelSet(samples, resize=32)[2]]
+    readers = [lambda: TrainSet(samples, resize=32, crop=32)[(2, 7)],
+               lambda: EvalSet(samples, size=(64, 32))[2],
+               lambda: PseudoLabelSet(samples, resize=32)[2]]
     for read in readers:
         with pytest.raises(ValueError, match="does not decode") as info:
             read()
-        assert isinstance(info.value, data.BadSampleError) and str(bad) in str(info.value)
+        assert isinstance(info.value, BadSampleError) and str(bad) in str(info.value)
 
 
 def test_error_from_a_worker_process_names_the_file(roots):
     gta, _ = roots
-    samples = data.gta5_files(gta)
+    samples = gta5_files(gta)
     bad = truncate(samples[0].image)
-    stream = data.BatchStream(data.TrainSet(samples, resize=32, crop=32), 6, seed=0, stream=0, workers=1)
+    stream = BatchStream(TrainSet(samples, resize=32, crop=32), 6, seed=0, stream=0, workers=1)
     with pytest.raises(ValueError) as info:
         next(stream)
     assert str(bad) in str(info.value) and "does not decode" in str(info.value)
@@ -181,41 +189,41 @@ def _label(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 def test_label_mode_range_and_size_are_checked(tmp_path):
     ids = np.full((4, 8), 7, np.uint8)
     rgb = _label(tmp_path / "rgb.png", np.zeros((4, 8, 3), np.uint8))
-    with pytest.raises(data.BadSampleError, match=r"got mode RGB \(a colour rendering\?\)") as info:
-        data.read_label(rgb, (8, 4))
+    with pytest.raises(BadSampleError, match=r"got mode RGB \(a colour rendering\?\)") as info:
+        read_label(rgb, (8, 4))
     assert str(rgb) in str(info.value)
     instance = tmp_path / "instance.png"
     Image.fromarray(np.full((4, 8), 26001, np.uint16)).save(instance)  # *_gtFine_instanceIds.png: id*1000+k
     assert Image.open(instance).mode.startswith("I")
-    with pytest.raises(data.BadSampleError, match=r"0-255.*got 26001 on 32 pixels"):
-        data.read_label(instance, (8, 4))
+    with pytest.raises(BadSampleError, match=r"0-255.*got 26001 on 32 pixels"):
+        read_label(instance, (8, 4))
     small_ok = Image.open(_label(tmp_path / "ok16.png", np.full((4, 8), 26, np.uint16)))
-    assert small_ok.mode.startswith("I") and (data.read_label(Path(small_ok.filename), (8, 4)) == 13).all()
+    assert small_ok.mode.startswith("I") and (read_label(Path(small_ok.filename), (8, 4)) == 13).all()
     transposed = _label(tmp_path / "t.png", np.full((8, 4), 7, np.uint8))
-    with pytest.raises(data.BadSampleError, match=r"size 4x8 does not match its image 'img.png' of 8x4"):
-        data.read_label(transposed, (8, 4), image_path="img.png")
+    with pytest.raises(BadSampleError, match=r"size 4x8 does not match its image 'img.png' of 8x4"):
+        read_label(transposed, (8, 4), image_path="img.png")
     # a rescale of the same aspect ratio is allowed and resized nearest (a few GTA5 labels)
     half = _label(tmp_path / "half.png", np.array([[7, 26], [24, 0]], np.uint8))
-    np.testing.assert_array_equal(data.read_label(half, (4, 4)), np.kron([[0, 13], [11, 255]], np.ones((2, 2))))
-    assert (data.read_label(_label(tmp_path / "ids.png", ids), (8, 4)) == 0).all()
+    np.testing.assert_array_equal(read_label(half, (4, 4)), np.kron([[0, 13], [11, 255]], np.ones((2, 2))))
+    assert (read_label(_label(tmp_path / "ids.png", ids), (8, 4)) == 0).all()
 
 
 def test_synthia_labels_must_be_16_bit_rgb(tmp_path):
     eight = _label(tmp_path / "0000000.png", np.zeros((4, 8, 3), np.uint8))
-    with pytest.raises(data.BadSampleError, match=r"16-bit RGB PNG.*got 8-bit mode RGB") as info:
-        data.read_label(eight, (8, 4), "synthia")
+    with pytest.raises(BadSampleError, match=r"16-bit RGB PNG.*got 8-bit mode RGB") as info:
+        read_label(eight, (8, 4), "synthia")
     assert str(eight) in str(info.value)
     grey = _label(tmp_path / "0000001.png", np.zeros((4, 8), np.uint8))
-    with pytest.raises(data.BadSampleError, match=r"16-bit RGB PNG.*got 8-bit mode L"):
-        data.read_label(grey, (8, 4), "synthia")
+    with pytest.raises(BadSampleError, match=r"16-bit RGB PNG.*got 8-bit mode L"):
+        read_label(grey, (8, 4), "synthia")
 
 
 def test_skip_replaces_a_bad_sample_by_the_next_one(roots):
     gta, _ = roots
-    samples = data.gta5_files(gta)
+    samples = gta5_files(gta)
     bad = truncate(samples[3].image)
-    strict = data.TrainSet(samples, resize=32, crop=32, scales=(0.8, 1.2))
-    skip = data.TrainSet(samples, resize=32, crop=32, scales=(0.8, 1.2), on_bad_sample="skip")
+    strict = TrainSet(samples, resize=32, crop=32, scales=(0.8, 1.2))
+    skip = TrainSet(samples, resize=32, crop=32, scales=(0.8, 1.2), on_bad_sample="skip")
     got, expected = skip[(3, 99)], strict[(4, 99)]  # the next index, under the same seed
     assert torch.equal(got["image"], expected["image"]) and torch.equal(got["label"], expected["label"])
     assert int(got["skipped"]) == 1 and str(bad) in got["skipped_files"] and int(got["index"]) == 4
@@ -225,24 +233,24 @@ def test_skip_replaces_a_bad_sample_by_the_next_one(roots):
     truncate(samples[5].image)  # the last one: wraps around to index 0
     assert int(skip[(5, 1)]["index"]) == 0
     # batches count the skips; the order and contents do not depend on the run (resume stays exact)
-    stream = data.BatchStream(skip, 6, seed=0, stream=0)
+    stream = BatchStream(skip, 6, seed=0, stream=0)
     batch = next(stream)
     assert int(batch["skipped"].sum()) == 2 and sum(bool(f) for f in batch["skipped_files"]) == 2
     for sample in samples:
         truncate(sample.image)
-    with pytest.raises(data.BadSampleError, match="every one of the 6 samples is bad"):
+    with pytest.raises(BadSampleError, match="every one of the 6 samples is bad"):
         skip[(0, 0)]
     with pytest.raises(ValueError, match=r"on_bad_sample in \('error', 'skip'\), got 'ignore'"):
-        data.TrainSet(samples, resize=32, crop=32, on_bad_sample="ignore")
+        TrainSet(samples, resize=32, crop=32, on_bad_sample="ignore")
 
 
 def test_skip_in_evaluation_leaves_the_sample_out(roots):
     _, cs = roots
-    samples = data.cityscapes_files(cs, "val")
+    samples = cityscapes_files(cs, "val")
     bad = truncate(samples[1].image)
-    item = data.EvalSet(samples, size=(64, 32), on_bad_sample="skip")[1]
+    item = EvalSet(samples, size=(64, 32), on_bad_sample="skip")[1]
     assert (item["label"] == protocl.IGNORE_INDEX).all() and int(item["skipped"]) == 1 and str(bad) in item["skipped_files"]
-    pseudo = data.PseudoLabelSet(samples, resize=32, on_bad_sample="skip")[1]
+    pseudo = PseudoLabelSet(samples, resize=32, on_bad_sample="skip")[1]
     assert int(pseudo["skipped"]) == 1 and str(bad) in pseudo["skipped_files"]
 
 
@@ -250,8 +258,8 @@ def test_workers_ignore_stop_signals():
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(EXAMPLES)!r})
-        from uda import data
-        data.ignore_stop_signals(0)
+        from uda.stream import ignore_stop_signals
+        ignore_stop_signals(0)
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -259,13 +267,13 @@ def test_workers_ignore_stop_signals():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and out.stdout.split()[0] == "alive", out.stderr
-    assert 0 < int(out.stdout.split()[1]) <= data.WORKER_GRACE_S
+    assert 0 < int(out.stdout.split()[1]) <= WORKER_GRACE_S
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
 def _splits(gta: Path, cs: Path) -> dict:
-    return {"gta5": data.gta5_files(gta), "cityscapes train": data.cityscapes_files(cs, "train", require_labels=False),
-            "cityscapes val": data.cityscapes_files(cs, "val")}
+    return {"gta5": gta5_files(gta), "cityscapes train": cityscapes_files(cs, "train", require_labels=False),
+            "cityscapes val": cityscapes_files(cs, "val")}
 
 
 def test_preflight_passes_good_data_and_measures(roots):
@@ -278,8 +286,8 @@ def test_preflight_passes_good_data_and_measures(roots):
 
 def test_preflight_lists_every_bad_file_with_its_reason(roots):
     gta, cs = roots
-    src = data.gta5_files(gta)
-    val = data.cityscapes_files(cs, "val")
+    src = gta5_files(gta)
+    val = cityscapes_files(cs, "val")
     truncated = truncate(src[0].image)
     not_png = src[1].image
     not_png.write_bytes(b"this is not an image")
@@ -311,7 +319,7 @@ def test_preflight_lists_every_bad_file_with_its_reason(roots):
 
 def test_preflight_checks_synthia_labels(tmp_path):
     syn, _ = write_fixture(tmp_path, source="synthia")
-    samples = data.synthia_files(syn)
+    samples = synthia_files(syn)
     preflight.check_data({"synthia": samples}, workers=0, progress=False)
     Image.new("RGB", (72, 40)).save(samples[0].label)  # 8-bit: the class ids would be lost
     with pytest.raises(ValueError, match=r"16-bit RGB PNG"):

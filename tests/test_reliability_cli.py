@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from examples_helpers import TINY_RUN, data_args, write_fixture
-from uda import data
+from uda.datasets import cityscapes_files, gta5_files
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_hostile_init_never_runs(roots, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad data
 def test_bad_files_are_all_found_before_training(roots, tmp_path):
     gta, cs = roots
-    src, val = data.gta5_files(gta), data.cityscapes_files(cs, "val")
+    src, val = gta5_files(gta), cityscapes_files(cs, "val")
     bad_image = truncate(src[1].image)
     bad_val = truncate(val[0].image)
     rgb = src[2].label
@@ -129,7 +129,7 @@ def test_bad_files_are_all_found_before_training(roots, tmp_path):
 def test_truncated_image_during_training_is_named(roots, tmp_path, workers):
     """Also from DataLoader worker processes, which then go with the main process (no hang at exit)."""
     gta, cs = roots
-    bad = truncate(data.gta5_files(gta)[2].image)
+    bad = truncate(gta5_files(gta)[2].image)
     result = run(data_args(gta, cs, tmp_path / "out") + TINY_RUN + ["--no-check-data", "--workers", workers],
                  timeout=120)
     assert result.returncode == 1
@@ -139,7 +139,7 @@ def test_truncated_image_during_training_is_named(roots, tmp_path, workers):
 
 def test_skipped_files_are_logged_and_counted(roots, tmp_path):
     gta, cs = roots
-    bad = truncate(data.gta5_files(gta)[2].image)
+    bad = truncate(gta5_files(gta)[2].image)
     out = tmp_path / "out"
     result = run(data_args(gta, cs, out) + TINY_RUN + ["--no-check-data", "--on-bad-sample", "skip"])
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,12 @@ import pytest
 import torch
 import train_gta2cs
 from examples_helpers import build
-from uda import data, diagnostics
+from protocl import IGNORE_INDEX
+from uda import diagnostics
+from uda.classes import CITYSCAPES
+from uda.datasets import cityscapes_files, gta5_files
+from uda.labels import read_label
+from uda.loading import EvalSet, TrainSet
 from PIL import Image
 
 from benchmarks.study import adaptation_study, gates, shifts
@@ -51,22 +56,22 @@ def test_images_are_read_from_the_installed_wheel():
 
 def test_shift_reads_back_through_the_pipeline_readers(shift_roots):
     shift, (gta, cs) = shift_roots
-    source = data.gta5_files(gta)
-    train = data.cityscapes_files(cs, "train")
-    val = data.cityscapes_files(cs, "val")
+    source = gta5_files(gta)
+    train = cityscapes_files(cs, "train")
+    val = cityscapes_files(cs, "val")
     assert (len(source), len(train), len(val)) == (4, 4, 2)
-    allowed = set(shifts.SHAPE_CLASSES if shift == "shape" else shifts.SHIFT_CLASSES) | {data.IGNORE}
+    allowed = set(shifts.SHAPE_CLASSES if shift == "shape" else shifts.SHIFT_CLASSES) | {IGNORE_INDEX}
     seen = set()
     for sample in source + train + val:
         with Image.open(sample.image) as image:
             assert image.size == (48, 24) and image.mode == "RGB"
-        labels = data.read_label(sample.label, (48, 24))
+        labels = read_label(sample.label, (48, 24))
         assert set(np.unique(labels)) <= allowed
         seen |= set(np.unique(labels).tolist())
     assert ({shifts.GROUND, shifts.STROKE} if shift == "shape" else {shifts.ROAD, shifts.SKY, shifts.BUILDING}) <= seen
-    crop = data.TrainSet(train, resize=24, crop=16)[(0, 7)]
+    crop = TrainSet(train, resize=24, crop=16)[(0, 7)]
     assert crop["image"].shape == (3, 16, 16) and crop["label"].shape == (16, 16)
-    item = data.EvalSet(val, size=(48, 24))[0]
+    item = EvalSet(val, size=(48, 24))[0]
     assert item["image"].shape == (3, 24, 48) and item["label"].shape == (24, 48)
 
 
@@ -84,7 +89,7 @@ def _texture_std(samples, cls: int) -> float:
     spreads = []
     for sample in samples:
         image = np.asarray(Image.open(sample.image).convert("RGB"), np.float64)
-        labels = data.read_label(sample.label, image.shape[1::-1])
+        labels = read_label(sample.label, image.shape[1::-1])
         inner = labels == cls
         inner[1:] &= labels[:-1] == cls  # skip the outline pixels of the cartoon rendering
         inner[:, 1:] &= labels[:, :-1] == cls
@@ -98,14 +103,14 @@ def test_the_two_shifts_differ_in_kind(tmp_path):
     photo_gta, photo_cs = shifts.write_shift("photo", tmp_path / "photo", seed=0, **kw)
     clutter_gta, clutter_cs = shifts.write_shift("clutter", tmp_path / "clutter", seed=0, **kw)
     # photo: the source road is flat (cartoon), the target road is a real gravel texture
-    src_road = _texture_std(data.gta5_files(photo_gta), shifts.ROAD)
-    assert _texture_std(data.cityscapes_files(photo_cs, "train"), shifts.ROAD) > 3 * src_road
+    src_road = _texture_std(gta5_files(photo_gta), shifts.ROAD)
+    assert _texture_std(cityscapes_files(photo_cs, "train"), shifts.ROAD) > 3 * src_road
     # clutter: the source is already textured; the target has unlabelled photo occluders, the source none
-    clutter_src = [data.read_label(s.label, (64, 32)) for s in data.gta5_files(clutter_gta)]
-    clutter_tgt = [data.read_label(s.label, (64, 32)) for s in data.cityscapes_files(clutter_cs, "train")]
-    assert _texture_std(data.gta5_files(clutter_gta), shifts.ROAD) > 3 * src_road
-    assert all((lab == data.IGNORE).mean() == 0 for lab in clutter_src)
-    assert all((lab == data.IGNORE).mean() > 0.02 for lab in clutter_tgt)
+    clutter_src = [read_label(s.label, (64, 32)) for s in gta5_files(clutter_gta)]
+    clutter_tgt = [read_label(s.label, (64, 32)) for s in cityscapes_files(clutter_cs, "train")]
+    assert _texture_std(gta5_files(clutter_gta), shifts.ROAD) > 3 * src_road
+    assert all((lab == IGNORE_INDEX).mean() == 0 for lab in clutter_src)
+    assert all((lab == IGNORE_INDEX).mean() > 0.02 for lab in clutter_tgt)
 
 
 def test_bad_arguments():
@@ -119,7 +124,7 @@ def test_cli_writes_a_shift(tmp_path, capsys):
     assert shifts.main(["clutter", str(tmp_path), "--source-images", "2", "--target-train", "2", "--target-val",
                         "1", "--width", "32", "--height", "16"]) == 0
     assert "--gta5-root" in capsys.readouterr().out
-    assert len(data.cityscapes_files(tmp_path / "cityscapes", "val")) == 1
+    assert len(cityscapes_files(tmp_path / "cityscapes", "val")) == 1
 
 
 # ---------------------------------------------------------------------------------------------- --source-checkpoint
@@ -191,7 +196,7 @@ def test_one_class_mean_rule_for_pipeline_and_study(tmp_path):
     (cs / "leftImg8bit" / "train" / "c").mkdir(parents=True)
     (cs / "gtFine" / "train" / "c").mkdir(parents=True)
     (tmp_path / "run" / "pseudo_labels" / "round_00").mkdir(parents=True)
-    ids = {v: key for key, v in data.ID_TO_TRAIN_ID.items()}
+    ids = {v: key for key, v in CITYSCAPES.id_to_train_id.items()}
     Image.new("RGB", (25, 20)).save(cs / "leftImg8bit" / "train" / "c" / "c_0_0_leftImg8bit.png")
     Image.fromarray(np.vectorize(lambda t: ids.get(t, 0))(gt[0]).astype(np.uint8)).save(
         cs / "gtFine" / "train" / "c" / "c_0_0_gtFine_labelIds.png")
@@ -202,7 +207,7 @@ def test_one_class_mean_rule_for_pipeline_and_study(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- gates
 def test_gate_dynamic_keeps_static_and_agreeing_dynamic_labels():
-    ig = data.IGNORE
+    ig = IGNORE_INDEX
     static = torch.tensor([[0, ig, ig, ig, 2, ig]])
     hybrid = torch.tensor([[0, 1, 3, ig, 2, 4]])  # fill: static where set, dynamic elsewhere
     prediction = torch.tensor([[5, 1, 2, 3, 7, 4]])
@@ -234,13 +239,13 @@ def test_gate_hook_trains_the_target_ce_on_gated_labels(photo_tiny, tmp_path, ga
     protocl_metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "adapted" in protocl_metrics and len(seen) == 3
     for hybrid, used in seen:  # gated labels are the hybrid labels or ignore
-        assert bool(((used == hybrid) | (used == data.IGNORE)).all())
+        assert bool(((used == hybrid) | (used == IGNORE_INDEX)).all())
     with pytest.raises(ValueError, match="expected rule in"):
         gates.target_labels_hook("none", 19)
 
 
 def _agreement_loop(static, dynamic, hybrid, k, min_agreement=0.5, prediction=None):
-    ig = data.IGNORE
+    ig = IGNORE_INDEX
     overlap, agree = [0] * k, [0] * k
     for s, d in zip(static, dynamic):
         if s != ig and d != ig:
@@ -254,7 +259,7 @@ def _agreement_loop(static, dynamic, hybrid, k, min_agreement=0.5, prediction=No
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("either", [False, True])
 def test_gate_by_agreement_against_a_loop(seed, either):
-    ig, k = data.IGNORE, 5
+    ig, k = IGNORE_INDEX, 5
     g = torch.Generator().manual_seed(seed)
     truth = torch.randint(0, k, (2, 9, 7), generator=g)
     # static labels: sparse and mostly right; dynamic labels: dense, class 1 mostly wrong
@@ -273,7 +278,7 @@ def test_gate_by_agreement_against_a_loop(seed, either):
 
 
 def test_gate_by_agreement_drops_a_class_that_disagrees():
-    ig = data.IGNORE
+    ig = IGNORE_INDEX
     static = torch.tensor([[0, 0, 0, 2, ig, ig, ig, ig]])
     dynamic = torch.tensor([[1, 1, 0, 2, 1, 0, 2, 3]])  # dynamic 1 meets static twice, never agrees
     hybrid = torch.where(static != ig, static, dynamic)

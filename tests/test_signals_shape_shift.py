@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from uda import data
+from uda.datasets import cityscapes_files, gta5_files
+from uda.labels import read_label
 from PIL import Image
 
 from benchmarks.study import shifts
@@ -20,7 +21,7 @@ def shape_roots(tmp_path_factory):
 def _pairs(files):
     for sample in files:
         image = np.asarray(Image.open(sample.image).convert("RGB"), np.float64)
-        yield image, data.read_label(sample.label, image.shape[1::-1])
+        yield image, read_label(sample.label, image.shape[1::-1])
 
 
 def test_its_photographs_are_in_the_installed_wheel():
@@ -32,7 +33,7 @@ def test_its_photographs_are_in_the_installed_wheel():
 
 def test_every_class_occurs_and_the_thin_ones_are_thin(shape_roots):
     gta, cs = shape_roots
-    labels = [lab for _, lab in _pairs(data.gta5_files(gta) + data.cityscapes_files(cs, "train"))]
+    labels = [lab for _, lab in _pairs(gta5_files(gta) + cityscapes_files(cs, "train"))]
     seen = set(np.unique(np.stack(labels)).tolist())
     assert seen == set(shifts.SHAPE_CLASSES)  # nothing else, no ignore
     for cls in (shifts.STROKE, shifts.HATCH, shifts.RING):
@@ -77,7 +78,7 @@ def test_the_target_is_blended_with_photographs(shape_roots):
         return np.mean([abs(image[lab != shifts.GROUND].mean() - image[lab == shifts.GROUND].mean())
                         for image, lab in _pairs(files)])
 
-    assert contrast(data.cityscapes_files(cs, "train")) < 0.9 * contrast(data.gta5_files(gta))
+    assert contrast(cityscapes_files(cs, "train")) < 0.9 * contrast(gta5_files(gta))
 
 
 def test_layout_is_seeded_and_scales():

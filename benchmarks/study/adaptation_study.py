@@ -50,16 +50,18 @@ import numpy as np
 import torch
 import train_gta2cs
 from uda import diagnostics, options
-from uda.data import CLASS_NAMES, cityscapes_files, read_label
+from uda.classes import CITYSCAPES_NAMES
+from uda.datasets import cityscapes_files
+from uda.demo import write_demo_dataset
 from uda.evaluate import evaluate
-from uda.synthetic import write_demo_dataset
+from uda.labels import read_label
 from PIL import Image
 
 from .gates import target_labels_hook
 from .shifts import SHIFTS, write_shift
 
 ROOT = Path(__file__).resolve().parents[2]
-K = len(CLASS_NAMES)
+K = len(CITYSCAPES_NAMES)
 DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its source in the GTA5 / SYNTHIA layout
 SHIFT_NAMES = (*DEMOS, *SHIFTS)
 # variant -> (pipeline options, dynamic-label gate of the target CE or None)
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(_compact(
         {"stage1": stage1_info, "stage2": results, "stage2_args": extra, "source_iters": a.source_iters,
          "source_iters_for": iters_for,
-         "class_names": list(CLASS_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}),
+         "class_names": list(CITYSCAPES_NAMES), "machine": "2-core CPU container, torch 2.13.0 CPU, 1 thread"}),
         separators=(",", ":")))
     md = (f"# Adaptation study: {a.tag}\n\nCommand: `python -m benchmarks.study.adaptation_study "
           + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])) + "`\n\n"

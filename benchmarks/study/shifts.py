@@ -1,7 +1,7 @@
 r"""Three more domain shifts built from real photographs that scikit-image ships in its wheel (study tooling:
 ``python -m benchmarks.study.shifts photo DIR`` writes one).
 
-The embedded demo (``examples/uda/synthetic.py``) was designed together with the pipeline; these shifts test whether
+The embedded demo (``examples/uda/demo.py``) was designed together with the pipeline; these shifts test whether
 adaptation holds beyond it. All are written in the GTA5 / Cityscapes layouts (Cityscapes label ids), so
 ``examples/train_gta2cs.py --gta5-root ... --cityscapes-root ... --arch tiny`` trains on them unchanged.
 
@@ -53,7 +53,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from uda.synthetic import gaussian_blur, write_cityscapes_layout, write_gta5_layout
+from uda.demo import write_cityscapes_layout, write_gta5_layout
+from uda.scenes import gaussian_blur
 from PIL import Image
 
 from protocl import IGNORE_INDEX

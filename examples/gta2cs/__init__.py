@@ -1,6 +1,9 @@
-"""Deprecated alias of :mod:`uda` (the reference pipeline's package was ``gta2cs`` until 0.1.0.dev0; it serves
-every benchmark now). ``import gta2cs.data`` and friends still work for one release and warn; import ``uda``.
-The table of what moved where is in CHANGELOG.md."""
+"""Deprecated alias of :mod:`uda`: the reference pipeline's package was ``gta2cs``; it serves every benchmark now.
+
+``import gta2cs`` and ``gta2cs.<module>`` for every module that exists in ``uda`` (``gta2cs.run``,
+``gta2cs.classes``, ...) keep working for one release, with a ``DeprecationWarning``. The modules that were split
+(``data``, ``layouts``, ``synthetic``, ``layout_demo``, ``predict``) have no alias: CHANGELOG.md has the table of
+what moved where."""
 
 import importlib
 import pkgutil

@@ -13,10 +13,14 @@ A :class:`ClassTable` holds, for K ≥ 2 classes (train ids ``0..K-1``):
   tables: a ``ValueError`` naming the file and the id, since it is usually a wrong table) or ``"ignore"``
   (the built-in Cityscapes and SYNTHIA tables: their datasets carry many unused ids).
 
-Built-in tables: :data:`CITYSCAPES` (the 19 Cityscapes train classes, Cityscapes label ids, the standard
-cityscapesScripts palette; GTA5 uses the same ids) and :data:`SYNTHIA` (SYNTHIA-RAND-CITYSCAPES class ids to
-the same 19 classes, 16 of them present). :meth:`ClassTable.train_id_table` gives the table of files that
-already hold train ids (ACDC's and Dark Zurich's ``*_gt_labelTrainIds.png``): the same classes, raw id k → k.
+Built-in tables, one per label space (every id mapping of the pipeline is one of these, in one direction:
+:attr:`ClassTable.id_to_train_id` and :attr:`ClassTable.output_ids` read it both ways): :data:`CITYSCAPES` (the
+19 Cityscapes train classes, Cityscapes label ids, the standard cityscapesScripts palette, the pipeline's one
+palette; GTA5 uses the same ids) and :data:`SYNTHIA` (SYNTHIA-RAND-CITYSCAPES class ids to the same 19 classes,
+16 of them present; :data:`SYNTHIA_SUBSETS`: the benchmark's 16 and 13 classes).
+:meth:`ClassTable.train_id_table` gives the table of files that already hold train ids (ACDC's and Dark
+Zurich's ``*_gt_labelTrainIds.png``): the same classes, raw id k → k. How a label file is read through a table:
+:mod:`labels`.
 
 Class-table file (JSON, no extra dependency)::
 
@@ -46,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE = 255
+from protocl import IGNORE_INDEX
+
 MAX_RAW_ID = 2**16 - 1
 UNLISTED = ("error", "ignore")
 
@@ -208,7 +213,7 @@ class ClassTable:
     @cached_property
     def _train_id_table(self) -> ClassTable:
         return ClassTable(f"{self.name} (train ids)", self.names, tuple((k,) for k in range(self.num_classes)),
-                          (IGNORE,), self.colours, "error")
+                          (IGNORE_INDEX,), self.colours, "error")
 
     # ------------------------------------------------------------------------------------------- queries
     @property
@@ -230,7 +235,7 @@ class ClassTable:
 
     @cached_property
     def _luts(self) -> tuple[np.ndarray, np.ndarray]:
-        lut = np.full(MAX_RAW_ID + 1, IGNORE, dtype=np.uint8)
+        lut = np.full(MAX_RAW_ID + 1, IGNORE_INDEX, dtype=np.uint8)
         known = np.zeros(MAX_RAW_ID + 1, dtype=bool)
         for raw, k in self.id_to_train_id.items():
             lut[raw], known[raw] = k, True
@@ -389,7 +394,11 @@ SYNTHIA = ClassTable(
     tuple((SYNTHIA_IDS[k],) if k in SYNTHIA_IDS else () for k in range(19)),
     SYNTHIA_IGNORE_IDS, CITYSCAPES_PALETTE, "ignore",
 )
-SYNTHIA_PRESENT = tuple(sorted(SYNTHIA_IDS))  # the 16 train ids SYNTHIA labels
+# the SYNTHIA benchmark's classes (train ids): the 16 that SYNTHIA labels, and the usual 13 (without wall, fence
+# and pole); the evaluation reports the mIoU over both
+SYNTHIA_CLASSES_16 = tuple(sorted(SYNTHIA_IDS))
+SYNTHIA_CLASSES_13 = tuple(k for k in SYNTHIA_CLASSES_16 if k not in (3, 4, 5))
+SYNTHIA_SUBSETS = {"16": SYNTHIA_CLASSES_16, "13": SYNTHIA_CLASSES_13}
 
 BUILTIN = {"cityscapes": CITYSCAPES, "synthia": SYNTHIA}
 

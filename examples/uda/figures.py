@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Cityscapes train-id colours (cityscapesScripts); ignore (255) is black.
-PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-], dtype=np.uint8)
+from .classes import CITYSCAPES_PALETTE
+
+# the default colours: the Cityscapes class table's (cityscapesScripts' train-id colours); ignore (255) is black
+PALETTE = np.array(CITYSCAPES_PALETTE, dtype=np.uint8)
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray | None = None) -> np.ndarray:

@@ -12,12 +12,16 @@ in the model as buffers, so it always matches the weights that were loaded.
 * :class:`TinySegNet` — a small CNN with the same interface and the same ASPP-style head, for the embedded
   demo and the tests.
 
-Weights come from :func:`load_init` (a local file; nothing is ever downloaded).
+What changes the computation without changing a parameter's shape (stride placement, channel order, mean/std,
+the contrast-feature choice, K) is the model's :meth:`network_config`, saved with the weights as the state dict's
+``_extra_state``: a plain ``load_state_dict`` of weights written for another network raises
+:class:`NetworkMismatchError` naming both networks (style rule 21). Initial weights (ImageNet ResNet-101 files
+and the field's DeepLab-V2 checkpoints, detected from their structure) are read by :mod:`uda.weights`; nothing
+is ever downloaded.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,11 +29,87 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from . import checkpoint
-
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # torchvision weights: (x / 255 - mean) / std
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # DeepLab init weights: BGR, mean only
+
+# the two ResNet layouts: where a stage's stride sits and the input the weights were trained on
+LAYOUTS = {
+    "torchvision": {"stride": "3x3", "channels": "rgb", "mean": IMAGENET_MEAN_RGB, "std": IMAGENET_STD_RGB},
+    "deeplab": {"stride": "1x1", "channels": "bgr", "mean": CAFFE_MEAN_BGR, "std": (1.0, 1.0, 1.0)},
+}
+LAYOUT_TEXT = {"torchvision": "torchvision layout (stride on the 3x3 conv2, RGB input, ImageNet mean/std)",
+               "deeplab": "DeepLab layout (stride on the 1x1 conv1, BGR input, caffe mean, std 1)"}
+NETWORK_VERSION = 1
+# what a network description holds that changes the computation (compared on every load)
+_COMPARED = ("arch", "blocks", "width", "stride", "channels", "mean", "std", "features", "proj_dim", "num_classes",
+             "classes")
+
+
+class NetworkMismatchError(ValueError):
+    """Weights written for one network given to another (stride placement, input convention, features, K, ...)."""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    return a == b
+
+
+def network_differences(saved: dict, own: dict) -> list[str]:
+    """The fields of :data:`_COMPARED` that both descriptions hold and that differ."""
+    return [key for key in _COMPARED if key in saved and key in own and saved[key] is not None
+            and own[key] is not None and not _same(saved[key], own[key])]
+
+
+def layout_of(network: dict) -> str | None:
+    """The named layout ("torchvision" / "deeplab") whose stride and input convention ``network`` has, else None."""
+    for name, spec in LAYOUTS.items():
+        if network.get("stride") == spec["stride"] and all(
+                _same(network.get(k), spec[k]) for k in ("channels", "mean", "std")):
+            return name
+    return None
+
+
+def describe_network(network: dict) -> str:
+    """One line naming what a network description says (for logs and errors)."""
+    def nums(values) -> str:
+        return "(" + ", ".join(f"{v:g}" for v in values) + ")" if values is not None else "?"
+
+    if network.get("arch") == "tiny":
+        head = "tiny CNN"
+    elif network.get("arch") == "deeplabv2":
+        blocks = network.get("blocks")
+        head = "DeepLab-V2 ResNet" + (f"-{3 * sum(blocks) + 2}" if blocks else "")
+    else:
+        head = f"network {network.get('arch', '?')!r}"
+    parts = []
+    if "stride" in network:
+        parts.append(f"stride on the {'1x1 conv1' if network['stride'] == '1x1' else '3x3 conv2'}")
+    if "channels" in network:
+        parts.append(f"{network['channels'].upper()} input, mean {nums(network.get('mean'))}, "
+                     f"std {nums(network.get('std'))}")
+    if network.get("features"):
+        parts.append(f"{network['features']} features" + (f" (D={network['proj_dim']})"
+                                                          if network["features"] == "layer4" else ""))
+    if network.get("num_classes") is not None:
+        parts.append(f"K={network['num_classes']}")
+    if network.get("classes"):
+        names = list(network["classes"])
+        parts.append("classes " + ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
+    if network.get("inferred"):
+        parts.append(f"inferred from {network['inferred']}")
+    layout = layout_of(network) if "stride" in network else None
+    return f"{head}" + (f" [{layout} layout]" if layout else "") + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def mismatch_error(where: str, saved: dict, own: dict, differing: list[str], *, hint: str = "") -> NetworkMismatchError:
+    return NetworkMismatchError(
+        f"expected {where} to hold weights for this network, got weights for another (differing: "
+        f"{', '.join(differing)}): the file's network is {describe_network(saved)}; this model is "
+        f"{describe_network(own)}" + (f". {hint}" if hint else ""))
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -106,6 +186,18 @@ class ResNet101Dilated(nn.Module):
             layers.append(nn.Sequential(*mods))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
 
+    @property
+    def stride_in_1x1(self) -> bool:
+        return self.layer2[0].conv1.stride != (1, 1)
+
+    def set_stride_in_1x1(self, stride_in_1x1: bool) -> None:
+        """Move each stage's stride (only layer2 has one) to conv1 (1x1, caffe) or conv2 (3x3, torchvision), in
+        place: no parameter changes shape, so the parameters, the optimizer and a DDP wrapper stay valid."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            block = layer[0]
+            stride = block.downsample[0].stride if block.downsample is not None else (1, 1)
+            block.conv1.stride, block.conv2.stride = (stride, (1, 1)) if stride_in_1x1 else ((1, 1), stride)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -133,35 +225,88 @@ class ASPPV2(nn.Module):
 
 
 class _Normalized(nn.Module):
-    """Base class holding the input normalisation: x (RGB, 0..255) -> (x[perm] - mean) / std.
+    """Base class holding the input normalisation, x (RGB, 0..255) -> (x[perm] - mean) / std, and the network
+    description that travels with the weights.
 
-    ``mean`` and ``std`` are buffers (they follow ``.to()``); the channel order ``bgr`` is a plain Python bool,
-    so :meth:`normalize` branches on the host without reading a device tensor (a buffer would cost one
-    device-to-host sync per forward). It travels in the state dict as extra state (``_extra_state``); a legacy
-    ``bgr`` buffer entry of older checkpoints is read back as well.
+    ``mean`` and ``std`` are buffers (they follow ``.to()``); the channel order ``bgr`` and a host copy of mean
+    and std are plain Python values, so :meth:`normalize` and :meth:`network_config` never read a device tensor
+    (a buffer read would cost one device-to-host sync). :meth:`network_config` travels in the state dict as extra
+    state (``_extra_state = {"network": ...}``); loading a state dict compares it with this model's and raises
+    :class:`NetworkMismatchError` naming both when they differ. Older checkpoints (a ``bgr`` extra state or
+    buffer, no description) are read with the description they imply: the pipeline put the stride on the 1x1 conv
+    exactly when it used BGR input (the DeepLab init layout).
     """
+
+    class_names: tuple[str, ...] | None = None
 
     def _init_normalization(self, mean: tuple[float, ...], std: tuple[float, ...], bgr: bool) -> None:
         self.register_buffer("pixel_mean", rearrange(torch.tensor(mean), "c -> 1 c 1 1"))
         self.register_buffer("pixel_std", rearrange(torch.tensor(std), "c -> 1 c 1 1"))
-        self.bgr = bool(bgr)
+        self._mean, self._std, self.bgr = tuple(map(float, mean)), tuple(map(float, std)), bool(bgr)
 
     def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...], bgr: bool) -> None:
-        self.pixel_mean.copy_(rearrange(torch.tensor(mean), "c -> 1 c 1 1"))
-        self.pixel_std.copy_(rearrange(torch.tensor(std), "c -> 1 c 1 1"))
-        self.bgr = bool(bgr)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"expected 3 mean and 3 std values, got mean {tuple(mean)}, std {tuple(std)}")
+        # in the buffers' own dtype: a float64 model keeps the constants' float64 values
+        self.pixel_mean.copy_(rearrange(torch.tensor(mean, dtype=self.pixel_mean.dtype), "c -> 1 c 1 1"))
+        self.pixel_std.copy_(rearrange(torch.tensor(std, dtype=self.pixel_std.dtype), "c -> 1 c 1 1"))
+        self._mean, self._std, self.bgr = tuple(map(float, mean)), tuple(map(float, std)), bool(bgr)
+
+    def network_config(self) -> dict:
+        """What this network computes beyond its parameter shapes (plain values: saved with every checkpoint)."""
+        config = {"version": NETWORK_VERSION, "channels": "bgr" if self.bgr else "rgb", "mean": list(self._mean),
+                  "std": list(self._std), "num_classes": int(self.num_classes)}
+        if self.class_names is not None:
+            config["classes"] = list(self.class_names)
+        return config
+
+    def apply_network(self, network: dict) -> None:
+        """Take the stride placement and input convention of a saved description, in place; the rest (arch,
+        features, K, classes) must already agree: :class:`NetworkMismatchError` naming both otherwise."""
+        own = self.network_config()
+        differing = [k for k in network_differences(network, own) if k not in ("stride", "channels", "mean", "std")]
+        if differing:
+            raise mismatch_error("the weights", network, own, differing)
+        self._apply_layout_fields(network)
+
+    def _apply_layout_fields(self, network: dict) -> None:
+        if "channels" in network:
+            self.set_normalization(network.get("mean", self._mean), network.get("std", self._std),
+                                   bgr=network["channels"] == "bgr")
 
     def get_extra_state(self) -> dict:
-        return {"bgr": self.bgr}
+        return {"network": self.network_config()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.bgr = bool(state["bgr"])
+        network = state.get("network") if isinstance(state, dict) else None
+        if network is None:  # an older checkpoint: {"bgr": bool}
+            self.bgr = bool(state["bgr"])
+            return
+        self._mean, self._std = tuple(map(float, network["mean"])), tuple(map(float, network["std"]))
+        self.bgr = network["channels"] == "bgr"
+
+    def _saved_network(self, state_dict: dict, prefix: str) -> dict | None:
+        """The description of the network ``state_dict`` was written for, or None when it says nothing."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and isinstance(extra.get("network"), dict):
+            return extra["network"]
+        return legacy_network(state_dict, prefix, arch=self.network_config().get("arch"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = self._saved_network(state_dict, prefix)
+        if saved is not None:
+            own = self.network_config()
+            differing = network_differences(saved, own)
+            if differing:
+                raise mismatch_error("the state dict", saved, own, differing, hint=(
+                    "Build the network the weights need (uda.weights.build_model_for / apply_network) or load "
+                    "them through uda.weights"))
         legacy = state_dict.pop(prefix + "bgr", None)  # checkpoints written when ``bgr`` was a buffer
         if legacy is not None and prefix + "_extra_state" not in state_dict:
             state_dict[prefix + "_extra_state"] = {"bgr": bool(legacy)}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if saved is not None and "mean" in saved:
+            self._mean, self._std = tuple(map(float, saved["mean"])), tuple(map(float, saved["std"]))
 
     def normalize(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -172,6 +317,30 @@ class _Normalized(nn.Module):
         return (images - self.pixel_mean) / self.pixel_std
 
 
+def legacy_network(state: dict, prefix: str = "", *, arch: str | None = None) -> dict | None:
+    """The description an older checkpoint (no ``network`` entry) implies, from its ``bgr`` flag and buffers.
+
+    Until descriptions were saved, the pipeline built the stride on the 1x1 conv (DeepLab init layout) exactly when
+    it switched to BGR input, so ``bgr`` settles the stride placement too. None when the state holds neither a
+    ``bgr`` flag nor the normalisation buffers (nothing to infer from).
+    """
+    extra = state.get(prefix + "_extra_state")
+    bgr = extra.get("bgr") if isinstance(extra, dict) else None
+    if bgr is None and prefix + "bgr" in state:
+        bgr = bool(torch.as_tensor(state[prefix + "bgr"]).reshape(-1)[0])
+    mean, std = state.get(prefix + "pixel_mean"), state.get(prefix + "pixel_std")
+    if bgr is None and std is None:
+        return None
+    if bgr is None:  # before the bgr flag: std 1 was the DeepLab (caffe) normalisation
+        bgr = bool(torch.all(torch.as_tensor(std) == 1))
+    network = {"channels": "bgr" if bgr else "rgb", "inferred": "an older checkpoint's bgr flag"}
+    if isinstance(mean, Tensor) and isinstance(std, Tensor):
+        network["mean"], network["std"] = mean.reshape(-1).tolist(), std.reshape(-1).tolist()
+    if arch != "tiny" and prefix + "backbone.conv1.weight" in state:
+        network["stride"] = "1x1" if bgr else "3x3"
+    return network
+
+
 class DeepLabV2(_Normalized):
     r"""DeepLab-V2 ResNet-101 (output stride 8) with the ASPP-v2 classifier and frozen BatchNorm.
 
@@ -180,7 +349,9 @@ class DeepLabV2(_Normalized):
         features: ``"aspp"`` (contrast features = the four ASPP branch outputs, D = 4K) or ``"layer4"``
             (layer4 output through a 1×1 projection to ``proj_dim`` channels).
         proj_dim: D for ``features="layer4"``.
-        stride_in_1x1: stride on the first 1×1 conv of a block (caffe/DeepLab init layout) instead of the 3×3.
+        stride_in_1x1: stride on the first 1×1 conv of a block (caffe/DeepLab init layout) instead of the 3×3
+            (:meth:`set_layout` switches it, and the input normalisation, in place).
+        blocks: bottlenecks per stage ((3, 4, 23, 3) = ResNet-101; fewer in tests).
 
     Shape:
         images ``(B, 3, H, W)`` RGB in [0, 255] -> logits ``(B, K, h, w)``, features ``(B, D, h, w)`` with
@@ -206,6 +377,33 @@ class DeepLabV2(_Normalized):
         self.classifier = ASPPV2(2048, num_classes)
         self.projection = nn.Conv2d(2048, proj_dim, 1) if features == "layer4" else None
         self.feature_dim = 4 * num_classes if features == "aspp" else proj_dim
+        self.blocks = tuple(int(b) for b in blocks)
+
+    def network_config(self) -> dict:
+        config = super().network_config()
+        config.update(arch="deeplabv2", blocks=list(self.blocks),
+                      stride="1x1" if self.backbone.stride_in_1x1 else "3x3", features=self.feature_source,
+                      proj_dim=int(self.projection.out_channels) if self.projection is not None else None)
+        config["layout"] = layout_of(config)
+        return config
+
+    @property
+    def layout(self) -> str | None:
+        """"torchvision" or "deeplab" when stride placement and input convention are one of those, else None."""
+        return layout_of(self.network_config())
+
+    def set_layout(self, layout: str) -> None:
+        """Switch stride placement and input normalisation to a named layout (:data:`LAYOUTS`), in place."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"expected layout 'torchvision' or 'deeplab', got {layout!r}")
+        spec = LAYOUTS[layout]
+        self.backbone.set_stride_in_1x1(spec["stride"] == "1x1")
+        self.set_normalization(spec["mean"], spec["std"], bgr=spec["channels"] == "bgr")
+
+    def _apply_layout_fields(self, network: dict) -> None:
+        super()._apply_layout_fields(network)
+        if "stride" in network:
+            self.backbone.set_stride_in_1x1(network["stride"] == "1x1")
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = self.backbone(self.normalize(images))
@@ -251,6 +449,12 @@ class TinySegNet(_Normalized):
         self.classifier = ASPPV2(2 * w, num_classes, dilations=(1, 2, 4, 8))
         self.projection = None
         self.feature_dim = 4 * num_classes
+        self.width = width
+
+    def network_config(self) -> dict:
+        config = super().network_config()
+        config.update(arch="tiny", width=int(self.width), features="aspp")
+        return config
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.classifier(self.backbone(self.normalize(images)))
@@ -261,76 +465,3 @@ class TinySegNet(_Normalized):
             {"params": list(self.backbone.parameters()), "lr": lr, "base_lr": lr},
             {"params": list(self.classifier.parameters()), "lr": 10 * lr, "base_lr": 10 * lr},
         ]
-
-
-def build_model(arch: str, num_classes: int, *, features: str = "aspp", proj_dim: int = 256,
-                init: str | None = None) -> nn.Module:
-    """Build ``arch`` ("deeplabv2" or "tiny") and load ``init`` weights when given."""
-    if arch == "tiny":
-        if init is not None:
-            raise ValueError(f"expected no --init for arch 'tiny' (it trains from scratch), got {init!r}")
-        return TinySegNet(num_classes)
-    if arch != "deeplabv2":
-        raise ValueError(f"expected arch 'deeplabv2' or 'tiny', got {arch!r}")
-    if init is None:
-        return DeepLabV2(num_classes, features=features, proj_dim=proj_dim)
-    state, layout = read_init(init)
-    model = DeepLabV2(num_classes, features=features, proj_dim=proj_dim, stride_in_1x1=layout == "deeplab")
-    load_backbone(model, state, layout, source=init)
-    return model
-
-
-_HEAD_PREFIXES = {"torchvision": ("fc.",), "deeplab": ("layer5.", "fc.")}
-
-
-def read_init(path: str | Path) -> tuple[dict[str, Tensor], str]:
-    """Read an ImageNet ResNet-101 checkpoint and detect its layout ("torchvision" or "deeplab").
-
-    torchvision layout: ``conv1.weight``, ``bn1.*``, ``layer{1..4}.*``, ``fc.*``. DeepLab init layout
-    (the release's ``DeepLab_resnet_pretrained_init``): the same names under one prefix (``Scale.``),
-    a ``layer5`` classifier that is skipped, BGR input with caffe mean and stride in the first 1×1 conv.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"expected --init to be a ResNet-101 checkpoint file, got {str(path)!r} (not a file)")
-    state = checkpoint.load(path, "--init")  # weights_only=True; a refused or unreadable file is a named ValueError
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"expected --init {str(path)!r} to hold a state dict, got {type(state).__name__}")
-    if "conv1.weight" in state:
-        return dict(state), "torchvision"
-    prefixes = {k.split(".", 1)[0] for k in state if "." in k}
-    if len(prefixes) == 1 and f"{next(iter(prefixes))}.conv1.weight" in state:
-        prefix = next(iter(prefixes)) + "."
-        return {k[len(prefix):]: v for k, v in state.items()}, "deeplab"
-    sample = sorted(state)[:5]
-    raise ValueError(
-        f"expected --init {str(path)!r} in torchvision ResNet-101 layout (conv1.weight, layer1.0.conv1.weight, ...) "
-        f"or DeepLab init layout (Scale.conv1.weight, ...), got keys like {sample}"
-    )
-
-
-def load_backbone(model: DeepLabV2, state: dict[str, Tensor], layout: str, *, source: str = "init") -> None:
-    """Load backbone weights; raise ``ValueError`` naming missing, unexpected or mis-shaped keys."""
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES[layout])}
-    own = model.backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(
-        f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-        for k in set(own) & set(state) if own[k].shape != state[k].shape
-    )
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f"expected {source!r} ({layout} layout) to match the ResNet-101 backbone; "
-            f"missing keys ({len(missing)}): {missing[:10]}; unexpected keys ({len(unexpected)}): {unexpected[:10]}; "
-            f"shape mismatches ({len(mis_shaped)}): {mis_shaped[:5]}"
-        )
-    model.backbone.load_state_dict(state)
-    if layout == "deeplab":
-        model.set_normalization(CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), bgr=True)
-    else:
-        model.set_normalization(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, bgr=False)

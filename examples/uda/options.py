@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .layouts import ACDC_CONDITIONS, SOURCES, TARGETS
+from .datasets import ACDC_CONDITIONS, SOURCES, TARGETS
 
 # the option naming each dataset's root, as a source and as a target
 SOURCE_ROOTS = {"gta5": "gta5_root", "synthia": "synthia_root", "cityscapes": "cityscapes_root",
@@ -20,8 +20,8 @@ TARGET_ROOTS = {"cityscapes": "cityscapes_root", "acdc": "acdc_root", "darkzuric
                 "folder": "target_root"}
 ROOT_OPTIONS = ("gta5_root", "synthia_root", "cityscapes_root", "acdc_root", "darkzurich_root", "source_root",
                 "target_root")
-# the embedded demos: GTA5 / SYNTHIA -> Cityscapes (synthetic.write_demo_dataset) and the generated pairs of
-# layout_demo.write_demo
+# the embedded demos: GTA5 / SYNTHIA -> Cityscapes (demo.write_demo_dataset) and the generated pairs of
+# demo.write_demo
 LAYOUT_DEMOS = (("cityscapes", "acdc"), ("cityscapes", "darkzurich"), ("folder", "folder"))
 
 # paper settings for DeepLab-V2 (spec §4); the tiny demo's own budget
@@ -35,10 +35,12 @@ DEFAULTS = {
 }
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` (or ``"W,H"``) -> ``(W, H)``, both > 0; the type of every size option (this script's
+    ``--eval-size`` and ``predict.py``'s)."""
     parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1460x730, got {text!r}")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT with both > 0, such as 1460x730, got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", type=int, help="random square crop (730)")
     d.add_argument("--resize", type=int, help="short side before random scaling (850)")
     d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
-    d.add_argument("--eval-size", type=_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
+    d.add_argument("--eval-size", type=parse_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
     d.add_argument("--workers", type=int, help="DataLoader worker processes")
     d.add_argument("--check-data", action=argparse.BooleanOptionalAction,
                    help="pre-flight check of every image and label of the chosen splits before training (decodes "
@@ -83,7 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "next sample instead, logs a warning and counts it in metrics.json ('bad_samples')")
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=("deeplabv2", "tiny"), help="default: tiny for the demo, deeplabv2 otherwise")
-    m.add_argument("--init", help="ImageNet ResNet-101 weights (torchvision or DeepLab init layout); never downloaded")
+    m.add_argument("--init", help="ResNet-101 weights for the backbone, layout detected from the file's structure: "
+                                  "torchvision (fc), DeepLab init (Scale.), AdaptSegNet/DASS Res_Deeplab or "
+                                  "DeeplabMulti (their classifier is skipped), a run's checkpoint; never downloaded "
+                                  "(docs/reproduce.md, initial weights)")
+    m.add_argument("--init-layout", choices=("torchvision", "deeplab"),
+                   help="the --init file's layout where its structure cannot tell (a bare backbone: torchvision = "
+                        "stride on the 3x3 conv, RGB ImageNet mean/std; deeplab = stride on the 1x1 conv, BGR caffe "
+                        "mean), or deeplab for a caffe-converted ImageNet ResNet with an fc")
+    m.add_argument("--peer-classifier", choices=("all-branches", "first-two"),
+                   help="load the ASPP classifier of a peer's Res_Deeplab / DeeplabMulti --source-checkpoint: "
+                        "all-branches (DASS sums the four branches) or first-two (AdaptSegNet's Classifier_Module "
+                        "returns inside its loop: only branches 0-1 count). Required for such a file")
     m.add_argument("--features", choices=("aspp", "layer4"), default="aspp",
                    help="contrast features: ASPP branch outputs (D=4K) or layer4 + 1x1 projection")
     m.add_argument("--proj-dim", type=int, default=256, help="D of the layer4 projection")
@@ -97,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also continue source-only training from stage 1 for the stage 2 budget, a baseline with "
                         "the same iterations (default: on for the demo, off otherwise)")
     t.add_argument("--source-checkpoint",
-                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, or any "
-                        "checkpoint with a 'model' entry); the same-budget control starts from them too")
+                   help="skip stage 1: start stage 2 from the model weights of this file (a source_only.pt, any "
+                        "checkpoint with a 'model' entry, or a peer's Res_Deeplab / DeeplabMulti state dict with "
+                        "--peer-classifier); the network is the one the file needs; the same-budget control starts "
+                        "from them too")
     t.add_argument("--stage1-best-on-target-val", action="store_true",
                    help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
                         "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
@@ -178,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"{flag[target_root]} for --source {args.source} --target {args.target}")
     if not demo and "folder" in (args.source, args.target) and args.class_table is None:
         raise SystemExit("error: --source folder / --target folder need --class-table (the labels' classes)")
+    if args.init_layout is not None and args.init is None:
+        raise SystemExit("error: --init-layout given without --init")
+    if args.peer_classifier is not None and args.source_checkpoint is None:
+        raise SystemExit("error: --peer-classifier given without --source-checkpoint")
     if args.source_class_table is not None and args.source != "folder":
         raise SystemExit(f"error: --source-class-table given with --source {args.source} (built-in classes)")
     if not 0.0 <= args.target_ce_margin <= 2.0:
@@ -194,8 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
     if demo:
         args.demo_root = str(args.demo_root or Path(args.out) / "demo_data")
-        if layout_demo:  # the roots that layout_demo.write_demo writes
-            from .layout_demo import demo_roots
+        if layout_demo:  # the roots that demo.write_demo writes
+            from .demo import demo_roots
 
             for key, value in demo_roots(args.demo_root, args.source, args.target).items():
                 setattr(args, key, value)

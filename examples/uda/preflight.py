@@ -1,19 +1,20 @@
 r"""Pre-flight check of a dataset: every file of the chosen splits read once before training starts.
 
-For each sample (:class:`uda.data.Sample`) :func:`check_sample` runs the checks the training readers run,
-on the whole file:
+For each sample (:class:`uda.datasets.Sample`) :func:`check_sample` runs the checks the training readers run
+(:mod:`uda.labels`), on the whole file:
 
 - the image opens and decodes completely (``convert("RGB")`` decodes every pixel, so a truncated PNG fails
   here and not after a day of training);
 - the label (when the split has one) decodes, is in the mode its format expects (Cityscapes/GTA5: a
   single-channel id map, mode L, P or I, never an RGB colour rendering; SYNTHIA: a 16-bit RGB PNG), holds ids
   in its format's range (Cityscapes/GTA5: 0-255, so not an instance-id file) and has its image's size or a
-  rescale of it (same aspect ratio within :data:`uda.data.ASPECT_TOLERANCE`, resized nearest when read: a
+  rescale of it (same aspect ratio within :data:`uda.labels.ASPECT_TOLERANCE`, resized nearest when read: a
   few GTA5 labels differ in size from their image).
 
 :func:`check_data` runs it over all splits in worker processes with a progress bar, collects every bad file
 and raises one ``ValueError`` that lists them all by path with the reason (a dataset with several broken
-files is fixed in one go). Cost: one full decode of every image and label, i.e. about one epoch of data
+files is fixed in one go). Under several processes (``rank``/``world``) each checks its share and ``gather``
+hands every rank's result to every rank, so all ranks report the same bad files and stop together. Cost: one full decode of every image and label, i.e. about one epoch of data
 loading without the augmentation; see docs/reproduce.md for figures measured on the demo and estimated for
 GTA5.
 """
@@ -26,14 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .data import (
-    BadSampleError,
-    Sample,
-    check_label_ids,
-    check_label_size,
-    decode_image,
-    decode_label_ids,
-)
+from .datasets import Sample
+from .labels import BadSampleError, check_label_ids, check_label_size, decode_image, decode_label_ids
 
 
 def check_sample(sample: Sample) -> tuple[list[str], int]:
@@ -120,19 +115,45 @@ def summary(stats: dict, splits: Mapping[str, Sequence[Sample]]) -> str:
             f"{stats['workers']} worker process(es))")
 
 
+def merge_stats(results: Sequence[tuple[dict, list]]) -> tuple[dict, list[tuple[str, str]]]:
+    """One ``(stats, bad)`` from the :func:`scan` results of several processes (their shares of the splits):
+    files, samples and bytes summed, the slowest time, the bad files of all in rank order."""
+    stats = dict(results[0][0])
+    stats.update({k: sum(s[k] for s, _ in results) for k in ("files", "samples", "bytes")})
+    stats["seconds"] = max(s["seconds"] for s, _ in results)
+    stats["files_per_s"] = round(stats["files"] / max(stats["seconds"], 1e-9), 1)
+    stats["mb_per_s"] = round(stats["bytes"] / 2**20 / max(stats["seconds"], 1e-9), 1)
+    return stats, [b for _, bad in results for b in bad]
+
+
 def check_data(splits: Mapping[str, Sequence[Sample]], *, workers: int | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> dict:
+               log: Callable[[str], None] | None = None, rank: int = 0, world: int = 1,
+               gather: Callable[[tuple[dict, list]], Sequence[tuple[dict, list]]] | None = None,
+               report_path: str | Path | None = None) -> dict:
     """Check every sample of ``splits`` (name -> samples) with :func:`check_sample` (see :func:`scan`).
 
-    Returns ``{"files", "samples", "bytes", "seconds", "files_per_s", "mb_per_s", "workers"}`` and logs one line
-    through ``log`` when given. Raises one ``ValueError`` listing every bad file (path and reason) when any is
-    bad.
+    Returns ``{"files", "samples", "bytes", "seconds", "files_per_s", "mb_per_s", "workers"}`` (of all ranks),
+    logs one line through ``log`` when given and writes the statistics to ``report_path`` (JSON) when given.
+    Raises one ``ValueError`` listing every bad file (path and reason) when any is bad.
+
+    Several processes: rank ``rank`` of ``world`` checks ``split[rank::world]`` of every split, and ``gather``
+    (required when ``world > 1``) takes this rank's ``(stats, bad)`` and returns every rank's, in rank order
+    (e.g. ``torch.distributed.all_gather_object``): every rank then raises, or passes, on the bad files of all.
     """
-    stats, bad = scan(splits, workers=workers, progress=progress)
+    if not 0 <= rank < world:
+        raise ValueError(f"expected 0 <= rank < world, got rank={rank}, world={world}")
+    if world > 1 and gather is None:
+        raise ValueError(f"expected gather (every rank's scan result) with world={world} > 1, got None")
+    shard = {name: split[rank::world] for name, split in splits.items()} if world > 1 else splits
+    stats, bad = scan(shard, workers=workers, progress=progress)
+    if world > 1:
+        stats, bad = merge_stats(gather((stats, bad)))
     if bad:
         raise ValueError(report(bad, splits, stats["files"]))
     if log is not None:
         log(summary(stats, splits))
+    if report_path is not None:
+        write_report(stats, report_path)
     return stats
 
 

@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader
 
 import protocl
 
-from . import checkpoint, dist, layouts, options, preflight, runtime, target_ce
+from . import checkpoint, datasets, dist, options, preflight, runtime, target_ce
 from .classes import ClassTable, load_table
-from .data import BatchStream, EvalSet, SkipCounter, TrainSet, ignore_stop_signals, pseudo_label_size
-from .model import build_model
+from .loading import EvalSet, SkipCounter, TrainSet, pseudo_label_size
+from .stream import BatchStream, ignore_stop_signals
+from .weights import build_model
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,11 +77,11 @@ def setup(args) -> Run:
     if args.demo:
         if rank == 0:
             if args.target == "cityscapes":
-                from .synthetic import write_demo_dataset
+                from .demo import write_demo_dataset
 
                 write_demo_dataset(args.demo_root, seed=args.seed, source=args.source)
             else:
-                from .layout_demo import write_demo
+                from .demo import write_demo
 
                 write_demo(args.demo_root, args.source, args.target, seed=args.seed)
         dist.barrier()
@@ -93,7 +94,7 @@ def setup(args) -> Run:
         raise ValueError(f"expected target train labels for --diagnostics (they are read for the logged "
                          f"pseudo-label diagnostics only), got {len(missing)} images without, e.g. {str(missing[0])!r}")
     if args.check_data and runtime.resolve_resume(args.resume, out) is None:  # not repeated on a resume
-        check_data(args, rank, world, log, out, source, target_train, target_val)
+        check_splits(args, rank, world, log, out, source, target_train, target_val)
     pin, scales, bad = device.type == "cuda", tuple(args.scales), args.on_bad_sample
     source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales, on_bad_sample=bad)
     target_set = TrainSet(target_train, resize=args.resize, crop=args.crop, scales=scales, on_bad_sample=bad,
@@ -103,8 +104,9 @@ def setup(args) -> Run:
         EvalSet(target_val[rank::world], size=tuple(args.eval_size), on_bad_sample=bad), batch_size=1,
         num_workers=min(args.workers, 2), pin_memory=pin, worker_init_fn=ignore_stop_signals))
     model = build_model(args.arch, table.num_classes, features=args.features, proj_dim=args.proj_dim,
-                        init=args.init).to(device)
-    if args.arch == "deeplabv2" and args.init is None:
+                        init=args.init, init_layout=args.init_layout, class_names=table.names).to(device)
+    log(model.init_message)  # the initial weights' layout as detected, and what was loaded or skipped
+    if args.arch == "deeplabv2" and args.init is None and not (args.source_checkpoint or args.resume):
         log("warning: --init not given, DeepLab-V2 starts from random weights (expect poor results)")
     net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
                                    find_unused_parameters=args.features == "layer4") if world > 1 else model)
@@ -141,42 +143,34 @@ def setup(args) -> Run:
     return run
 
 
-def read_domains(args) -> layouts.Domains:
-    """The source and target samples of the options and the run's class table (:func:`layouts.resolve_domains`:
+def read_domains(args) -> datasets.Domains:
+    """The source and target samples of the options and the run's class table (:func:`datasets.resolve_domains`:
     same K and class names in both domains, or a ``ValueError``)."""
     table = load_table(args.class_table) if args.class_table else None
     source_table = load_table(args.source_class_table) if args.source_class_table else None
-    return layouts.resolve_domains(
+    return datasets.resolve_domains(
         args.source, getattr(args, options.SOURCE_ROOTS[args.source]), args.target,
         getattr(args, options.TARGET_ROOTS[args.target]), conditions=args.acdc_conditions, class_table=table,
         source_class_table=source_table)
 
 
-def check_data(args, rank: int, world: int, log: Callable[[str], None], out: Path, source: list,
-               target_train: list, target_val: list) -> None:
-    """The pre-flight check (:mod:`uda.preflight`) of the source split, the target train images (and their
-    labels with ``--diagnostics``, the only case they are read) and the target val split; sharded over ranks,
-    the bad files of all ranks reported by every rank (one ``ValueError``). Statistics in
-    ``<out>/data_check.json``."""
+def check_splits(args, rank: int, world: int, log: Callable[[str], None], out: Path, source: list,
+                 target_train: list, target_val: list) -> None:
+    """The pre-flight check (:func:`uda.preflight.check_data`) of the run's splits: the source, the target train
+    images (their labels only with ``--diagnostics``, the only case they are read) and the target val split,
+    sharded over ranks; every rank raises on the bad files of all. Statistics in ``<out>/data_check.json``."""
     if not args.diagnostics:
         target_train = [replace(s, label=None) for s in target_train]
     splits = {args.source: source, f"{args.target} train": target_train, f"{args.target} val": target_val}
-    shard = {name: split[rank::world] for name, split in splits.items()}
+
+    def gather(mine: tuple) -> list:
+        every: list = [None] * world
+        torch.distributed.all_gather_object(every, mine)
+        return every
+
     workers = max(1, preflight.default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    stats, bad = preflight.scan(shard, workers=workers, progress=rank == 0)
-    if world > 1:  # every rank learns every rank's bad files, and all stop together
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (stats, bad))
-        bad = [b for _, rank_bad in gathered for b in rank_bad]
-        stats = {**stats, **{k: sum(s[k] for s, _ in gathered) for k in ("files", "samples", "bytes")},
-                 "seconds": max(s["seconds"] for s, _ in gathered)}
-        stats["files_per_s"] = round(stats["files"] / max(stats["seconds"], 1e-9), 1)
-        stats["mb_per_s"] = round(stats["bytes"] / 2**20 / max(stats["seconds"], 1e-9), 1)
-    if bad:
-        raise ValueError(preflight.report(bad, splits, stats["files"]))
-    log(preflight.summary(stats, splits))
-    if rank == 0:
-        preflight.write_report(stats, out / "data_check.json")
+    preflight.check_data(splits, workers=workers, progress=rank == 0, log=log, rank=rank, world=world, gather=gather if world > 1 else None,
+                         report_path=out / "data_check.json" if rank == 0 else None)
 
 
 def forward(run: Run, net: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:

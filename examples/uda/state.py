@@ -26,8 +26,9 @@ from torch import Tensor
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, dist, runtime, signals
-from .data import BadSampleError, skip_records
+from . import checkpoint, dist, runtime, signals, weights
+from .labels import BadSampleError
+from .loading import skip_records
 from .report import bad_samples, evaluate, record_skips
 from .run import Run, new_optimizer
 
@@ -113,6 +114,9 @@ def resume(run: Run, state: dict, path: Path) -> None:
         state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])
         if "signal_counts" in ckpt:
             state["signal_counts"].copy_(ckpt["signal_counts"])
+    # the checkpoint's network must be the one this command builds (weights.resume_network raises naming both)
+    run.log(weights.resume_network(run.model, ckpt,
+                                   source_checkpoint=getattr(run.args, "source_checkpoint", None)))
     run.model.load_state_dict(ckpt["model"])
     if state["phase"] != "source":
         new_optimizer(run, run.args.lr)
@@ -141,18 +145,15 @@ def load_source_model(run: Run, path: str) -> None:
     if not file.is_file():
         raise ValueError(f"expected --source-checkpoint to be a checkpoint file, got {str(file)!r} (not a file)")
     ckpt = checkpoint.load(file, "--source-checkpoint")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold {{'model': state_dict}}, got "
-                         f"{type(ckpt).__name__} with keys {sorted(ckpt)[:5] if isinstance(ckpt, dict) else []}")
-    try:
-        run.model.load_state_dict(ckpt["model"])
-    except RuntimeError as error:
-        raise ValueError(f"expected --source-checkpoint {str(file)!r} to match --arch {run.args.arch}: {error}")
-    bad = runtime.non_finite_tensors(ckpt["model"].items())
+    # a run's checkpoint or a peer's Res_Deeplab / DeeplabMulti; the model takes the file's network (uda.weights)
+    _, message = weights.load_source_weights(run.model, ckpt, option=f"--source-checkpoint {str(file)!r}",
+                                             peer_classifier=getattr(run.args, "peer_classifier", None))
+    bad = runtime.non_finite_tensors(run.model.state_dict().items())
     if bad:
         raise ValueError(f"expected --source-checkpoint {str(file)!r} to hold finite weights, got NaN or inf in "
                          f"{len(bad)} tensor(s): {', '.join(bad[:5])}")
     save_model(run, "source_only.pt", **{"from": str(file)})
+    run.log(message)
     run.log(f"stage 1 skipped: source model loaded from {file}")
 
 

@@ -23,7 +23,8 @@ from protocl import IGNORE_INDEX
 from protocl.distributed import all_reduce_sum_
 
 from . import dist
-from .data import PseudoLabelSet, ignore_stop_signals, skip_records
+from .loading import PseudoLabelSet, skip_records
+from .stream import ignore_stop_signals
 from .run import Run, forward
 
 __all__ = ["make_static_labels"]

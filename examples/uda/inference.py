@@ -8,17 +8,20 @@ For each image it writes (``<out>/<kind>/<file>.png``, ``<file>`` = the image's 
 * ``colour/`` — the class colours; ``overlay/`` — the colours blended 50 % over the image.
 
 The rule is the evaluation's (:func:`evaluate.evaluate`): the image is resized to ``eval_size`` (W, H,
-bilinear, as :class:`data.EvalSet` does), the logits are bilinearly upsampled to the image's full size
+bilinear, as :class:`loading.EvalSet` does), the logits are bilinearly upsampled to the image's full size
 (``align_corners=False``) and the argmax is taken there. With ``flip=True`` the softmax probabilities of the
 image and of its horizontal mirror (flipped back) are averaged first. On a labelled split the confusion matrix
 against the ground truth gives the same IoU table as the training run's evaluation
 (:func:`evaluate.summarize`), and :func:`score_predictions` scores written ``trainids/`` files the same way.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: ``source_only.pt``, ``adapted.pt`` and
-``checkpoint.pt`` of a run (``{"model": state_dict, "config": ..., "classes": ...}``) or a bare state dict; the
-class table is ``--class-table``, else the checkpoint's ``classes`` entry, else Cityscapes-19 when K = 19.
-The architecture (tiny or DeepLab-V2, its ResNet depth, ASPP or layer4 features, the init layout's channel
-order) and K are read from the weights themselves.
+Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`checkpoint.load`): ``source_only.pt``,
+``adapted.pt`` and ``checkpoint.pt`` of a run (``{"model": state_dict, "config": ..., "classes": ...}``), a bare
+state dict, or a peer's AdaptSegNet/DASS ``Res_Deeplab`` / ``DeeplabMulti`` state dict (with
+``peer_classifier``, see :mod:`uda.weights`). The network is the one the file needs
+(:func:`weights.build_model_for`): a run's checkpoint carries its description (architecture, ResNet depth,
+stride placement, channel order, mean/std, features, K); an older one's is read from its keys, shapes and
+``bgr`` flag. The class table is ``--class-table``, else the checkpoint's ``classes`` entry, else
+Cityscapes-19 when K = 19. The command is ``examples/predict.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -38,71 +40,29 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from . import layouts
-from .classes import CITYSCAPES, ClassTable, load_table
-from .data import SYNTHIA_CLASSES_13, SYNTHIA_CLASSES_16, Sample, read_image
+from . import checkpoint, datasets, labels
+from .classes import CITYSCAPES, SYNTHIA_SUBSETS, ClassTable, load_table
+from .datasets import Sample
 from .evaluate import confusion_matrix, iou_table, summarize
-from .model import DeepLabV2, build_model
+from .labels import decode_image
+from .options import parse_size
+from .weights import PEER_CLASSIFIERS, build_model_for
 
 KINDS = ("trainids", "labelids", "colour", "overlay")
 DATASETS = ("cityscapes", "acdc", "darkzurich", "folder")
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def _numpy_globals() -> list:
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)``; a run's ``checkpoint.pt`` holds NumPy's RNG state, for which
-    NumPy's array reconstruction is allowed (nothing else). ``ValueError`` naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"expected --checkpoint to name a checkpoint file, got {str(path)!r} (not a file)")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            with torch.serialization.safe_globals(_numpy_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"expected --checkpoint {str(path)!r} to be a torch checkpoint of weights, got a file "
-                         f"torch.load(weights_only=True) cannot read: {str(error).splitlines()[0]}") from None
-
-
-def model_from_state(state: dict[str, Tensor]) -> nn.Module:
-    """Build the network whose weights ``state`` holds (architecture and K read from the keys and shapes)."""
-    if "classifier.branches.0.weight" not in state:
-        raise ValueError(f"expected the weights of the pipeline's network (classifier.branches.0.weight, ...), got "
-                         f"keys like {sorted(state)[:5]}")
-    num_classes = int(state["classifier.branches.0.weight"].shape[0])
-    if "backbone.conv1.weight" not in state:
-        model = build_model("tiny", num_classes)
-    else:
-        blocks = tuple(1 + max((int(k.split(".")[2]) for k in state if k.startswith(f"backbone.layer{i}.")),
-                               default=-1) for i in range(1, 5))
-        extra = state.get("_extra_state") or {}
-        proj = state.get("projection.weight")
-        model = DeepLabV2(num_classes, features="aspp" if proj is None else "layer4",
-                          proj_dim=256 if proj is None else int(proj.shape[0]),
-                          stride_in_1x1=bool(extra.get("bgr", False)), blocks=blocks)  # bgr: DeepLab init layout
-    model.load_state_dict(state)
-    return model
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """``(model, config)`` from a checkpoint file; ``config`` is the run's options (``{}`` if absent)."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"expected --checkpoint {str(path)!r} to hold a dict, got {type(ckpt).__name__}")
-    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-    try:
-        model = model_from_state(state)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"expected --checkpoint {str(path)!r} to hold the pipeline's network: {error}") from None
-    config = dict(ckpt.get("config")) if isinstance(ckpt.get("config"), dict) else {}
-    if isinstance(ckpt.get("classes"), dict):  # the run's class table (ClassTable.to_dict), when recorded
+def load_model(path: str | Path, *, peer_classifier: str | None = None, log=None) -> tuple[nn.Module, dict]:
+    """``(model, config)`` from a checkpoint file; ``config`` is the run's options (``{}`` if absent) with the run's
+    class table under ``classes`` when recorded. The network is the one the file needs
+    (:func:`weights.build_model_for`); ``log`` gets the line saying what was detected and loaded."""
+    ckpt = checkpoint.load(path, "--checkpoint")
+    model, message = build_model_for(ckpt, option=f"--checkpoint {str(path)!r}", peer_classifier=peer_classifier)
+    if log:
+        log(message)
+    config = dict(ckpt.get("config")) if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else {}
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("classes"), dict):  # the run's class table, when recorded
         config["classes"] = ckpt["classes"]
     return model.eval(), config
 
@@ -113,7 +73,7 @@ def probabilities(model: nn.Module, image: Image.Image, eval_size: tuple[int, in
                   device: torch.device | str = "cpu") -> Tensor:
     """(K, H, W) float32 scores at the image's full size: logits (``flip=False``) or the flip-averaged softmax.
 
-    The image is resized to ``eval_size`` = (W, H) exactly as :class:`data.EvalSet` resizes it.
+    The image is resized to ``eval_size`` = (W, H) exactly as :class:`loading.EvalSet` resizes it.
     """
     full = image.size[::-1]
     small = np.asarray(image.resize(tuple(eval_size), Image.BILINEAR))
@@ -173,12 +133,12 @@ def predict_samples(model: nn.Module, samples: Sequence[Sample], out: str | Path
     k = table.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     for i, (sample, file) in enumerate(zip(samples, output_names(samples))):
-        image = read_image(sample.image)
+        image = decode_image(sample.image)
         pred = predict(model, image, eval_size, flip=flip, device=device)
         if out is not None:
             write_prediction(pred, np.asarray(image), file, out, table, kinds)
         if labelled:
-            label = layouts.read_sample_label(sample, image.size)
+            label = labels.read_sample_label(sample, image.size)
             confusion += confusion_matrix(torch.from_numpy(pred).long(), torch.from_numpy(label).long(), k)
         if log and ((i + 1) % 50 == 0 or i + 1 == len(samples)):
             log(f"predicted {i + 1}/{len(samples)} images")
@@ -205,7 +165,7 @@ def score_predictions(pred_dir: str | Path, samples: Sequence[Sample], num_class
         if pred.size and int(pred.max()) >= num_classes:
             raise ValueError(f"expected train ids < K={num_classes} in {str(path)!r}, got {int(pred.max())} "
                              f"(a label-id file? score the trainids/ folder)")
-        label = layouts.read_sample_label(sample, size)
+        label = labels.read_sample_label(sample, size)
         confusion += confusion_matrix(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(label).long(),
                                       num_classes)
     return summarize(confusion, subsets) | {"confusion": confusion.tolist()}
@@ -217,28 +177,28 @@ def dataset_samples(args: argparse.Namespace, table: ClassTable, *, table_known:
     which must be ``--class-table`` or the checkpoint's (``table_known``)."""
     if args.images is not None:
         folder = Path(args.images)
-        files = layouts.image_files(folder) if folder.is_dir() else []
+        files = datasets.image_files(folder) if folder.is_dir() else []
         if not files:
-            raise ValueError(f"expected --images to be a folder with images ({', '.join(layouts.IMAGE_SUFFIXES)}), "
+            raise ValueError(f"expected --images to be a folder with images ({', '.join(datasets.IMAGE_SUFFIXES)}), "
                              f"got {str(folder)!r}")
         return [Sample(f, None, "__".join(f.relative_to(folder).with_suffix("").parts)) for f in files]
     if args.dataset is None or args.root is None:
         raise ValueError("expected --images DIR, or --dataset with --root (and --split)")
     split = args.split
     if args.dataset == "cityscapes":
-        from .data import cityscapes_files
+        from .datasets import cityscapes_files
 
         samples = cityscapes_files(args.root, split or "val", require_labels=(split or "val") != "test")
         # the test split's gtFine files are placeholders (no public labels): never scored
         return [replace(s, label=None) for s in samples] if split == "test" else samples
     if args.dataset == "acdc":
-        return layouts.acdc_files(args.root, split or "val", args.condition or "all")
+        return datasets.acdc_files(args.root, split or "val", args.condition or "all")
     if args.dataset == "darkzurich":
-        return layouts.darkzurich_files(args.root, split or "val")
+        return datasets.darkzurich_files(args.root, split or "val")
     if args.class_table is None and not table_known:
         raise ValueError("expected --class-table with --dataset folder (the labels' raw ids and classes; the "
                          "checkpoint records none)")
-    return layouts.folder_files(args.root, table, split, require_labels=False, option="--root")
+    return datasets.folder_files(args.root, table, split, require_labels=False, option="--root")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,19 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="predict.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Predict a checkpoint on images (train ids, label ids, colours, overlays); on a labelled split "
                     "also print the IoU table. With --score, score written train-id PNGs instead.")
-    p.add_argument("--checkpoint", help="source_only.pt, adapted.pt or checkpoint.pt of a run (or a state dict)")
+    p.add_argument("--checkpoint", help="source_only.pt, adapted.pt or checkpoint.pt of a run (or a state dict), or "
+                                        "a peer's Res_Deeplab / DeeplabMulti state dict (with --peer-classifier)")
+    p.add_argument("--peer-classifier", choices=PEER_CLASSIFIERS,
+                   help="for a peer's DeepLab-V2 file: which ASPP branches its code summed (all-branches: DASS; "
+                        "first-two: AdaptSegNet, whose Classifier_Module returns inside its loop); docs/reproduce.md")
     p.add_argument("--images", help="a folder of images (recursively; no labels)")
     p.add_argument("--dataset", choices=DATASETS, help="a dataset split instead of --images")
     p.add_argument("--root", help="the dataset's root (its released layout, see docs/datasets.md)")
     p.add_argument("--split", help="split (cityscapes: train/val/test, acdc: train/val/test, darkzurich: "
                                    "train/val/test, folder: a subfolder or none); default val")
     p.add_argument("--acdc-conditions", "--condition", nargs="+", dest="condition",
-                   choices=layouts.ACDC_CONDITIONS + ("all",), help="ACDC conditions (default all)")
+                   choices=datasets.ACDC_CONDITIONS + ("all",), help="ACDC conditions (default all)")
     p.add_argument("--class-table", help="class table: cityscapes, synthia or a JSON file (default: the "
                                          "checkpoint's, else cityscapes when K=19); required for --dataset folder")
     p.add_argument("--out", help="output folder (trainids/, labelids/, colour/, overlay/, metrics.json)")
     p.add_argument("--write", nargs="+", choices=KINDS, default=list(KINDS), help="which outputs to write")
-    p.add_argument("--eval-size", type=_size, help="network input WIDTHxHEIGHT (default: the checkpoint's "
+    p.add_argument("--eval-size", type=parse_size, help="network input WIDTHxHEIGHT (default: the checkpoint's "
                                                    "--eval-size)")
     p.add_argument("--flip", action="store_true", help="average the softmax of the image and its mirror")
     p.add_argument("--device", default="cpu")
@@ -267,15 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1460x730, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def _subsets(config: dict) -> dict | None:
-    return {"16": SYNTHIA_CLASSES_16, "13": SYNTHIA_CLASSES_13} if config.get("source") == "synthia" else None
+    return dict(SYNTHIA_SUBSETS) if config.get("source") == "synthia" else None
 
 
 def _report(result: dict, table: ClassTable, out: Path | None, extra: dict, log=print) -> None:
@@ -303,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.checkpoint is None or out is None:
             raise ValueError("expected --checkpoint and --out (or --score)")
-        model, config = load_model(args.checkpoint)
+        model, config = load_model(args.checkpoint, peer_classifier=args.peer_classifier, log=print)
         if args.class_table is not None:
             table = load_table(args.class_table)
         elif isinstance(config.get("classes"), dict):

@@ -1,41 +1,160 @@
-r"""Tiny generated datasets in the ACDC, Dark Zurich, Cityscapes and folder layouts (tests and demo).
+r"""Every writer of demo data: small deterministic datasets in the GTA5, SYNTHIA, Cityscapes, ACDC, Dark
+Zurich and folder layouts (the embedded demo, the tests and the study's shifts).
 
-The scenes and renderings are the embedded demo's (:mod:`synthetic`: one street-scene generator, a flat
-"source" and a textured "target" rendering); each adverse condition adds its own degradation on top of the
-target rendering (fog: a depth-dependent haze; night: low exposure, blue cast, noise, a few lights; rain:
-lower contrast and streaks; snow: white ground and flakes). Everything is a pure function of the seed.
+The scenes and renderings are :mod:`scenes`' (one street-scene generator; a flat "source" and a textured
+"target" rendering; adverse conditions on top of the target rendering). Labels are written as the datasets
+release them, so the real listers and label formats (:mod:`datasets`, :mod:`labels`) run unchanged:
 
-Labels are written as the datasets release them:
-
-* Cityscapes: ``*_gtFine_labelIds.png`` (label ids);
-* ACDC and Dark Zurich: ``*_gt_labelTrainIds.png`` (train ids, 255 ignore) *and* ``*_gt_labelIds.png``
-  (label ids), both present as in the releases, so that a reader that takes the wrong file or maps train
-  ids a second time gets a different answer;
+* GTA5 and Cityscapes: Cityscapes label ids (``labels/*.png``, ``*_gtFine_labelIds.png``);
+* SYNTHIA: 16-bit PNGs with SYNTHIA class ids in the first channel and an instance id in the second
+  (:func:`write_png16`); SYNTHIA has no terrain class, so in its layout the source scenes' terrain becomes
+  vegetation;
+* ACDC and Dark Zurich: ``*_gt_labelTrainIds.png`` (train ids, 255 ignore) *and* ``*_gt_labelIds.png`` (label
+  ids), both present as in the releases, so that a reader that takes the wrong file or maps train ids a second
+  time gets a different answer;
 * folder: raw ids of a custom class table (K = 5 by default, 8- or 16-bit PNGs), with the table as
   ``classes.json``.
 
-Run ``python examples/uda/layout_demo.py OUT`` to write all of them under ``OUT``.
+:func:`write_demo_dataset` writes the embedded GTA5 (or SYNTHIA) -> Cityscapes demo, :func:`write_demo` the
+other demo pairs (Cityscapes -> ACDC, Cityscapes -> Dark Zurich, folder -> folder), :func:`write_all` every
+layout in small. The source and target images drawn for one seed are the same whichever source layout is
+written; everything is a pure function of the seed. From ``examples/``, ``python -m uda.demo OUT`` writes
+:func:`write_all` under ``OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import struct
 import sys
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "uda"
-
-from .classes import ClassTable  # noqa: E402
-from .layouts import ACDC_CONDITIONS  # noqa: E402
-from .synthetic import (  # noqa: E402
-    BUILDING, CAR, PERSON, POLE, ROAD, SIDEWALK, SIGN, SKY, TERRAIN, VEGETATION, gaussian_blur, make_scene,
-    render_source, render_target, to_label_ids, write_cityscapes_layout,
+from .classes import CITYSCAPES, SYNTHIA_IDS, ClassTable
+from .datasets import ACDC_CONDITIONS
+from .scenes import (
+    BUILDING, CAR, PERSON, POLE, ROAD, SIDEWALK, SIGN, SKY, TERRAIN, VEGETATION, make_scene, render_condition,
+    render_source, render_target,
 )
+
+SOURCE_LAYOUTS = ("gta5", "synthia")
+
+
+def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Train ids -> Cityscapes label ids (uint8); 255 and unknown ids -> 0 ("unlabeled", ignored by the reader)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[: CITYSCAPES.num_classes] = CITYSCAPES.output_ids
+    return lut[train_ids]
+
+
+def write_gta5_layout(root: str | Path, samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write ``(image (H, W, 3) uint8, train ids (H, W))`` pairs as ``root/images/%05d.png`` and
+    ``root/labels/%05d.png`` (Cityscapes label ids), the GTA5 layout; ``samples`` is consumed in order."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(samples):
+        Image.fromarray(image).save(root / "images" / f"{i:05d}.png")
+        Image.fromarray(to_label_ids(label)).save(root / "labels" / f"{i:05d}.png")
+    return root
+
+
+def write_cityscapes_layout(root: str | Path, split: str, city: str,
+                            samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write ``(image, train ids)`` pairs in the Cityscapes layout: ``root/leftImg8bit/<split>/<city>/
+    <city>_%06d_000019_leftImg8bit.png`` and ``root/gtFine/<split>/<city>/..._gtFine_labelIds.png``."""
+    root = Path(root)
+    (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+    (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(samples):
+        stem = f"{city}_{i:06d}_000019"
+        Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+        Image.fromarray(to_label_ids(label)).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+    return root
+
+
+def _to_synthia_label(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint16 SYNTHIA label: class id, instance id (>= 256 on cars and people, else 0), 0."""
+    lut = np.zeros(256, dtype=np.uint16)  # SYNTHIA id 0 = void -> ignored by the reader
+    for train_id, synthia_id in SYNTHIA_IDS.items():
+        lut[train_id] = synthia_id
+    label = np.zeros(train_ids.shape + (3,), dtype=np.uint16)
+    label[..., 0] = lut[train_ids]
+    label[..., 1] = np.where(np.isin(train_ids, (PERSON, CAR)), 256 + train_ids.astype(np.uint16), 0)
+    return label
+
+
+def write_png16(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` (H, W, 3) uint16 as a 16-bit RGB PNG (Pillow cannot write 16-bit RGB)."""
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint16:
+        raise ValueError(f"expected a (H, W, 3) uint16 array, got {array.shape} {array.dtype}")
+    h, w, _ = array.shape
+    rows = array.astype(">u2").reshape(h, w * 3).view(np.uint8)  # big-endian samples, as PNG stores them
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter type 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB), no interlace
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def write_demo_dataset(root: str | Path, *, seed: int = 0, source_images: int = 160, target_train: int = 160,
+                       target_val: int = 60, source_size: tuple[int, int] = (128, 72),
+                       target_size: tuple[int, int] = (128, 64), source: str = "gta5") -> tuple[Path, Path]:
+    """Write the demo dataset under ``root``: the source in the GTA5 layout (``root/gta5``) or, with
+    ``source="synthia"``, in the SYNTHIA-RAND-CITYSCAPES layout (``root/synthia``), the target in the Cityscapes
+    layout (``root/cityscapes``).
+
+    Sizes are (W, H). Returns ``(source_root, cityscapes_root)``. Skips writing when a complete copy for the same
+    arguments is already there (a ``.complete`` marker holds them).
+    """
+    if source not in SOURCE_LAYOUTS:
+        raise ValueError(f"expected source in {SOURCE_LAYOUTS}, got {source!r}")
+    root = Path(root)
+    marker = root / ".complete"
+    stamp = f"{seed} {source_images} {target_train} {target_val} {source_size} {target_size} v1"
+    if source != "gta5":
+        stamp += f" {source}"
+    src, cs = root / source, root / "cityscapes"
+    if marker.is_file() and marker.read_text() == stamp:
+        return src, cs
+    marker.unlink(missing_ok=True)
+    rng = np.random.default_rng([seed, 1234])
+
+    def source_samples():
+        for _ in range(source_images):
+            label = make_scene(rng, source_size[1], source_size[0])
+            if source == "synthia":
+                label[label == TERRAIN] = VEGETATION  # SYNTHIA has no terrain class
+            yield render_source(label, rng), label
+
+    def target_samples(count: int):
+        for _ in range(count):
+            label = make_scene(rng, target_size[1], target_size[0])
+            yield render_target(label, rng), label
+
+    if source == "gta5":
+        write_gta5_layout(src, source_samples())
+    else:
+        (src / "RGB").mkdir(parents=True, exist_ok=True)
+        (src / "GT" / "LABELS").mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(source_samples()):
+            Image.fromarray(image).save(src / "RGB" / f"{i:07d}.png")
+            write_png16(src / "GT" / "LABELS" / f"{i:07d}.png", _to_synthia_label(label))
+    for split, count in (("train", target_train), ("val", target_val)):
+        write_cityscapes_layout(cs, split, f"demo{split}", target_samples(count))
+    marker.write_text(stamp)
+    return src, cs
+
 
 EGO_VEHICLE_ID = 1  # Cityscapes label id of the ego vehicle (ignored): the bottom rows of ACDC-like frames
 
@@ -45,43 +164,6 @@ def _scene(rng: np.random.Generator, size: tuple[int, int], *, ego: bool = False
     if ego:  # an ego-vehicle strip: ignored in the train ids
         label[-max(1, size[1] // 16):] = 255
     return label
-
-
-def render_condition(label: np.ndarray, condition: str, rng: np.random.Generator) -> np.ndarray:
-    """A target rendering of ``label`` degraded by ``condition`` (fog, night, rain, snow; ``clear``: none)."""
-    img = render_target(np.where(label == 255, ROAD, label).astype(np.uint8), rng).astype(np.float32)
-    h, w = label.shape
-    yy = np.mgrid[0:h, 0:w][0].astype(np.float32) / h
-    if condition == "fog":
-        haze = np.clip(0.65 - 0.5 * yy, 0.15, 0.65)[..., None]  # far (top) more than near (bottom)
-        img = img * (1 - haze) + 205 * haze
-        img = gaussian_blur(img, 1.2)
-    elif condition == "night":
-        img = 255 * (np.clip(img, 0, 255) / 255) ** 1.8 * 0.35
-        img = img * np.array([0.8, 0.9, 1.25], dtype=np.float32)
-        for _ in range(int(rng.integers(2, 5))):  # street lights
-            cy, cx, r = rng.uniform(0, h * 0.5), rng.uniform(0, w), rng.uniform(1.5, 3)
-            yx = np.mgrid[0:h, 0:w].astype(np.float32)
-            glow = np.exp(-(((yx[0] - cy) ** 2 + (yx[1] - cx) ** 2) / (2 * r * r)))
-            img += 160 * glow[..., None] * np.array([1.0, 0.85, 0.5], dtype=np.float32)
-        img += rng.normal(0, 9, size=img.shape)
-    elif condition == "rain":
-        img = 110 + 0.7 * (img - 110)
-        streaks = np.zeros((h, w), dtype=np.float32)
-        for _ in range(int(w * h / 60)):
-            x, y, n = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(3, 7))
-            streaks[y:y + n, x] = 1
-        img = img * 0.85 + 60 * streaks[..., None]
-        img = gaussian_blur(img, 0.8)
-    elif condition == "snow":
-        ground = np.isin(label, (ROAD, SIDEWALK, TERRAIN))[..., None]
-        img = np.where(ground, 0.45 * img + 0.55 * 235, img)
-        flakes = rng.random((h, w)) < 0.03
-        img[flakes] = 250
-        img = 0.9 * img + 25
-    elif condition != "clear":
-        raise ValueError(f"expected condition in {ACDC_CONDITIONS + ('clear',)}, got {condition!r}")
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _save_pair(image: np.ndarray, train_ids: np.ndarray, image_path: Path, trainids_path: Path | None,
@@ -276,5 +358,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m uda.demo OUT (from examples/)
     sys.exit(main())
