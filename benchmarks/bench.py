@@ -4,6 +4,7 @@ r"""protocl's losses against the authors' release loops, side by side: one quest
     python benchmarks/bench.py --device cuda        # on a GPU
     python benchmarks/bench.py --compile            # also protocl under torch.compile
     python benchmarks/bench.py --cases checks --threads 1   # the cost of the default value checks (protocl_checked)
+    python -m benchmarks.bench --cases step --no-memory     # the pipeline's signals: recompute vs the step's output
 
 What is timed, forward + backward, on the same inputs in one process: FCL + BCL with per-image prototypes
 (``masked_average_pool`` of both domains), i.e. the contrastive part of one training step.
@@ -22,11 +23,27 @@ What is timed, forward + backward, on the same inputs in one process: FCL + BCL 
   data loader yields every step), so every label map is checked once per call, as in a training step, and not
   skipped as "already checked"; the difference to ``protocl`` is the cost of the default checks.
 
+``--cases step`` (issue 25) times something else: the contrastive part of a stage-2 step of the reference
+pipeline with its label-free signals on (``uda.signals``, importable when run as ``python -m benchmarks.bench``),
+on the tiny demo's shapes (TinySegNet: D = 4K = 76, output stride 4; ``--crop 48``, batch 4, threshold 0.9, EMA
+momentum 0.99) and on the release's D = 76 at 46² / 365² (2 pairs). Both run ``BidirectionalContrast`` forward
+(EMA updates included) + ``signals.step_counts`` + the backward of its loss:
+
+- ``step_before``: the pipeline before issue 25: the cosines behind y_D recomputed before the step
+  (``signals.similarities`` as it was: a second pooling and cosine map) and ``step_counts`` as it was (seven
+  index maps, one float64 scatter);
+- ``step_recompute``: the same recompute with today's ``step_counts`` (three label maps, one int64 scatter);
+- ``step_output``: the step called with ``return_similarities=True`` and the cosines taken from its output
+  (``signals.Similarities.from_output``). Both give bit-equal signal counts (``tests/test_signals_output.py``);
+- ``step_no_signals``: the step alone (``--no-signals``), for scale: ``step_output`` − ``step_no_signals`` is
+  what the signals still cost (``step_counts``).
+
 Timing: ``torch.utils.benchmark.Timer`` with ``--threads`` threads; ``--rounds`` rounds, each timing every
 implementation once in turn (so that machine load hits all alike); the median of the rounds. Value checks off,
 except in ``protocl_checked``.
 Peak memory: on CUDA ``max_memory_allocated`` above the inputs; on CPU the peak RSS above the resident size, in a
-fresh interpreter per (case, implementation). Results: ``<out>/bench_<device>.md`` and ``.json``.
+fresh interpreter per (case, implementation). Results: ``<out>/bench_<device>.md`` and ``.json``
+(``--cases step``: ``<out>/bench_step_<device>.md`` and ``.json``).
 """
 
 from __future__ import annotations
@@ -78,7 +95,10 @@ CASES = {
     "quick": [Case("quick-a", 2, 8, 6, 24, 5), Case("quick-b", 2, 8, 12, 48, 5)],
     # the cost of the default value checks at the release's label size (2, 730, 730) and at half of it
     "checks": [Case("d76-46", 2, 76, 46, 365), Case("d76-92", 2, 76, 92, 730)],
+    # issue 25: a stage-2 step's signals from the orchestrator's output against their recompute (step_*)
+    "step": [Case("demo", 4, 76, 12, 48, 19), Case("d76-46", 2, 76, 46, 365)],
 }
+STEP_SETTINGS = {"threshold": 0.9, "momentum": 0.99}  # the tiny demo's (uda.options DEFAULTS["tiny"])
 # the goals of issue 12: (case, implementation, minimum speed-up over the release)
 GOALS = [("d76-46", "protocl", 15.0), ("d76-46", "protocl_rc", 6.0), ("d2048-46", "protocl", 4.0),
          ("d76-92", "protocl", 15.0), ("d76-92", "protocl_rc", 6.0), ("d2048-92", "protocl", 4.0)]
@@ -168,16 +188,99 @@ def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: 
     return impls
 
 
+@torch.no_grad()
+def recompute_similarities(contrast, source_features, source_labels, target_features):
+    r"""The pipeline's recompute before issue 25 (``uda.signals.similarities`` as it was), called before the step."""
+    from uda import signals
+
+    K = contrast.num_classes
+    pooled = protocl.masked_average_pool(source_features.detach(), source_labels, K,
+                                         ignore_index=contrast.ignore_index, per_image=True)
+    anchors = contrast.calibrated(pooled.prototypes) if contrast.calibrate else pooled.prototypes
+    valid = pooled.counts > 0
+    cosine = protocl.cosine_similarity_map(target_features.detach(), anchors)
+    cosine = torch.where(valid[:, :, None, None], cosine, torch.full_like(cosine, -float("inf")))
+    return signals.Similarities(cosine, valid)
+
+
+@torch.no_grad()
+def step_counts_before(static, dynamic, hybrid, prediction, sims, threshold: float, num_classes: int):
+    r"""``uda.signals.step_counts`` as it was before issue 25 (seven index maps, one float64 scatter of all seven);
+    equal values to today's (tests/test_signals_output.py)."""
+    from uda import signals
+
+    K, ig = num_classes, IGNORE
+    has_s, has_d, has_h = static != ig, dynamic != ig, hybrid != ig
+    d = torch.where(has_d, dynamic, K)
+    h = torch.where(has_h, hybrid, K)
+    index = torch.stack([
+        torch.where(has_s, d, K), torch.where(has_s & (static == dynamic), d, K), d,
+        torch.where(prediction == dynamic, d, K), h, torch.where(prediction == hybrid, h, K),
+        torch.where(has_s, static, K),
+    ]).flatten(1)
+    counts = signals._scatter(index, torch.ones_like(index, dtype=torch.float64), index.shape[0], K)
+    top = sims.cosine.float().flatten(2).topk(min(2, K), dim=1).values
+    best = top[:, 0]
+    second = top[:, 1].clamp_min(-1.0) if K > 1 else torch.full_like(best, -1.0)
+    cell_class = torch.where(best > threshold, sims.cosine.flatten(2).argmax(1), K).flatten()
+    margin = torch.nan_to_num(best - second, nan=0.0, posinf=0.0, neginf=0.0).flatten().double()
+    cells = signals._scatter(torch.stack([cell_class, cell_class]), torch.stack([margin, torch.ones_like(margin)]),
+                             2, K)
+    return torch.cat([counts[:6], cells, counts[6:]])
+
+
+def step_implementations(case: Case, inputs: dict) -> dict:
+    r"""``--cases step``: zero-argument callables running the orchestrator's step (forward, EMA updates, backward
+    of its loss) and the label-free signal counts of the step: as before issue 25 (``step_before``), with the
+    cosines recomputed (``step_recompute``) or taken from the step's output (``step_output``), or without the
+    signals (``step_no_signals``, counts None). Each returns ``(loss, counts)``, detached."""
+    try:
+        from uda import signals
+    except ImportError as e:  # bench.py run as a script: examples/ is not on the path
+        raise ImportError("--cases step: expected the reference pipeline's uda package on the path; run "
+                          "`python -m benchmarks.bench --cases step` from the repository root") from e
+    fs, ys, ft, yf = (inputs["source_features"], inputs["source_labels"], inputs["target_features"],
+                      inputs["static_labels"])
+    K = case.num_classes
+    g = torch.Generator().manual_seed(1)
+    prediction = torch.randint(0, K, yf.shape, generator=g).to(yf.device)  # the classifier's argmax, fixed
+
+    def run(kind: str):
+        contrast = protocl.BidirectionalContrast(K, case.dim, sync=False, **STEP_SETTINGS).to(fs.device)
+        count = step_counts_before if kind == "before" else signals.step_counts
+
+        def call():
+            fs.grad = ft.grad = None
+            sims = recompute_similarities(contrast, fs, ys, ft) if kind in ("before", "recompute") else None
+            out = contrast(fs, ys, ft, yf, return_similarities=kind == "output")
+            counts = None
+            if kind != "none":
+                if kind == "output":
+                    sims = signals.Similarities.from_output(out)
+                counts = count(yf, out.dynamic_labels, out.target_labels, prediction, sims, contrast.threshold, K)
+            out.loss.backward()
+            return out.loss.detach(), counts
+
+        return call
+
+    return {"step_before": run("before"), "step_recompute": run("recompute"), "step_output": run("output"),
+            "step_no_signals": run("none")}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool,
-              checks: bool = False) -> dict:
-    r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds."""
+              checks: bool = False, step: bool = False) -> dict:
+    r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds (``step``: those of
+    :func:`step_implementations`)."""
     inputs = make_inputs(case, device)
-    impls = implementations(case, inputs, compile=compile, checks=checks)
+    if step:
+        impls = step_implementations(case, inputs)
+    else:
+        impls = implementations(case, inputs, compile=compile, checks=checks)
     protocl.set_value_checks(False)
     try:
         timers = {}
@@ -199,6 +302,10 @@ def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: f
         out["protocl_checked"]["check_cost_ms"] = 1e3 * statistics.median(diffs)
         out["protocl_checked"]["check_ms_per_label_map"] = 1e3 * time_one_check(inputs["static_labels"], case,
                                                                                 threads=threads, min_time=min_time)
+    if step:  # paired per round, as above
+        for name in ("step_recompute", "step_output"):
+            diffs = [r - o for r, o in zip(per_round["step_before"], per_round[name])]
+            out[name]["saved_ms"] = 1e3 * statistics.median(diffs)
     return out
 
 
@@ -235,7 +342,7 @@ def _rss_kb(field: str) -> int:
 def measure_memory(case: Case, name: str, device: str) -> dict:
     r"""Peak memory of one call above what is resident before it (inputs built, one warm-up call done)."""
     inputs = make_inputs(case, device)
-    fn = implementations(case, inputs)[name]
+    fn = (step_implementations if name.startswith("step_") else implementations)(case, inputs)[name]
     protocl.set_value_checks(False)
     fn()
     gc.collect()
@@ -286,6 +393,25 @@ def machine_description(device: str) -> dict:
     return info
 
 
+def step_table(report: dict) -> str:
+    r"""``--cases step`` as a Markdown table: one row per case, the two steps and what the recompute cost."""
+    lines = ["| case | step_before ms | step_recompute ms | step_output ms | step_no_signals ms | saved by "
+             "step_output ms (median of per-round differences) | share of step_before | peak extra MiB (before / "
+             "output) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in report["cases"]:
+        t, case, mem = c["timing"], c["case"], c.get("memory", {})
+        before = t["step_before"]["median_ms"]
+        peak = " / ".join(f"{mem[n]['peak_extra_mb']:.0f}" if "peak_extra_mb" in mem.get(n, {}) else "-"
+                          for n in ("step_before", "step_output"))
+        times = " | ".join(f"{t[n]['median_ms']:.2f}" for n in ("step_before", "step_recompute", "step_output",
+                                                                 "step_no_signals"))
+        lines.append(f"| {case['name']} (B={case['batch']}, D={case['dim']}, {case['feature_size']}²/"
+                     f"{case['label_size']}², K={case['num_classes']}) | {times} | "
+                     f"{t['step_output']['saved_ms']:.2f} | {100 * t['step_output']['saved_ms'] / before:.0f} % | "
+                     f"{peak} |")
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     r"""The results as a Markdown table: one row per case, times and speed-ups against the release."""
     names = [n for n in report["cases"][0]["timing"] if n != "release"]
@@ -318,6 +444,18 @@ def goals(report: dict) -> list[dict]:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    if "step_output" in report["cases"][0]["timing"]:
+        return "\n".join([
+            f"# The pipeline's signals: recomputed vs from the orchestrator's output ({m['device']})", "",
+            f"Machine: {m.get('cpu_model')} ({m['cpu_count']} CPUs), {m.get('gpu', 'no GPU')}, torch threads "
+            f"{report['threads']}, torch {m['torch']}, Python {m['python']}; load average at start "
+            f"{m.get('load_avg_1_5_15')}.", f"Command: `{report['command']}`.", "",
+            "BidirectionalContrast forward (EMA updates) + uda.signals.step_counts + backward of the step's loss, "
+            "value checks off; step_before: the cosines behind y_D recomputed before the step and step_counts as "
+            "before issue 25; step_recompute: the same recompute, today's step_counts; step_output: the cosines "
+            "from the step's output (return_similarities=True), today's step_counts; step_no_signals: the step "
+            f"alone. Median of {report['rounds']} interleaved rounds.",
+            "", step_table(report), ""])
     lines = [f"# protocl vs the release's loops ({m['device']})", "",
              f"Machine: {m.get('cpu_model')} ({m['cpu_count']} CPUs), {m.get('gpu', 'no GPU')}, torch threads "
              f"{report['threads']}, torch {m['torch']}, Python {m['python']}; load average at start "
@@ -367,14 +505,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     report = {"machine": machine_description(args.device), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "threads": args.threads, "rounds": args.rounds, "cases": []}
+    step = args.cases == "step"
     for case in CASES[args.cases]:
         entry = {"case": dataclasses.asdict(case), "feature_mb": case.feature_mb,
                  "timing": time_case(case, args.device, threads=args.threads, rounds=args.rounds,
                                      min_time=args.min_time, compile=args.compile,
-                                     checks=args.checks or args.cases == "checks")}
+                                     checks=args.checks or args.cases == "checks", step=step)}
         if not args.no_memory:
             entry["memory"] = {n: memory_in_subprocess(case, n, args.device, args.threads)
-                               for n in ("release", "protocl")}
+                               for n in (("step_before", "step_output") if step else ("release", "protocl"))}
         report["cases"].append(entry)
         print(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in entry["timing"].items()),
               flush=True)
@@ -384,8 +523,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device.split(":")[0]
-    (out / f"bench_{device}.json").write_text(json.dumps(report, indent=2))
-    (out / f"bench_{device}.md").write_text(text)
+    stem = f"bench_step_{device}" if step else f"bench_{device}"  # --cases step: its own file
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(text)
     return report
 
 

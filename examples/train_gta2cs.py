@@ -96,10 +96,9 @@ def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None
     up = F.interpolate(logits, size=y_s.shape[-2:], mode="bilinear", align_corners=False)
     up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
     target_labels = run.target_ce if target_labels is None else target_labels
-    sims = None
-    if run.args.signals or target_labels is not None:
-        sims = signals.similarities(run.contrast, features[:b], y_s, features[b:])
-    out = run.contrast(features[:b], y_s, features[b:], y_f)  # FCL + BCL on y_T = hybrid(y_F, y_D)
+    want = run.args.signals or target_labels is not None  # the cosines behind y_D, handed out by the orchestrator
+    out = run.contrast(features[:b], y_s, features[b:], y_f, return_similarities=want)  # FCL + BCL on y_T
+    sims = signals.Similarities.from_output(out) if want else None
     y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach(), sims)
     ce_src, ce_tgt = safe_cross_entropy(up[:b], y_s), safe_cross_entropy(up_t, y_t)
     ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)

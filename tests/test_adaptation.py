@@ -263,3 +263,74 @@ def test_weighted_step_gradcheck(release_compatible):
 
     inputs = (fs.clone().requires_grad_(True), ft.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
+
+
+SIMILARITY_CONFIGS = [
+    {"threshold": 0.3, "momentum": 0.5},
+    {"threshold": 0.3, "momentum": 0.5, "calibrate": False},
+    {"threshold": 0.3, "momentum": 0.5, "dynamic": False},
+    {"threshold": 0.3, "momentum": 0.5, "resize": "purity", "min_purity": 0.4},
+]
+
+
+@pytest.mark.parametrize(
+    "config", SIMILARITY_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
+def test_similarities_are_the_cosines_behind_the_dynamic_labels(config):
+    # issue 25.4: return_similarities=True hands out the calibrated per-image source prototypes (EMAs before this
+    # step's update), their validity and the target cosines to them, against the loop reference
+    model = BidirectionalContrast(K, D, **config)
+    reference = ref.StepRef(K, D, **config)
+    for fs, ys, ft, static in _steps(3, b_n=3):
+        p_s, n_s = ref.masked_average_pool(
+            fs, ys, K, ignore_index=255, resize=reference.resize, min_purity=reference.min_purity
+        )
+        if config.get("calibrate", True):
+            e_s, e_t = reference.source_ema, reference.target_ema
+            p_s = ref.domain_bias_calibrate(p_s, e_s.prototypes, e_t.prototypes, e_s.initialized, e_t.initialized)
+        fs.requires_grad_(True)
+        ft.requires_grad_(True)
+        out = model(fs, ys, ft, static, return_similarities=True)
+        reference(fs.detach(), ys, ft.detach(), static)
+        sims = out.similarities
+        assert sims.cosine.shape == (3, K, *ft.shape[-2:]) and sims.cosine.dtype == torch.float64
+        assert not (sims.cosine.requires_grad or sims.prototypes.requires_grad)
+        assert sims.valid.tolist() == (torch.as_tensor(n_s) > 0).tolist()
+        assert not sims.valid.all()  # a class absent from a source image (random_labels draws half the classes)
+        torch.testing.assert_close(sims.prototypes, torch.as_tensor(p_s), rtol=1e-5, atol=1e-6)  # fp32 EMAs
+        feats = ft.detach()
+        for b in range(3):
+            for k in range(K):
+                if not sims.valid[b, k]:
+                    assert torch.all(sims.cosine[b, k] == -torch.inf)
+                    continue
+                expected = [[ref.cosine(feats[b, :, i, j], p_s[b, k]) for j in range(ft.shape[3])]
+                            for i in range(ft.shape[2])]
+                torch.testing.assert_close(sims.cosine[b, k], torch.tensor(expected, dtype=torch.float64),
+                                           rtol=1e-5, atol=1e-6)
+        best, arg = sims.cosine.max(dim=1)
+        y_d = torch.from_numpy(ref.resize_labels(torch.where(best > 0.3, arg, 255), static.shape[-2:]))
+        if config.get("dynamic", True):
+            assert torch.equal(out.dynamic_labels, y_d)
+        else:
+            assert torch.all(out.dynamic_labels == 255)
+
+
+def test_similarities_are_opt_in_and_change_nothing_else():
+    # the six fields unpack as before; without the keyword the attribute is None; with it, the step's loss,
+    # labels, stats and EMAs are bit-equal to a step without it
+    steps = _steps(3)
+    a = BidirectionalContrast(K, D, momentum=0.5, threshold=0.3)
+    b = BidirectionalContrast(K, D, momentum=0.5, threshold=0.3)
+    for batch in steps:
+        plain, asked = a(*batch), b(*batch, return_similarities=True)
+        loss, fcl, bcl, target_labels, dynamic_labels, stats = asked
+        assert len(asked) == 6 and plain.similarities is None and asked.similarities is not None
+        for x, y in zip(plain[:5], (loss, fcl, bcl, target_labels, dynamic_labels)):
+            assert torch.equal(x, y)
+        assert stats.keys() == plain.stats.keys() and all(torch.equal(stats[k], plain.stats[k]) for k in stats)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert asked._replace(loss=asked.loss * 2).similarities is None  # documented: _replace does not carry it
+    with pytest.raises(TypeError, match=r"return_similarities: expected a bool"):
+        a(*steps[0], return_similarities=1)

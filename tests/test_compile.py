@@ -191,3 +191,24 @@ def test_orchestrator_step_compiles_and_matches(config, dynamic):
         _assert_same(_grads(out_c.loss, (fs, ft)), _grads(out_e.loss, (fs, ft)))
     _assert_same(model.source_ema.prototypes, eager.source_ema.prototypes)
     _assert_same(model.target_ema.prototypes, eager.target_ema.prototypes)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("config", [{"threshold": 0.2, "momentum": 0.5}, {"dynamic": False, "calibrate": False}])
+def test_orchestrator_similarities_compile_and_match(config, dynamic):
+    # issue 25.4: the step's cosines handed out as an attribute of StepOutput, through fullgraph compile
+    eager, model = BidirectionalContrast(K, D, **config), BidirectionalContrast(K, D, **config)
+
+    def step(m, fs, ys, ft, yf):
+        return m(fs, ys, ft, yf, return_similarities=True)
+
+    compiled = _compiled(step, dynamic)
+    for b_n, grid, label in _shapes(dynamic):
+        fs, ys, _ = _data(b_n, grid, label)
+        ft, _, _ = _data(b_n, grid, label)
+        yf = ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+        out_e, out_c = step(eager, fs, ys, ft, yf), compiled(model, fs, ys, ft, yf)
+        assert type(out_c) is type(out_e) and len(out_c) == 6
+        _assert_same(tuple(out_c[:5]), tuple(out_e[:5]))
+        _assert_same(tuple(out_c.similarities), tuple(out_e.similarities))
+        assert out_c.similarities.cosine.shape == (b_n, K, *grid)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
-from uda import checkpoint, classes, evaluate, inference, model, weights
+from uda import checkpoint, classes, evaluate, inference, model, network, weights
 from uda.datasets import acdc_files, cityscapes_files, folder_files
 from uda.demo import write_all
 from uda.labels import decode_image
@@ -90,7 +90,7 @@ def test_checkpoint_errors(tmp_path):
 def test_deeplab_architecture_is_read_from_the_weights(tmp_path):
     torch.manual_seed(0)
     net = model.DeepLabV2(5, features="layer4", proj_dim=16, stride_in_1x1=True, blocks=(1, 1, 2, 1)).eval()
-    net.set_normalization(model.CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), bgr=True)
+    net.set_normalization(network.CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), bgr=True)
     path = tmp_path / "deeplab.pt"
     torch.save({"model": net.state_dict()}, path)
     again, _ = inference.load_model(path)

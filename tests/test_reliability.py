@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import protocl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
 
 
 class Hostile:
@@ -257,7 +258,6 @@ def test_skip_in_evaluation_leaves_the_sample_out(roots):
 def test_workers_ignore_stop_signals():
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {str(EXAMPLES)!r})
         from uda.stream import ignore_stop_signals
         ignore_stop_signals(0)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -265,7 +265,8 @@ def test_workers_ignore_stop_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         print("alive", signal.alarm(0))  # SIGTERM: still alive, gone WORKER_GRACE_S later
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
+                         env=EXAMPLES_ENV)
     assert out.returncode == 0 and out.stdout.split()[0] == "alive", out.stderr
     assert 0 < int(out.stdout.split()[1]) <= WORKER_GRACE_S
 
@@ -347,7 +348,6 @@ def test_stop_request_flags_signals_and_restores_handlers():
 
 STOPPED_EXIT = """
 import os, signal, sys
-sys.path.insert(0, {examples!r})
 from uda import runtime
 try:
     with runtime.StopRequest() as stop:
@@ -367,15 +367,15 @@ def test_a_stopped_run_ignores_further_stop_signals_while_it_exits(tmp_path):
     """After the block ends with Stopped, a second SIGTERM (torchrun's agent sends one to every rank still alive
     once the first has exited) or SIGUSR1 must not kill the process: it exits with 75, not -15."""
     script = tmp_path / "stopped.py"
-    script.write_text(STOPPED_EXIT.format(examples=str(EXAMPLES)))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    script.write_text(STOPPED_EXIT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False,
+                            env=EXAMPLES_ENV)
     assert result.returncode == 75, (result.returncode, result.stderr)
     assert result.stdout.strip() == "still here True", result.stdout
 
 
 DIST_STOP = """
 import os, signal, sys
-sys.path.insert(0, {examples!r})
 import torch.distributed as tdist
 from uda import runtime
 rank = int(sys.argv[1])
@@ -395,9 +395,9 @@ tdist.destroy_process_group()
 
 def test_stop_request_is_agreed_across_ranks(tmp_path):
     script = tmp_path / "stop.py"
-    script.write_text(DIST_STOP.format(examples=str(EXAMPLES), store=str(tmp_path / "store")))
+    script.write_text(DIST_STOP.format(store=str(tmp_path / "store")))
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in range(2)]
+                              text=True, env=EXAMPLES_ENV) for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     # both ranks stop after the same call: the first multiple of every=3 after the signal (call 6)

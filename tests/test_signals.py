@@ -111,7 +111,7 @@ def test_a_class_with_no_overlap_is_undefined_not_zero():
 
 
 def test_similarities_are_the_ones_behind_the_dynamic_labels():
-    """Taken before the orchestrator's call, their argmax above the threshold (nearest-upsampled) is exactly the
+    """From the orchestrator's output, their argmax above the threshold (nearest-upsampled) is exactly the
     orchestrator's y_D, for a calibrated orchestrator whose EMAs have moved."""
     g = torch.Generator().manual_seed(3)
     k, d = 4, 6
@@ -120,8 +120,8 @@ def test_similarities_are_the_ones_behind_the_dynamic_labels():
         f_s, f_t = torch.randn(2, d, 5, 7, generator=g), torch.randn(2, d, 5, 7, generator=g)
         y_s = torch.randint(0, k, (2, 20, 28), generator=g)
         y_f = torch.where(torch.rand(2, 20, 28, generator=g) < 0.3, torch.randint(0, k, (2, 20, 28), generator=g), IG)
-        sims = signals.similarities(contrast, f_s, y_s, f_t)
-        out = contrast(f_s, y_s, f_t, y_f)
+        out = contrast(f_s, y_s, f_t, y_f, return_similarities=True)
+        sims = signals.Similarities.from_output(out)
         best, arg = sims.cosine.max(1)
         mine = torch.where(best > 0.2, arg, IG)
         mine = protocl.resize_labels(mine, (20, 28))

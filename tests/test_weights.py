@@ -18,7 +18,7 @@ import torch
 from peer_deeplab import PeerDeepLab, caffe_input, randomize, torchvision_input
 from PIL import Image
 from uda import checkpoint, inference, model, options, weights
-from uda.model import NetworkMismatchError
+from uda.network import NetworkMismatchError
 
 BLOCKS = (1, 1, 2, 1)
 K = 5

@@ -31,8 +31,8 @@ For the first three and ``margin`` higher is more reliable; for ``inflation`` lo
 by the true precision of their dynamic labels, on the study's shifts: docs/examples.md (the signal validation
 table); how to read them: docs/troubleshooting.md ("Reading the reliability signals on real data").
 
-On the training path nothing here reads the device: :func:`step_counts` returns per-class sums (one
-``scatter_add_``, float64 so a round's counts stay exact), the loop adds them up in ``state["signal_counts"]``,
+On the training path nothing here reads the device: :func:`step_counts` returns per-class sums (counted with
+one ``scatter_add_`` over three label maps, returned as float64 so a round's counts stay exact), the loop adds them up in ``state["signal_counts"]``,
 and :func:`summarize` turns them into values at the log point and at the round's end.
 """
 
@@ -59,31 +59,27 @@ SHORT = {"static_agreement": "stat-agr", "prediction_agreement": "pred-agr", "hy
 
 
 class Similarities(NamedTuple):
-    """Cosine of every target feature cell with the step's calibrated source prototypes."""
+    """Cosine of every target feature cell with the step's calibrated source prototypes: the ones behind the
+    orchestrator's dynamic labels, taken from its output with :meth:`from_output`."""
 
     cosine: Tensor  # (B, K, h, w) float32, -inf for the classes without a prototype in the paired source image
     valid: Tensor  # (B, K) bool
+
+    @classmethod
+    def from_output(cls, out: protocl.StepOutput) -> Similarities:
+        """The step's cosines from the orchestrator's own output (called with ``return_similarities=True``:
+        :class:`protocl.PrototypeSimilarities`, detached, taken before its EMA update). No recompute, no host
+        read."""
+        sims = getattr(out, "similarities", None)
+        if sims is None:
+            raise ValueError("out: expected the output of protocl.BidirectionalContrast called with "
+                             f"return_similarities=True, got {type(out).__name__} without similarities")
+        return cls(sims.cosine, sims.valid)
 
 
 def zeros(num_classes: int, device: torch.device | str | None = None) -> Tensor:
     """The accumulator of :func:`step_counts`: ``(len(ROWS), K)`` float64 zeros."""
     return torch.zeros(len(ROWS), num_classes, dtype=torch.float64, device=device)
-
-
-@torch.no_grad()
-def similarities(contrast: protocl.BidirectionalContrast, source_features: Tensor, source_labels: Tensor,
-                 target_features: Tensor) -> Similarities:
-    """The cosines behind this step's dynamic labels: per-image source prototypes (masked average pooling, the
-    orchestrator's nearest label resize), calibrated with the EMAs as they are **before** the orchestrator's call
-    (call this first: its step 7 moves them), against the target features. No gradient, no host read."""
-    K = contrast.num_classes
-    pooled = protocl.masked_average_pool(source_features.detach(), source_labels, K,
-                                         ignore_index=contrast.ignore_index, per_image=True)
-    anchors = contrast.calibrated(pooled.prototypes) if contrast.calibrate else pooled.prototypes
-    valid = pooled.counts > 0
-    cosine = protocl.cosine_similarity_map(target_features.detach(), anchors)
-    cosine = torch.where(valid[:, :, None, None], cosine, torch.full_like(cosine, -math.inf))
-    return Similarities(cosine, valid)
 
 
 def _scatter(index: Tensor, values: Tensor, rows: int, K: int) -> Tensor:
@@ -100,19 +96,28 @@ def step_counts(static: Tensor, dynamic: Tensor, hybrid: Tensor, prediction: Ten
     """One step's per-class sums ``(len(ROWS), K)`` float64 (rows :data:`ROWS`), from label maps ``(B, H, W)``
     (``prediction``: the classifier's argmax at the same size) and the step's :class:`Similarities`."""
     K, ig = num_classes, IGNORE_INDEX
-    has_s, has_d, has_h = static != ig, dynamic != ig, hybrid != ig
-    d = torch.where(has_d, dynamic, K)
-    h = torch.where(has_h, hybrid, K)
-    index = torch.stack([
-        torch.where(has_s, d, K),  # overlap: dynamic c where a static label exists
-        torch.where(has_s & (static == dynamic), d, K),  # agree
-        d,  # dynamic
-        torch.where(prediction == dynamic, d, K),  # dynamic_pred
-        h,  # hybrid
-        torch.where(prediction == hybrid, h, K),  # hybrid_pred
-        torch.where(has_s, static, K),  # static
-    ]).flatten(1)
-    counts = _scatter(index, torch.ones_like(index, dtype=torch.float64), index.shape[0], K)
+    K1 = K + 1  # class K: not counted
+    has_s = static != ig
+    # one code per pixel for each label family: its class times the flags that choose its rows (one scatter of
+    # 3 label maps, not 7): dynamic c with bits (static exists, static == c, prediction == c), hybrid c with
+    # (prediction == c), static c
+    d = torch.where(dynamic != ig, dynamic, K) * 8 + has_s + 2 * (static == dynamic) + 4 * (prediction == dynamic)
+    h = torch.where(hybrid != ig, hybrid, K) * 2 + (prediction == hybrid) + 8 * K1
+    st = torch.where(has_s, static, K) + 10 * K1
+    index = torch.cat([d.flatten(), h.flatten(), st.flatten()])
+    hist = torch.zeros(11 * K1, dtype=torch.int64, device=index.device)
+    hist.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel()))
+    by_d = hist[:8 * K1].view(K1, 2, 2, 2)[:K]  # class, prediction == c, static == c, static exists
+    by_h = hist[8 * K1:10 * K1].view(K1, 2)[:K]  # class, prediction == c
+    counts = torch.stack([
+        by_d[:, :, :, 1].sum((1, 2)),  # overlap: dynamic c where a static label exists
+        by_d[:, :, 1].sum((1, 2)),  # agree (static == c implies it exists)
+        by_d.sum((1, 2, 3)),  # dynamic
+        by_d[:, 1].sum((1, 2)),  # dynamic_pred
+        by_h.sum(1),  # hybrid
+        by_h[:, 1],  # hybrid_pred
+        hist[10 * K1:10 * K1 + K],  # static
+    ]).double()
     top = sims.cosine.float().flatten(2).topk(min(2, K), dim=1).values  # (B, 2, hw)
     best = top[:, 0]
     second = top[:, 1].clamp_min(-1.0) if K > 1 else torch.full_like(best, -1.0)
@@ -180,16 +185,3 @@ def table(summary: dict, class_names) -> str:
     lines.append("| **class mean** | " + " | ".join(f"**{_fmt(summary[f'class_mean_{n}'], n)}**" for n in SIGNALS)
                  + " |")
     return "\n".join(lines)
-
-
-def end_round(run, state: dict, class_names) -> dict:
-    """At a round's end (every rank: the counts are summed over ranks): the round's signals into
-    ``state["metrics"]["signals"]`` (metrics.json) and a per-class table in the log. Returns the entry."""
-    from protocl.distributed import all_reduce_sum_
-
-    counts = all_reduce_sum_(state["signal_counts"].clone())
-    entry = {"round": state["round"], **summarize(counts, run.contrast.target_ema)}
-    state["metrics"].setdefault("signals", []).append(entry)
-    run.log(f"round {state['round']}: label-free reliability signals of the dynamic labels (no target label read; "
-            "higher is more reliable, except inflation; docs/troubleshooting.md):\n" + table(entry, class_names))
-    return entry

@@ -6,7 +6,7 @@ Semantic Segmentation" (ECCV 2022, arXiv 2207.10892), exact to the protocl metho
 """
 
 from ._validation import IGNORE_INDEX, flush_value_checks, set_value_checks, value_checks_enabled
-from .adaptation import BidirectionalContrast, StepOutput
+from .adaptation import BidirectionalContrast, PrototypeSimilarities, StepOutput
 from .calibration import domain_bias_calibrate
 from .contrastive import (
     PixelPrototypeContrastiveLoss,
@@ -47,6 +47,7 @@ __all__ = [
     # orchestrator
     "BidirectionalContrast",
     "StepOutput",
+    "PrototypeSimilarities",
     # label resizing
     "resize_labels",
     "nearest_source_index",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Callable, Iterable, Literal, Optional, Sequence, get_args
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Tuple, TypeVar, get_args
 
 import torch
 from torch import Tensor
@@ -44,11 +44,11 @@ Absent = Literal["mask", "min_similarity"]
 At = Literal["feature", "label"]
 ResizeMode = Literal["nearest", "purity"]
 FuseMode = Literal["fill", "agree", "dynamic_first"]
-REDUCTIONS = get_args(Reduction)
-ABSENT_MODES = get_args(Absent)
-AT_MODES = get_args(At)
-RESIZE_MODES = get_args(ResizeMode)
-FUSE_MODES = get_args(FuseMode)
+REDUCTIONS: Tuple[Reduction, ...] = get_args(Reduction)
+ABSENT_MODES: Tuple[Absent, ...] = get_args(Absent)
+AT_MODES: Tuple[At, ...] = get_args(At)
+RESIZE_MODES: Tuple[ResizeMode, ...] = get_args(ResizeMode)
+FUSE_MODES: Tuple[FuseMode, ...] = get_args(FuseMode)
 
 _VALUE_CHECKS = True
 
@@ -189,13 +189,13 @@ def _remember(t: Tensor, key: tuple) -> None:
 # --------------------------------------------------------------------------------------------------- types
 
 
-def check_tensor(x, name: str) -> Tensor:
+def check_tensor(x: Any, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     return x
 
 
-def check_float_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tensor:
+def check_float_tensor(x: Any, name: str, ndims: Sequence[int], layout: str) -> Tensor:
     check_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating point tensor of shape {layout}, got dtype {x.dtype}")
@@ -203,7 +203,7 @@ def check_float_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tenso
     return x
 
 
-def check_label_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tensor:
+def check_label_tensor(x: Any, name: str, ndims: Sequence[int], layout: str) -> Tensor:
     check_tensor(x, name)
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise TypeError(
@@ -216,7 +216,7 @@ def check_label_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tenso
 LABEL_LAYOUT = "(B, H, W) or (B, 1, H, W)"
 
 
-def label_map(x, name: str) -> Tensor:
+def label_map(x: Any, name: str) -> Tensor:
     """A label map ``(B, H, W)``, or mmseg's ``gt_semantic_seg`` ``(B, 1, H, W)`` returned as the ``(B, H, W)``
     view of it (no copy)."""
     check_label_tensor(x, name, (3, 4), LABEL_LAYOUT)
@@ -230,7 +230,7 @@ def label_map(x, name: str) -> Tensor:
     return x
 
 
-def check_bool_tensor(x, name: str, ndims: Sequence[int], layout: str) -> Tensor:
+def check_bool_tensor(x: Any, name: str, ndims: Sequence[int], layout: str) -> Tensor:
     check_tensor(x, name)
     if x.dtype != torch.bool:
         raise TypeError(f"{name}: expected a bool tensor of shape {layout}, got dtype {x.dtype}")
@@ -250,7 +250,7 @@ def check_dim_size(x: Tensor, dim: int, size: int, name: str, what: str) -> None
         )
 
 
-def shape_equals(shape, expected) -> bool:
+def shape_equals(shape: Sequence[int], expected: Sequence[int]) -> bool:
     """``tuple(shape) == tuple(expected)`` dimension by dimension (tuple ``in``/``==`` misreads symbolic sizes
     under ``torch.compile(dynamic=True)``)."""
     if len(shape) != len(expected):
@@ -258,7 +258,7 @@ def shape_equals(shape, expected) -> bool:
     return all(a == b for a, b in zip(shape, expected))
 
 
-def shape_in(shape, *candidates) -> bool:
+def shape_in(shape: Sequence[int], *candidates: Sequence[int]) -> bool:
     """Whether ``shape`` equals one of ``candidates`` (see :func:`shape_equals`)."""
     return any(shape_equals(shape, c) for c in candidates)
 
@@ -268,7 +268,7 @@ def check_same_device(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
         raise ValueError(f"{name_b}: expected a tensor on {a.device} (the device of {name_a}), got {b.device}")
 
 
-def check_int(value, name: str, minimum: Optional[int] = None) -> int:
+def check_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
@@ -276,20 +276,20 @@ def check_int(value, name: str, minimum: Optional[int] = None) -> int:
     return value
 
 
-def check_real(value, name: str) -> float:
+def check_real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     return float(value)
 
 
-def check_positive(value, name: str) -> float:
+def check_positive(value: Any, name: str) -> float:
     v = check_real(value, name)
     if not v > 0:
         raise ValueError(f"{name}: expected a float > 0, got {value}")
     return v
 
 
-def check_range(value, name: str, low: float, high: float, *, high_inclusive: bool = True) -> float:
+def check_range(value: Any, name: str, low: float, high: float, *, high_inclusive: bool = True) -> float:
     v = check_real(value, name)
     ok = low <= v <= high if high_inclusive else low <= v < high
     if not ok:
@@ -298,15 +298,21 @@ def check_range(value, name: str, low: float, high: float, *, high_inclusive: bo
     return v
 
 
-def check_choice(value, name: str, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        expected = " | ".join(repr(c) for c in choices)
-        raise ValueError(f"{name}: {value!r} is not a valid value; expected {expected}")
-    return value
+_Choice = TypeVar("_Choice", bound=str)
 
 
-def check_size2(value, name: str) -> tuple:
+def check_choice(value: object, name: str, choices: Iterable[_Choice]) -> _Choice:
+    """``value`` if it is one of ``choices`` (typed as the choices' ``Literal``), else ``ValueError``."""
+    options = tuple(choices)
+    if isinstance(value, str):
+        for option in options:
+            if value == option:
+                return option
+    expected = " | ".join(repr(c) for c in options)
+    raise ValueError(f"{name}: {value!r} is not a valid value; expected {expected}")
+
+
+def check_size2(value: Any, name: str) -> Tuple[int, int]:
     if (
         not isinstance(value, (tuple, list, torch.Size))
         or len(value) != 2
@@ -316,15 +322,15 @@ def check_size2(value, name: str) -> tuple:
     return (int(value[0]), int(value[1]))
 
 
-def check_ignore_index(value, name: str = "ignore_index") -> int:
+def check_ignore_index(value: Any, name: str = "ignore_index") -> int:
     return check_int(value, name)
 
 
-def check_reduction(reduction) -> str:
+def check_reduction(reduction: object) -> Reduction:
     return check_choice(reduction, "reduction", REDUCTIONS)
 
 
-def check_bool(value, name: str) -> bool:
+def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
@@ -341,7 +347,7 @@ def channels_last_error(features: Tensor, name: str, why: str) -> ValueError:
     )
 
 
-def _scales_agree(grid, label_size, tolerance: float) -> bool:
+def _scales_agree(grid: Sequence[int], label_size: Sequence[int], tolerance: float) -> bool:
     """Whether a grid ``(a, b)`` scales to the label grid ``(H, W)`` by nearly the same factor on both axes."""
     (a, b), (H, W) = grid, label_size
     if a <= 0 or b <= 0:
@@ -379,7 +385,7 @@ def check_channels(features: Tensor, dim: int, fname: str, what: str) -> None:
         check_dim_size(features, 1, dim, fname, what)
 
 
-def check_features_labels(features, labels, fname: str = "features", lname: str = "labels") -> Tensor:
+def check_features_labels(features: Any, labels: Any, fname: str = "features", lname: str = "labels") -> Tensor:
     """Pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` / ``(B, 1, H, W)`` of one batch, on one device;
     returns the ``(B, H, W)`` labels."""
     check_float_tensor(features, fname, (4,), "(B, D, h, w)")
@@ -394,7 +400,7 @@ def check_features_labels(features, labels, fname: str = "features", lname: str 
     return labels
 
 
-def check_features_prototypes(features, prototypes, valid, fname: str, pname: str) -> tuple:
+def check_features_prototypes(features: Any, prototypes: Any, valid: Any, fname: str, pname: str) -> Tuple[int, int]:
     """Pixel features ``(B, D, h, w)``, prototypes ``(B, K, D)``/``(K, D)`` and ``valid``; returns ``(B, K)``."""
     check_float_tensor(features, fname, (4,), "(B, D, h, w)")
     check_float_tensor(prototypes, pname, (2, 3), "(B, K, D) or (K, D)")
@@ -414,7 +420,7 @@ def check_features_prototypes(features, prototypes, valid, fname: str, pname: st
 
 
 def check_pixel_weights(
-    weights, features: Tensor, labels: Tensor, name: str = "weights", *, per_image: bool = False
+    weights: Any, features: Tensor, labels: Tensor, name: str = "weights", *, per_image: bool = False
 ) -> Tensor:
     """Non-negative pixel weights on the feature grid ``(B, h, w)`` or the label grid ``(B, H, W)`` (a singleton
     channel axis ``(B, 1, ·, ·)`` is squeezed), or with ``per_image`` one weight per image ``(B,)``; returns
@@ -438,7 +444,7 @@ def check_pixel_weights(
     return weights
 
 
-def class_weight_vector(class_weight, num_classes: int, batch: int, fname: str) -> Optional[Tensor]:
+def class_weight_vector(class_weight: Any, num_classes: int, batch: int, fname: str) -> Optional[Tensor]:
     """``class_weight`` as ``(K,)`` or ``(B, K)``; DASS's ``(K, 1)`` column is flattened (it cannot be
     ``(B, K)`` unless K = 1, where both readings are the same)."""
     if class_weight is None:
@@ -488,8 +494,8 @@ def _host_label_violation(labels: Tensor, num_classes: int, ignore_index: int) -
         rest = top - shift if top > 0 else None
         return rest if rest is not None and rest >= num_classes else None
     # ignore_index (outside [0, K)) is an extreme: look at the other ids
-    rest = torch.where(labels == ignore_index, torch.zeros((), dtype=labels.dtype), labels)
-    lo, hi = (int(v) for v in torch.aminmax(rest))
+    others = torch.where(labels == ignore_index, torch.zeros((), dtype=labels.dtype), labels)
+    lo, hi = (int(v) for v in torch.aminmax(others))
     if lo < 0:
         return lo
     return hi if hi >= num_classes else None
@@ -508,7 +514,7 @@ def _deferred(t: Tensor) -> bool:
     return t.is_cuda or (_DEFER_ON_CPU and t.device.type == "cpu")
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str, *, original=None) -> None:
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str, *, original: Optional[Tensor] = None) -> None:
     """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (skipped when off or compiling; on CUDA checked on
     the device and reported later, see the module docstring). ``original``: the tensor the user passed, when
     ``labels`` is a view of it (the cache of checked tensors keys on it)."""

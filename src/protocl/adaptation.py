@@ -13,7 +13,7 @@ r"""The orchestrator: one call per training step of bi-directional contrastive a
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from ._kernels import prototypes as prototype_kernels
 from ._kernels import pseudo_labels as label_kernels
 from ._kernels.cosine import compute_features, feature_inverse_norm
 from ._kernels.reduction import pair_mean, reduce_loss
+from ._kernels.resize import grid_of
 from ._validation import (
     FUSE_MODES,
     IGNORE_INDEX,
@@ -46,27 +47,83 @@ from ._validation import (
 from .contrastive import contrast_settings
 from .prototypes import PrototypeEMA
 
-__all__ = ["BidirectionalContrast", "StepOutput"]
+__all__ = ["BidirectionalContrast", "StepOutput", "PrototypeSimilarities"]
 
 
-class StepOutput(NamedTuple):
-    """What :class:`BidirectionalContrast` returns for one step.
+class PrototypeSimilarities(NamedTuple):
+    r"""The cosines behind one step's dynamic labels :math:`y_D` (``BidirectionalContrast(...,
+    return_similarities=True)``, then ``StepOutput.similarities``); all detached.
 
-    - ``loss``: :math:`\\lambda_{FCL}` FCL + :math:`\\lambda_{BCL}` BCL, a scalar in the graph.
-    - ``fcl``, ``bcl``: the two unweighted terms (in the graph).
-    - ``target_labels``: hybrid labels :math:`y_T` ``(B, H, W)`` at the static labels' size: use them for the
-      target cross-entropy.
-    - ``dynamic_labels``: :math:`y_D` ``(B, H, W)`` at the static labels' size (all ignore when dynamic labels
-      are off).
-    - ``stats``: detached scalar tensors (coverages, agreement, class counts); no host sync.
+    - ``cosine``: cosine of every target feature cell with the paired image's calibrated source prototypes
+      (step 2's :math:`p_{S\to T}`), ``-inf`` where that source image has no prototype of the class; fp32 (fp64
+      for fp64 features). :math:`y_D` is its arg max over classes where the maximum exceeds ``threshold``.
+    - ``prototypes``: those per-image source prototypes (calibrated when ``calibrate=True``, as pooled otherwise),
+      taken with the EMAs as they were before this step's update.
+    - ``valid``: whether source image b has class k (``counts > 0``).
+
+    Shape:
+        - cosine: :math:`(B, K, h, w)` on the target feature grid
+        - prototypes: :math:`(B, K, D)`
+        - valid: :math:`(B, K)` bool
+
+    Example:
+        >>> step = BidirectionalContrast(num_classes=3, dim=4)
+        >>> y_s = torch.tensor([0, 1]).repeat_interleave(8).view(1, 4, 4)  # class 2 absent from the source image
+        >>> f_s, f_t, y_f = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long)
+        >>> out = step(f_s, y_s, f_t, y_f, return_similarities=True)
+        >>> sims = out.similarities
+        >>> sims.valid.tolist(), bool((sims.cosine[0, 2] == float("-inf")).all()), tuple(sims.cosine.shape)
+        ([[True, True, False]], True, (1, 3, 2, 2))
     """
 
+    cosine: Tensor
+    prototypes: Tensor
+    valid: Tensor
+
+
+class _StepFields(NamedTuple):
     loss: Tensor
     fcl: Tensor
     bcl: Tensor
     target_labels: Tensor
     dynamic_labels: Tensor
     stats: Dict[str, Tensor]
+
+
+class StepOutput(_StepFields):
+    r"""What :class:`BidirectionalContrast` returns for one step: a named tuple of six fields,
+    ``loss, fcl, bcl, target_labels, dynamic_labels, stats = out``.
+
+    - ``loss``: :math:`\lambda_{FCL}` FCL + :math:`\lambda_{BCL}` BCL, a scalar in the graph.
+    - ``fcl``, ``bcl``: the two unweighted terms (in the graph).
+    - ``target_labels``: hybrid labels :math:`y_T` ``(B, H, W)`` at the static labels' size: use them for the
+      target cross-entropy.
+    - ``dynamic_labels``: :math:`y_D` ``(B, H, W)`` at the static labels' size (all ignore when dynamic labels
+      are off).
+    - ``stats``: detached scalar tensors (coverages, agreement, class counts); no host sync.
+
+    One attribute besides the six fields (not part of the tuple, so unpacking and ``len`` are unchanged):
+
+    - ``similarities``: a :class:`PrototypeSimilarities` when the step was called with
+      ``return_similarities=True``, else None. ``_replace`` and ``_make`` do not carry it.
+    """
+
+    similarities: Optional[PrototypeSimilarities] = None
+
+    def __new__(
+        cls,
+        loss: Tensor,
+        fcl: Tensor,
+        bcl: Tensor,
+        target_labels: Tensor,
+        dynamic_labels: Tensor,
+        stats: Dict[str, Tensor],
+        similarities: Optional[PrototypeSimilarities] = None,
+    ) -> "StepOutput":
+        self = super().__new__(cls, loss, fcl, bcl, target_labels, dynamic_labels, stats)
+        if similarities is not None:
+            self.similarities = similarities
+        return self
 
 
 class BidirectionalContrast(nn.Module):
@@ -123,12 +180,22 @@ class BidirectionalContrast(nn.Module):
     pixels. ``class_weight`` ``(K,)`` or ``(B, K)`` weights both terms by class (with ``release_compatible``, it
     multiplies the overlap weight). The weights enter the losses only, not the prototypes or the EMAs.
 
+    **The cosines behind the dynamic labels** (``forward(..., return_similarities=True)``): the output's
+    ``similarities`` attribute (a :class:`PrototypeSimilarities`, None by default) hands out the cosine map of the
+    target features to the calibrated per-image source prototypes that :math:`y_D` is the thresholded arg max of,
+    those prototypes and their validity: detached, computed before step 7 moves the EMAs, and without a host
+    sync, for a trainer's label-free signals or target-CE rules that would otherwise recompute them. It costs
+    nothing when not asked (the tensors exist inside the step anyway); with ``dynamic=False`` they are computed for
+    the request alone (one cosine map more). The six fields of :class:`StepOutput` are unchanged.
+
     Shape:
         - source_features, target_features: :math:`(B, D, h, w)` (the two grids may differ)
         - source_labels, static_labels: :math:`(B, H, W)` or mmseg's :math:`(B, 1, H, W)`, int64 (sizes may
           differ); the returned label maps are :math:`(B, H, W)`
         - source_weight, target_weight: :math:`(B, H, W)`, :math:`(B, h, w)` or :math:`(B,)` of their domain
         - class_weight: :math:`(K,)` or :math:`(B, K)`
+        - ``out.similarities``: ``cosine`` :math:`(B, K, h, w)` on the target grid, ``prototypes``
+          :math:`(B, K, D)`, ``valid`` :math:`(B, K)`
 
     Example:
         >>> step = BidirectionalContrast(num_classes=4, dim=8)
@@ -138,6 +205,18 @@ class BidirectionalContrast(nn.Module):
         >>> out.loss.backward()
         >>> out.target_labels.shape, bool(step.source_ema.initialized.all())
         (torch.Size([2, 24, 24]), True)
+        >>> loss, fcl, bcl, target_labels, dynamic_labels, stats = out  # six fields
+        >>> out.similarities is None
+        True
+        >>> out = step(f_s, y_s, f_t, y_f, return_similarities=True)
+        >>> sims = out.similarities
+        >>> sims.cosine.shape, sims.prototypes.shape, sims.valid.shape, sims.cosine.requires_grad
+        (torch.Size([2, 4, 6, 6]), torch.Size([2, 4, 8]), torch.Size([2, 4]), False)
+        >>> best, arg = sims.cosine.max(dim=1)  # y_D on the feature grid: the arg max above the threshold
+        >>> y_d = torch.where(best > step.threshold, arg, 255)
+        >>> from protocl import resize_labels
+        >>> bool((resize_labels(y_d, (24, 24)) == out.dynamic_labels).all())
+        True
     """
 
     def __init__(
@@ -202,14 +281,17 @@ class BidirectionalContrast(nn.Module):
 
     # ------------------------------------------------------------------------------------------- pieces
 
-    def _pool(self, features: Tensor, labels: Tensor):
+    def _pool(self, features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         s = self.settings
         return prototype_kernels.masked_average_pool(
             features, labels, self.num_classes, ignore_index=s.ignore_index, per_image=True, weights=None,
             resize=s.resize, min_purity=s.min_purity,
         )
 
-    def _contrast(self, features, prototypes, labels, valid, class_weight, phi=None, pixel_weight=None) -> Tensor:
+    def _contrast(
+        self, features: Tensor, prototypes: Tensor, labels: Tensor, valid: Tensor, class_weight: Optional[Tensor],
+        phi: Optional[Tensor] = None, pixel_weight: Optional[Tensor] = None,
+    ) -> Tensor:
         loss, weight = contrast_kernels.contrastive_terms(
             features, prototypes, labels, valid, class_weight, self.settings, phi=phi, pixel_weight=pixel_weight
         )
@@ -236,10 +318,12 @@ class BidirectionalContrast(nn.Module):
         source_weight: Optional[Tensor] = None,
         target_weight: Optional[Tensor] = None,
         class_weight: Optional[Tensor] = None,
+        return_similarities: bool = False,
     ) -> StepOutput:
         """Run one step. ``update``: whether step 7 updates the EMAs; None (default) follows ``self.training``
         (BatchNorm's rule: ``.eval()`` freezes them), ``True``/``False`` overrides it for this call. The weights:
-        see the class docstring."""
+        see the class docstring. ``return_similarities=True``: the output's ``similarities`` holds the cosines
+        behind :math:`y_D` (:class:`PrototypeSimilarities`; see the class docstring)."""
         user_s, user_f = source_labels, static_labels
         source_labels = check_features_labels(source_features, source_labels, "source_features", "source_labels")
         static_labels = check_features_labels(target_features, static_labels, "target_features", "static_labels")
@@ -254,6 +338,7 @@ class BidirectionalContrast(nn.Module):
         if update is None:
             update = self.training
         check_bool(update, "update")
+        check_bool(return_similarities, "return_similarities")
         B = source_features.shape[0]
         class_weight = class_weight_vector(class_weight, self.num_classes, B, "source_features")
         if class_weight is not None:
@@ -276,12 +361,18 @@ class BidirectionalContrast(nn.Module):
         valid_s = n_s > 0
         # the target features' inverse norms, shared by the dynamic labels and FCL (one pass over them less)
         phi_t = feature_inverse_norm(compute_features(target_features, p_s), s.eps) if self.dynamic else None
-        if self.dynamic:
+        similarities, cosine = None, None
+        if self.dynamic or return_similarities:  # (with dynamic labels off, computed for the request alone)
             anchors = p_s.detach()
             if self.calibrate:
                 anchors = self.calibrated(anchors)  # 2
-            y_d = label_kernels.dynamic_labels(
-                target_features, anchors, valid_s, self.threshold, ignore, tuple(y_f.shape[-2:]), s.eps, phi_t
+            cosine = label_kernels.prototype_cosine(target_features, anchors, valid_s, s.eps, phi_t)  # (B, K, hw)
+            if return_similarities:
+                grid_t = grid_of(target_features)
+                similarities = PrototypeSimilarities(cosine.unflatten(2, grid_t), anchors, valid_s)
+        if self.dynamic and cosine is not None:
+            y_d = label_kernels.labels_from_cosine(
+                cosine, grid_of(target_features), self.threshold, ignore, grid_of(y_f)
             )  # 3
             y_t = label_kernels.fuse(y_f, y_d, self.fuse, ignore)  # 4
         else:
@@ -292,7 +383,7 @@ class BidirectionalContrast(nn.Module):
 
         weight = class_weight
         if self.release_compatible:  # one class weight for both terms, as the release's single CrossEntropyLoss
-            grid_s, grid_t = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
+            grid_s, grid_t = grid_of(source_features), grid_of(target_features)
             both = contrast_kernels.presence(y_s, grid_s, K, ignore) & contrast_kernels.presence(y_t, grid_t, K, ignore)
             weight = both.to(p_s.dtype) if class_weight is None else both.to(p_s.dtype) * class_weight.to(p_s.dtype)
         proto_s = p_s.detach() if self.detach_prototypes else p_s
@@ -305,10 +396,12 @@ class BidirectionalContrast(nn.Module):
             self.source_ema.update_from(p_s.detach(), n_s)
             self.target_ema.update_from(p_t.detach(), n_t)
         stats = _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore)
-        return StepOutput(loss, fcl, bcl, y_t, y_d, stats)
+        return StepOutput(loss, fcl, bcl, y_t, y_d, stats, similarities)
 
 
-def _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore) -> Dict[str, Tensor]:
+def _statistics(
+    y_f: Tensor, y_d: Tensor, y_t: Tensor, valid_s: Tensor, valid_t: Tensor, fcl: Tensor, bcl: Tensor, ignore: int
+) -> Dict[str, Tensor]:
     """Detached step statistics; counts with ``count_nonzero`` (no int64 copies of the label maps)."""
     labelled_f, labelled_d = y_f != ignore, y_d != ignore
     both = labelled_f & labelled_d

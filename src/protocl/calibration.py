@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor
@@ -16,7 +16,7 @@ __all__ = ["domain_bias_calibrate"]
 EMAOrTensor = Union[Tensor, PrototypeEMA]
 
 
-def _ema_state(ema, initialized: Optional[Tensor], name: str, init_name: str) -> Tuple[Tensor, Optional[Tensor]]:
+def _ema_state(ema: Any, initialized: Optional[Tensor], name: str, init_name: str) -> Tuple[Tensor, Optional[Tensor]]:
     if isinstance(ema, PrototypeEMA):
         if initialized is not None:
             raise ValueError(f"{init_name}: expected None when {name} is a PrototypeEMA (it has its own), got a tensor")

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ def contrast_settings(
     )
 
 
-def prototypes_and_validity(prototypes, valid, pname: str) -> Tuple[Tensor, Optional[Tensor]]:
+def prototypes_and_validity(prototypes: Any, valid: Any, pname: str) -> Tuple[Tensor, Optional[Tensor]]:
     """A :class:`~protocl.PooledPrototypes` gives its prototypes and ``counts > 0`` (then ``valid`` must be None);
     a tensor is returned as is (``valid=None``: inferred from all-zero rows by the kernel)."""
     if isinstance(prototypes, PooledPrototypes):
@@ -87,7 +87,10 @@ def prototypes_and_validity(prototypes, valid, pname: str) -> Tuple[Tensor, Opti
     return prototypes, valid
 
 
-def check_contrast_inputs(features, prototypes, labels, valid, class_weight, names, pixel_weight=None) -> tuple:
+def check_contrast_inputs(
+    features: Any, prototypes: Any, labels: Any, valid: Any, class_weight: Any, names: Tuple[str, str, str],
+    pixel_weight: Any = None,
+) -> Tuple[int, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Validate the tensors of one contrastive term; returns ``(K, labels (B, H, W), class_weight,
     pixel_weight)`` normalised (a ``(B, 1, H, W)`` label map squeezed, a ``(K, 1)`` class weight flattened)."""
     fname, pname, lname = names
@@ -106,7 +109,8 @@ def check_contrast_inputs(features, prototypes, labels, valid, class_weight, nam
 
 
 def _loss(
-    features, prototypes, labels, names, *, valid, class_weight, pixel_weight, reduction, **settings
+    features: Any, prototypes: Any, labels: Any, names: Tuple[str, str, str], *, valid: Any, class_weight: Any,
+    pixel_weight: Any, reduction: Any, **settings: Any
 ) -> Tensor:
     s = contrast_settings(**settings)
     check_reduction(reduction)
@@ -119,7 +123,7 @@ def _loss(
     return kernels.contrastive_loss(features, prototypes, labels, valid, class_weight, s, reduction, pixel_weight)
 
 
-def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS) -> Tensor:
+def cosine_similarity_map(features: Tensor, prototypes: Prototypes, eps: float = EPS) -> Tensor:
     r"""Cosine similarity of every pixel feature with every prototype.
 
     .. math::
@@ -131,7 +135,8 @@ def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float = EPS
 
     Args:
         features: ``Tensor[B, D, h, w]``.
-        prototypes: ``Tensor[B, K, D]`` (paired with image b) or ``Tensor[K, D]`` (shared).
+        prototypes: ``Tensor[B, K, D]`` (paired with image b) or ``Tensor[K, D]`` (shared), or a
+            :class:`~protocl.PooledPrototypes` (its prototypes; absent classes are all-zero rows, cosine 0).
         eps: :math:`\epsilon`, floor of the norms (representable in fp16/bf16).
 
     Returns:
@@ -410,7 +415,7 @@ def bcl_loss(
     )
 
 
-def _overlap_sizes(size) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def _overlap_sizes(size: Any) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """``(h, w)`` for both maps, or ``((h_s, w_s), (h_t, w_t))`` one per map."""
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, (tuple, list, torch.Size)) for v in size):
         return check_size2(size[0], "size[0] (the source grid)"), check_size2(size[1], "size[1] (the target grid)")
@@ -423,7 +428,7 @@ def overlap_class_weight(
     target_labels: Tensor,
     num_classes: int,
     *,
-    size,
+    size: Union[Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]],
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     r"""The release's class weight of FCL and BCL: 1 for classes present in both label maps after nearest resize.

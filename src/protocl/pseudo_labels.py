@@ -6,7 +6,7 @@ The protocl method spec, §3: ``static_pseudo_label``, ``ClassBalancedThresholds
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ __all__ = ["dynamic_pseudo_label", "hybrid_fuse", "static_pseudo_label", "ClassB
 
 def dynamic_pseudo_label(
     target_features: Tensor,
-    prototypes: Tensor,
+    prototypes: Union[Tensor, PooledPrototypes],
     *,
     valid: Optional[Tensor] = None,
     threshold: float = 0.7,
@@ -85,7 +85,8 @@ def dynamic_pseudo_label(
         if valid is not None:
             raise ValueError("valid: expected None when prototypes is a PooledPrototypes (its counts > 0 are the "
                              "validity), got a tensor")
-        prototypes, valid = prototypes.prototypes, prototypes.counts > 0
+        valid = prototypes.counts > 0
+        prototypes = prototypes.prototypes
     check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
     if valid is None:
         valid = prototypes.detach().ne(0).any(-1)
@@ -266,7 +267,7 @@ class ClassBalancedThresholds(nn.Module):
         # (a loaded state_dict counts as seen)
         self._seen = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._seen = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._kernels import resize as kernels
+from ._kernels.resize import DeviceLike
 from ._validation import (
     IGNORE_INDEX,
     MIN_PURITY,
@@ -46,7 +47,7 @@ from ._validation import (
 __all__ = ["resize_labels", "nearest_source_index", "label_histogram"]
 
 
-def nearest_source_index(out_size: int, in_size: int, device=None, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def nearest_source_index(out_size: int, in_size: int, device: DeviceLike = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
     r"""Input index read by each output index under ``F.interpolate(mode="nearest")``.
 
     .. math::

@@ -14,7 +14,7 @@ from .._validation import EPS, IGNORE_INDEX, MIN_PURITY, Absent, At, Reduction, 
 from .cosine import compute_features, cosine
 from .dtypes import no_autocast
 from .reduction import reduce_loss
-from .resize import cell_index, known_labels, label_histogram, resize_labels, upsample_rule
+from .resize import cell_index, grid_of, known_labels, label_histogram, resize_labels, upsample_rule
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def log_probs(
     return torch.log_softmax(torch.where(keep, z, fill), dim=1)
 
 
-def class_weights(valid: Tensor, class_weight: Optional[Tensor], absent: Absent, dtype) -> Tensor:
+def class_weights(valid: Tensor, class_weight: Optional[Tensor], absent: Absent, dtype: torch.dtype) -> Tensor:
     """Weight of a pixel of class k in image b: ``(B, K)``, 0 for classes that do not contribute."""
     w = torch.ones(valid.shape, dtype=dtype, device=valid.device)
     if class_weight is not None:
@@ -111,7 +111,8 @@ def _terms_by_histogram(
 
 
 def _pixel_weight_at(
-    pixel_weight: Optional[Tensor], grid: Tuple[int, int], other: Tuple[int, int], rule: torch.dtype, dtype
+    pixel_weight: Optional[Tensor], grid: Tuple[int, int], other: Tuple[int, int], rule: torch.dtype,
+    dtype: torch.dtype,
 ) -> Optional[Tensor]:
     """The pixel weight ``(B,)``/``(B, ·, ·)`` on ``grid`` (``(B, 1, 1)`` for per-image weights): taken as is
     when it is on ``grid``, else resized from ``other`` by nearest neighbour (``rule``), detached, in ``dtype``."""
@@ -152,8 +153,8 @@ def contrastive_terms(
     if valid is None:
         valid = prototypes.detach().ne(0).any(-1)  # (b) k: a zero vector has no direction
     valid = valid.expand(B, K)
-    grid = tuple(features.shape[-2:])
-    label_size = tuple(labels.shape[-2:])
+    grid = grid_of(features)
+    label_size = grid_of(labels)
     with no_autocast(features):
         logp = log_probs(features, prototypes, valid, s, phi)
         cw = class_weights(valid, None if class_weight is None else class_weight.expand(B, K), s.absent, logp.dtype)

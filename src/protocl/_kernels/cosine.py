@@ -22,7 +22,7 @@ Autograd's generic form of the same maths runs about ten elementwise passes over
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -64,7 +64,7 @@ class _Cosine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, p: Tensor, phi: Tensor, rho: Tensor, eps: float) -> Tensor:
+    def forward(ctx: Any, features: Tensor, p: Tensor, phi: Tensor, rho: Tensor, eps: float) -> Tensor:
         f = features.reshape(features.shape[0], features.shape[1], -1)  # b d (h w), a view when contiguous
         s = torch.matmul(p, f)  # (b) k d @ b d n -> b k n
         s.mul_(rho[..., None]).mul_(phi[:, None, :])
@@ -74,7 +74,7 @@ class _Cosine(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None]:
         features, p, phi, rho, s = ctx.saved_tensors
         eps = ctx.eps
         B, D = features.shape[:2]

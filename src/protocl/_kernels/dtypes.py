@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float32
 
 
-def no_autocast(t: Tensor):
+def no_autocast(t: Tensor) -> ContextManager[object]:
     """Context that turns autocast off on ``t``'s device, so protocl's maths runs in fp32/fp64."""
     if t.device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=t.device.type, enabled=False)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from .._validation import ResizeMode
 from .dtypes import compute_dtype, no_autocast
-from .resize import nearest_gather, resize_labels
+from .resize import grid_of, nearest_gather, resize_labels
 
 
 class _ClassSums(torch.autograd.Function):
@@ -25,7 +25,7 @@ class _ClassSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, member: Tensor) -> Tensor:
+    def forward(ctx: Any, features: Tensor, member: Tensor) -> Tensor:
         ctx.save_for_backward(member)
         ctx.shape = features.shape
         f = features.reshape(features.shape[0], features.shape[1], -1)
@@ -33,7 +33,7 @@ class _ClassSums(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> Tuple[Tensor, None]:
         (member,) = ctx.saved_tensors
         grad = torch.empty(ctx.shape, dtype=g.dtype, device=g.device)
         torch.bmm(g.transpose(1, 2), member, out=grad.view(g.shape[0], g.shape[2], -1))  # b d k @ b k n
@@ -80,7 +80,7 @@ def class_sums(
 ) -> Tuple[Tensor, Tensor]:
     """Per-image class sums ``(B, K, D)`` and counts ``(B, K)`` of features ``(B, D, h, w)`` under labels
     ``(B, H, W)`` resized to the feature grid; ``weights`` on the feature or the label grid."""
-    grid = tuple(features.shape[-2:])
+    grid = grid_of(features)
     y = resize_labels(labels.long(), grid, resize, num_classes, ignore_index, min_purity)
     if weights is not None and tuple(weights.shape[-2:]) != grid:
         weights = nearest_gather(weights, grid)

@@ -13,9 +13,43 @@ from torch import Tensor
 from .._validation import FuseMode
 from .cosine import compute_features, cosine
 from .dtypes import no_autocast, upcast
-from .resize import resize_labels, upsample_labels
+from .resize import DeviceLike, grid_of, resize_labels, upsample_labels
 
 # ------------------------------------------------------------------------------------------------ dynamic
+
+
+def prototype_cosine(
+    features: Tensor, prototypes: Tensor, valid: Optional[Tensor], eps: float, phi: Optional[Tensor] = None
+) -> Tensor:
+    """Cosine ``(B, K, h*w)`` of the features with the prototypes in the compute dtype, ``-inf`` where ``valid``
+    is False (no gradient; ``phi`` reuses the features' inverse norms): what the dynamic labels are taken from."""
+    B = features.shape[0]
+    K = prototypes.shape[-2]
+    with torch.no_grad(), no_autocast(features):
+        f = compute_features(features.detach(), prototypes)
+        s = cosine(f, prototypes.detach().to(f.dtype), eps, phi)  # b k n
+        if valid is not None:
+            s = torch.where(valid.expand(B, K)[:, :, None], s, torch.full_like(s, -math.inf))
+    return s
+
+
+def labels_from_cosine(
+    s: Tensor, grid: Tuple[int, int], threshold: float, ignore_index: int, size: Optional[Tuple[int, int]]
+) -> Tensor:
+    """Arg max of a cosine ``(B, K, h*w)`` where it exceeds ``threshold``, else ignore: ``(B, h, w)`` on the
+    feature ``grid``, or nearest-resized to ``size`` ``(B, H, W)``, int64."""
+    K = s.shape[1]
+    h, w = grid
+    with torch.no_grad():
+        best, arg = s.max(dim=1)  # b n
+        labels = torch.where(best > threshold, arg, torch.full_like(arg, ignore_index))
+        labels = rearrange(labels, "b (h w) -> b h w", h=h, w=w)
+        if size is not None and tuple(labels.shape[-2:]) != tuple(size):
+            if size[0] * size[1] > h * w and K <= 256 and 0 <= ignore_index <= 255:
+                labels = upsample_labels(labels, size, torch.uint8)  # ids fit a byte: a quarter of the traffic
+            else:
+                labels = resize_labels(labels, size, "nearest", K, ignore_index)
+    return labels
 
 
 def dynamic_labels(
@@ -30,29 +64,14 @@ def dynamic_labels(
 ) -> Tensor:
     """Arg max of the cosine over valid prototypes where it exceeds ``threshold``, else ignore: ``(B, h, w)`` or
     ``(B, H, W)`` int64 (no gradient; ``phi`` reuses the features' inverse norms)."""
-    B = features.shape[0]
-    K = prototypes.shape[-2]
-    h, w = features.shape[-2:]
-    with torch.no_grad(), no_autocast(features):
-        f = compute_features(features.detach(), prototypes)
-        s = cosine(f, prototypes.detach().to(f.dtype), eps, phi)  # b k n
-        if valid is not None:
-            s = torch.where(valid.expand(B, K)[:, :, None], s, torch.full_like(s, -math.inf))
-        best, arg = s.max(dim=1)  # b n
-        labels = torch.where(best > threshold, arg, torch.full_like(arg, ignore_index))
-        labels = rearrange(labels, "b (h w) -> b h w", h=h, w=w)
-        if size is not None and tuple(labels.shape[-2:]) != tuple(size):
-            if size[0] * size[1] > h * w and K <= 256 and 0 <= ignore_index <= 255:
-                labels = upsample_labels(labels, size, torch.uint8)  # ids fit a byte: a quarter of the traffic
-            else:
-                labels = resize_labels(labels, size, "nearest", K, ignore_index)
-    return labels
+    s = prototype_cosine(features, prototypes, valid, eps, phi)
+    return labels_from_cosine(s, grid_of(features), threshold, ignore_index, size)
 
 
 def fuse(static: Tensor, dynamic: Tensor, mode: FuseMode, ignore_index: int) -> Tensor:
     """Hybrid labels at the static labels' size (``dynamic`` nearest-resized to it)."""
     y_f = static.long()
-    y_d = resize_labels(dynamic.long(), tuple(y_f.shape[-2:]), "nearest", None, ignore_index)
+    y_d = resize_labels(dynamic.long(), grid_of(y_f), "nearest", None, ignore_index)
     if mode == "fill":
         return torch.where(y_f != ignore_index, y_f, y_d)
     if mode == "dynamic_first":
@@ -104,7 +123,7 @@ _BODY_SHARE = 0.4
 _S_MAX = 36.0
 
 
-def bin_edges(bins: int, device=None) -> Tensor:
+def bin_edges(bins: int, device: DeviceLike = None) -> Tensor:
     r"""Lower edges of the confidence bins of :class:`protocl.ClassBalancedThresholds`: ``Tensor[bins]`` float64.
 
     .. math::

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -12,8 +12,15 @@ from torch import Tensor
 
 from .._validation import IGNORE_INDEX, MIN_PURITY, ResizeMode
 
+DeviceLike = Union[torch.device, str, int, None]  # what ``device=`` of a tensor factory takes
 
-def source_index(out_size: int, in_size: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+
+def grid_of(x: Tensor) -> Tuple[int, int]:
+    """The last two sizes of ``x`` (its spatial grid ``(h, w)``), as a pair (symbolic under dynamic shapes)."""
+    return x.shape[-2], x.shape[-1]
+
+
+def source_index(out_size: int, in_size: int, device: DeviceLike = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Input index read by each output index under ``F.interpolate(mode="nearest")``: ``Tensor[out_size]`` int64.
 
     ``dtype=float32`` (the rule of every dtype but float64, and of float64 on CUDA):
@@ -35,7 +42,7 @@ def source_index(out_size: int, in_size: int, device=None, dtype: torch.dtype = 
     return src.floor().to(torch.int64).clamp_max(in_size - 1)
 
 
-def upsample_rule(out_size: Tuple[int, int], device, dtype: torch.dtype) -> torch.dtype:
+def upsample_rule(out_size: Tuple[int, int], device: DeviceLike, dtype: torch.dtype) -> torch.dtype:
     """The index rule ``F.interpolate(x, out_size, mode="nearest")`` uses for a contiguous ``(B, K, h, w)`` map
     of ``dtype`` on ``device``: float64 only for float64 on CPU when ``H + W > 128`` (PyTorch's generic kernel;
     smaller outputs go to its vectorised kernel, and CUDA always computes in float32), else float32."""
@@ -46,7 +53,7 @@ def upsample_rule(out_size: Tuple[int, int], device, dtype: torch.dtype) -> torc
 
 
 def cell_index(
-    label_size: Tuple[int, int], grid_size: Tuple[int, int], device, dtype: torch.dtype = torch.float32
+    label_size: Tuple[int, int], grid_size: Tuple[int, int], device: DeviceLike, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """For every label pixel, the flat index of the feature cell that nearest upsampling reads: ``(H, W)``.
 
@@ -142,6 +149,8 @@ def resize_labels(
         if h * w > H * W:
             return upsample_labels(labels, (h, w), torch.float32)
         return nearest_gather(labels, (h, w))
+    if num_classes is None:  # the public functions check it; a kernel caller that forgets gets this
+        raise ValueError("num_classes: expected an int >= 1 for mode='purity', got None")
     hist = label_histogram(labels, (h, w), num_classes, ignore_index)  # (B, K, h, w)
     # pixels per cell, ignored ones included: separable product of row and column coverage
     rows = _coverage(source_index(H, h, labels.device), h)
