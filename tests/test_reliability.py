@@ -256,7 +256,7 @@ def test_skip_in_evaluation_leaves_the_sample_out(roots):
 
 
 def test_workers_ignore_stop_signals():
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, signal, sys
         from uda.stream import ignore_stop_signals
         ignore_stop_signals(0)

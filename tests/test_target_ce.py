@@ -60,7 +60,7 @@ def test_full_margin_keeps_only_static_labels_in_the_target_ce(tmp_path):
 
     _train(run, step)
     assert seen
-    for static, ce_labels, dynamic in seen:
+    for static, ce_labels, _ in seen:
         assert torch.equal(ce_labels, static)
     assert any(((s == IG) & (d != IG)).any() for s, _, d in seen), "no dynamic fill-in to drop: the test is void"
 

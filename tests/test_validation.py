@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import protocl
+from protocl import _validation  # the deferral's CPU rehearsal switch and the label-map view (issue 18)
 from protocl import (
     BidirectionalContrast,
     ClassBalancedThresholds,
@@ -275,7 +276,6 @@ def test_no_assert_statements_reach_the_user():
 
 
 # ------------------------------------------------------------------------------------------------ issue 18
-from protocl import _validation  # the deferral's CPU rehearsal switch and the label-map view
 
 Y4 = Y[:, None]  # mmseg's gt_semantic_seg layout (B, 1, H, W)
 

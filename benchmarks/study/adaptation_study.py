@@ -338,7 +338,7 @@ def decision_table(results: dict, seeds: list[int]) -> str:
     lines = ["| candidate | " + " | ".join(results) + " | qualifies |", "| --- |" + " ---: |" * len(results) + " :---: |"]
     for cand in CANDIDATES:
         cells, ok = [], True
-        for shift, per_seed in results.items():
+        for per_seed in results.values():
             full = [per_seed.get(s, {}).get("full") for s in seeds]
             mine = [per_seed.get(s, {}).get(cand) for s in seeds]
             if not all(full) or not all(mine):

@@ -129,8 +129,8 @@ def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
 def _texture(cls: int, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A full (h, w, 3) layer of class ``cls``'s real texture (daylight colours)."""
     if cls in PHOTO_CROPS:
-        name, (l, t, r, b) = PHOTO_CROPS[cls]
-        return _window(rng, _image(name)[t:b, l:r], h, w, 1.0 if cls != SKY else 0.6)
+        name, (left, t, r, b) = PHOTO_CROPS[cls]
+        return _window(rng, _image(name)[t:b, left:r], h, w, 1.0 if cls != SKY else 0.6)
     name, colour, zoom = GRAY_TEXTURES[cls]
     gray = _window(rng, _image(name), h, w, zoom)[..., :1]
     return np.asarray(colour, np.float32) * np.clip(gray / max(1.0, float(gray.mean())), 0.2, 2.5)

@@ -1,13 +1,31 @@
-"""Modules of the GTA5 -> Cityscapes reference pipeline; its loop is ``examples/train_gta2cs.py``.
+"""The reference pipeline's package (unsupervised domain adaptation, every benchmark); its loop is
+``examples/train_gta2cs.py``. One module per job, no module imports back one that imports it:
 
-Modules: :mod:`options` (the command line: parsing only), :mod:`run` (``setup``: the one way to build a run;
-the round's figure and diagnostics; ``finish``), :mod:`model` (DeepLab-V2 ResNet-101 and a tiny CNN),
-:mod:`classes` (class tables and the palette), :mod:`labels` (label decoding, one path for every layout),
-:mod:`datasets` (one lister per dataset and the registry), :mod:`loading` (torch datasets and transforms),
-:mod:`stream` (the batch stream), :mod:`scenes` and :mod:`demo` (the demo's scenes and every demo-data writer),
-:mod:`evaluate` (confusion matrix and mIoU),
-:mod:`diagnostics` (per-class pseudo-label diagnostics), :mod:`figures` (pseudo-label panels and curves),
-:mod:`checkpoint` (atomic checkpoints, safe loading and RNG states), :mod:`preflight` (the data check before
-training), :mod:`runtime` (stop requests, the non-finite guard, the output folder, ``--resume auto``) and
-:mod:`dist` (torch.distributed set-up).
+- :mod:`options` — the command line: parsing only, per-architecture defaults, the one size parser
+- :mod:`run` — ``setup``: the one way to build a :class:`~uda.run.Run` (data, model, orchestrator, optimizer, log)
+- :mod:`state` — the checkpoint dict, start/resume/``--source-checkpoint``, phases, the loop's reliability points
+- :mod:`report` — evaluation, the log point, the end of a round, ``finish`` (metrics.json, the last line)
+- :mod:`static_labels` — a round's static pseudo labels over the whole target train split
+- :mod:`signals` — label-free reliability signals of the target labels (from the orchestrator's own output)
+- :mod:`target_ce` — ``--target-ce``: which labels the target cross-entropy trains on
+- :mod:`score` — label-free scores of a whole model on the target (SND, entropy, prototype margin, ...)
+- :mod:`diagnostics` — per-class pseudo-label diagnostics against ground truth (``--diagnostics``)
+- :mod:`evaluate` — confusion matrix, per-class IoU, mIoU, the IoU table
+- :mod:`figures` — pseudo-label panels and training curves
+- :mod:`model` — DeepLab-V2 ResNet-101 and the tiny CNN
+- :mod:`network` — the network description a checkpoint carries beside its weights
+- :mod:`weight_files` — what a weights file is, told from its structure (torchvision, DeepLab init, peers)
+- :mod:`weights` — loading weights into a network: ``--init``, ``--source-checkpoint``, ``--resume``, predict
+- :mod:`inference` — predictions of a checkpoint on a folder or a split (``examples/predict.py``)
+- :mod:`classes` — class tables (one per label space) and the one palette
+- :mod:`labels` — decoding images and labels, one path for every layout
+- :mod:`datasets` — one lister per dataset (``datasets/<name>.py``) and the registry of sources and targets
+- :mod:`loading` — the torch datasets (train, eval, pseudo-label pass) and their transforms
+- :mod:`stream` — the resumable, sharded batch stream and the DataLoader workers' signal handling
+- :mod:`scenes` — the demo's street scenes and the renderings of its two domains
+- :mod:`demo` — every writer of demo data (``python -m uda.demo`` from ``examples/``)
+- :mod:`preflight` — the data check before training
+- :mod:`checkpoint` — atomic checkpoint files, safe loading, RNG states
+- :mod:`runtime` — stop requests, the non-finite guard, the output folder, ``--resume auto``
+- :mod:`dist` — torch.distributed set-up
 """
