@@ -27,8 +27,13 @@ static pseudo labels of the whole target train split at the start of each round;
 No step synchronises with the host: losses and statistics stay on the device until the log point (every
 ``--log-every`` steps); protocl's value checks run on the first step of each stage and round only. A long run
 (docs/reproduce.md): safe loading, a pre-flight data check, ``--on-bad-sample``, SIGTERM/SIGUSR1 -> checkpoint
-and exit 75, ``--resume auto``, a non-finite guard. The last line printed is
-``target mIoU: source-only X.XX -> adapted Y.YY`` (docs/examples.md).
+and exit 75, ``--resume auto``, a non-finite guard.
+
+Round decisions (``--round-decisions score``, the default; :mod:`uda.decisions`): a round is kept only if a
+label-free score of the model on the target did not fall; an undone round's start is restored and its budget spent
+on source-only steps (:func:`fallback_round`); the best-scored model is delivered. ``off`` is the paper's behaviour.
+The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY (kept rounds ... of R; label-free score
+...)`` (docs/examples.md, docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from uda import checkpoint, diagnostics, dist, runtime, signals
+from uda import checkpoint, decisions, diagnostics, dist, runtime, signals
 from uda.options import parse_args
 from uda.report import end_round, evaluate, finish, log_point
 from uda.run import Run, forward, setup
@@ -51,7 +56,7 @@ import protocl
 from protocl import IGNORE_INDEX
 
 __all__ = ["main", "setup", "start", "train", "train_source", "end_source", "make_static_labels", "adapt_round",
-           "adapt_step", "source_step", "train_control", "finish"]
+           "adapt_step", "source_step", "source_round", "train_control", "fallback_round", "finish"]
 
 StepContext = Callable[[str, bool], contextlib.AbstractContextManager]  # (kind, checked) -> context manager
 
@@ -128,13 +133,13 @@ def step_scope(run: Run, kind: str, first: bool, step_context: StepContext | Non
         yield
 
 
-def end_iteration(run: Run, state: dict, total: int, sums: dict[str, Tensor]) -> None:
+def end_iteration(run: Run, state: dict, total: int, sums: dict[str, Tensor], kind: str | None = None) -> None:
     """After a step: the counters, the log point, the periodic checkpoint, the stop point."""
     a = run.args
     state["iteration"] += 1
     state["step"] += 1
     if state["iteration"] % a.log_every == 0 or state["iteration"] == total:
-        log_point(run, state, state["phase"], sums)
+        log_point(run, state, kind or state["phase"], sums)
     if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < total:
         if state["phase"] == "source" and a.stage1_best_on_target_val:
             keep_if_best(run, state)
@@ -199,6 +204,8 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
     ``until`` (default: the round's end, then its evaluation, reports and a checkpoint). ``step(run, src, tgt)``
     is the training step (default :func:`adapt_step`; studies pass their own)."""
     a, sums, first, last = run.args, {}, True, None
+    if decisions.enabled(run) and state["iteration"] == 0:  # --round-decisions: the round's start is kept
+        decisions.begin_round(run, state)  # (the first time, the source model is scored)
     while state["iteration"] < min(until or a.round_iters, a.round_iters):
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
         src, tgt = next_batch(run, state, run.source_stream), next_batch(run, state, run.target_stream)
@@ -218,6 +225,10 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
         return
     result = evaluate(run, state, f"adapted round {state['round']}")
     end_round(run, state, result, last)
+    if decisions.enabled(run) and not decisions.decide(run, state):  # undone: source-only steps next (train)
+        state["iteration"] = 0
+        save(run, state)
+        return
     state["round"], state["iteration"] = state["round"] + 1, 0
     if state["round"] < a.rounds:
         save(run, state)
@@ -226,27 +237,45 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
 
 
 # ---------------------------------------------------------------------------------------------- the control
+def source_round(run: Run, state: dict, kind: str, step_context: StepContext | None = None) -> dict:
+    """A round's budget as source-only steps with the round's schedule (lr halved each round, poly within), from
+    ``state["iteration"]``, then its evaluation; the round counter moves on. ``kind``: "control" (the
+    same-budget control) or "fallback" (a round undone by ``--round-decisions``). Returns the evaluation."""
+    a, sums, first = run.args, {}, True
+    while state["iteration"] < a.round_iters:
+        set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
+        src = next_batch(run, state, run.source_stream)  # no target batch
+        with step_scope(run, kind, first, step_context):
+            stats = source_step(run, src)
+            accumulate(sums, stats)
+            watch(run, state, stats)
+        first = False
+        end_iteration(run, state, a.round_iters, sums, kind)
+    result = evaluate(run, state, f"{kind} round {state['round']}")
+    state["round"], state["iteration"] = state["round"] + 1, 0
+    return result
+
+
 def train_control(run: Run, state: dict, *, step_context: StepContext | None = None) -> None:
     """``--control``: source-only training from ``source_only.pt`` for stage 2's budget and schedule (rounds of
     ``--round-iters``, lr halved each round): what the adapted model must beat (docs/examples.md)."""
-    a = run.args
-    while state["round"] < a.rounds:
-        sums, first = {}, True
-        while state["iteration"] < a.round_iters:
-            set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
-            src = next_batch(run, state, run.source_stream)  # the control never looks at the target
-            with step_scope(run, "control", first, step_context):
-                stats = source_step(run, src)
-                accumulate(sums, stats)
-                watch(run, state, stats)
-            first = False
-            end_iteration(run, state, a.round_iters, sums)
-        result = evaluate(run, state, f"control round {state['round']}")
-        state["round"], state["iteration"] = state["round"] + 1, 0
-        if state["round"] < a.rounds:
+    while state["round"] < run.args.rounds:
+        result = source_round(run, state, "control", step_context)
+        if state["round"] < run.args.rounds:
             save(run, state)
         else:
             state["metrics"]["source_only_continued"] = result
+
+
+def fallback_round(run: Run, state: dict, step_context: StepContext | None = None) -> None:
+    """``--round-decisions score``: the budget of a round that was undone, as source-only steps from its start."""
+    result = source_round(run, state, "fallback", step_context)
+    decisions.end_fallback(run, state, result["miou"])
+    state["fallback"] = False
+    if state["round"] < run.args.rounds:
+        save(run, state)
+    else:
+        state["metrics"]["adapted"] = result
 
 
 def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: StepContext | None = None) -> None:
@@ -255,9 +284,14 @@ def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: S
         train_source(run, state, step_context=step_context)
         end_source(run, state)
     while state["phase"] == "adapt" and state["round"] < run.args.rounds:
+        if state["fallback"]:  # --round-decisions: the round was undone
+            fallback_round(run, state, step_context)
+            continue
         state["thresholds"] = make_static_labels(run, state["round"])
         adapt_round(run, state, step=step, step_context=step_context)
     if state["phase"] == "adapt":
+        if decisions.enabled(run) and decisions.deliver(run, state):  # the best-scored model, not the last
+            state["metrics"]["adapted"] = evaluate(run, state, "adapted (the best-scored model)")
         check_finite(run, state)
         save_model(run, "adapted.pt")
         begin_phase(run, state, "control" if run.args.control else "done")

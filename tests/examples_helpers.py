@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import train_gta2cs
 from uda import options
+from uda import decisions
 from uda.demo import write_demo_dataset
 
 import protocl
@@ -92,3 +93,12 @@ def assert_same_state(a, b, where: str = "") -> None:
         assert isinstance(b, float) and b != b, f"{where}: NaN != {b}"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def expected_last_line(metrics: dict, key: str = "miou") -> str:
+    """The run's last line from its metrics.json: ``target mIoU: source-only X -> adapted Y`` and, with round
+    decisions (the default), which rounds were kept (:func:`uda.decisions.summary`)."""
+    line = f"target mIoU: source-only {metrics['source_only'][key]:.2f} -> adapted {metrics['adapted'][key]:.2f}"
+    if "round_decisions" in metrics:
+        line += f" ({decisions.summary(metrics['round_decisions'], metrics['config']['rounds'])})"
+    return line

@@ -14,6 +14,7 @@ from examples_helpers import (
     TINY_RUN,
     assert_same_state,
     crash_after,
+    expected_last_line,
     load_checkpoint,
     train_with,
     write_fixture,
@@ -275,8 +276,7 @@ def test_pipeline_outputs(full_run, fixture_roots):
     log = (out / "log.txt").read_text().strip().splitlines()
     assert any("it/s" in line and "eta" in line and "coverage" in line for line in log)
     assert "diagnostics" not in metrics and not any("target GT" in line for line in log)  # off off the demo
-    so, ad = metrics["source_only"]["miou"], metrics["adapted"]["miou"]
-    assert log[-1] == f"target mIoU: source-only {so:.2f} -> adapted {ad:.2f}"
+    assert log[-1] == expected_last_line(metrics)
 
 
 def test_last_printed_line(fixture_roots, tmp_path, capsys):
@@ -287,8 +287,7 @@ def test_last_printed_line(fixture_roots, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (tmp_path / "source_best.pt").is_file() and "source_only_continued" in metrics
     assert any(line.startswith("source-only trained for the same total iterations") for line in lines)
-    assert lines[-1] == (f"target mIoU: source-only {metrics['source_only']['miou']:.2f} -> adapted "
-                         f"{metrics['adapted']['miou']:.2f}")
+    assert lines[-1] == expected_last_line(metrics)
 
 
 def test_deeplabv2_pipeline_smoke(fixture_roots, tmp_path, capsys):

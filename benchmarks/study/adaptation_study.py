@@ -65,21 +65,24 @@ K = len(CITYSCAPES_NAMES)
 DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its source in the GTA5 / SYNTHIA layout
 SHIFT_NAMES = (*DEMOS, *SHIFTS)
 # variant -> (pipeline options, dynamic-label gate of the target CE or None)
+PAPER = ["--round-decisions", "off"]  # the paper's rounds: every round kept, the last model delivered
 VARIANTS = {
-    "full": (["--control"], None),
-    "gated": (["--no-control"], "prediction"),
-    "threshold_0.95": (["--no-control", "--threshold", "0.95"], None),
-    "agreement": (["--no-control"], "agreement"),
-    "either": (["--no-control"], "either"),
-    "no_contrastive": (["--no-control", "--no-contrastive"], None),
-    "no_dynamic": (["--no-control", "--no-dynamic"], None),
-    "no_calibration": (["--no-control", "--no-calibration"], None),
-    "static_only": (["--no-control", "--no-dynamic", "--no-contrastive"], None),
+    "full": (["--control", *PAPER], None),
+    "gated": (["--no-control", *PAPER], "prediction"),
+    "threshold_0.95": (["--no-control", *PAPER, "--threshold", "0.95"], None),
+    "agreement": (["--no-control", *PAPER], "agreement"),
+    "either": (["--no-control", *PAPER], "either"),
+    "no_contrastive": (["--no-control", *PAPER, "--no-contrastive"], None),
+    "no_dynamic": (["--no-control", *PAPER, "--no-dynamic"], None),
+    "no_calibration": (["--no-control", *PAPER, "--no-calibration"], None),
+    "static_only": (["--no-control", *PAPER, "--no-dynamic", "--no-contrastive"], None),
     # issue 20's candidate fixes (benchmarks.study.gates): the target CE's labels only
-    "hires": (["--no-control"], "hires"),
-    "margin": (["--no-control"], "margin"),
-    "class_off": (["--no-control"], "class_off"),
-    "hires_margin": (["--no-control"], "hires_margin"),
+    "hires": (["--no-control", *PAPER], "hires"),
+    "margin": (["--no-control", *PAPER], "margin"),
+    "class_off": (["--no-control", *PAPER], "class_off"),
+    "hires_margin": (["--no-control", *PAPER], "hires_margin"),
+    # issue 27: round decisions by the label-free score (uda.decisions)
+    "decide": (["--no-control", "--round-decisions", "score"], None),
 }
 
 
@@ -166,6 +169,8 @@ def stage2(shift: str, seed: int, work: Path, variant: str, tag: str, source: di
     if "source_only_continued" in metrics:
         result["control"] = metrics["source_only_continued"]["miou"]
         result["control_iou"] = metrics["source_only_continued"]["iou"]
+    if "round_decisions" in metrics:  # --round-decisions: the score per round and what was kept
+        result["round_decisions"] = metrics["round_decisions"]
     result["labels_train_crops"] = metrics.get("diagnostics", [])  # per round: the pipeline's --diagnostics
     result["signals"] = [  # per round: the label-free signals (uda.signals) and each class's dynamic pixels
         {**entry, "dynamic_pixels": entry["counts"]["dynamic"]} for entry in metrics.get("signals", [])]
@@ -190,6 +195,7 @@ LABELS = {
     "hires": "`hires`: dynamic labels at label resolution", "margin": "`margin`: margin ≥ 0.05 rejection",
     "class_off": "`class_off`: a class's dynamic labels off below 50 % agreement",
     "hires_margin": "`hires_margin`: `hires` + margin ≥ 0.05 at label resolution",
+    "decide": "`--round-decisions score`: a round kept only if `flip_agreement` did not fall",
 }
 
 

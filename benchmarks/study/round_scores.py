@@ -70,7 +70,7 @@ def run_one(shift: str, seed: int, work: Path, source_iters: int, subset: int, s
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts again
     argv = [source_flag(shift), gta, "--cityscapes-root", cs, "--arch", "tiny", "--seed", str(seed), "--out",
             str(out), "--source-checkpoint", info["checkpoint"], "--source-iters", str(source_iters),
-            "--no-control", "--threads", "1"]
+            "--no-control", "--round-decisions", "off", "--threads", "1"]
     t1 = time.time()
     run = train_gta2cs.setup(options.parse_args(argv))
     state = train_gta2cs.start(run)

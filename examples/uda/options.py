@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint with a 'model' entry, or a peer's Res_Deeplab / DeeplabMulti state dict with "
                         "--peer-classifier); the network is the one the file needs; the same-budget control starts "
                         "from them too")
+    t.add_argument("--round-decisions", choices=("off", "score"), default="score",
+                   help="score (default): keep a stage-2 round only if the label-free --round-score of the model on "
+                        "the target did not fall; otherwise restore the round's start, spend its budget on "
+                        "source-only steps, and deliver the best-scored model (docs/troubleshooting.md). off: the "
+                        "paper's behaviour (every round kept, the last model delivered)")
+    t.add_argument("--round-score", default="flip_agreement",
+                   choices=("flip_agreement", "neg_entropy", "proto_agreement", "proto_margin", "snd"),
+                   help="the label-free score of --round-decisions (uda.score; validated in docs/examples.md)")
+    t.add_argument("--score-images", type=int, default=64,
+                   help="--round-decisions: score on the first N target-train images (no label is read)")
     t.add_argument("--stage1-best-on-target-val", action="store_true",
                    help="the release's stage-1 selection: keep the stage-1 checkpoint with the best target-val mIoU "
                         "(evaluated every --ckpt-every iterations). It peeks at target labels: off by default")
@@ -211,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
         raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
+    if args.score_images < 1:
+        raise SystemExit(f"error: expected --score-images >= 1, got {args.score_images}")
     if demo:
         args.demo_root = str(args.demo_root or Path(args.out) / "demo_data")
         if layout_demo:  # the roots that demo.write_demo writes

@@ -7,7 +7,7 @@ r"""What a run reports: target-val evaluation, the log point, the end of a round
   (``--signals``) and the pseudo-label figure of its last batch (data flows one way: the figure shows what the
   step computed);
 - :func:`finish`: metrics.json, the curves, the per-class table and the last line
-  ``target mIoU: source-only X.XX -> adapted Y.YY``.
+  ``target mIoU: source-only X.XX -> adapted Y.YY`` (with round decisions: which rounds were kept).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from protocl.distributed import all_reduce_sum_
 
-from . import diagnostics, figures, signals
+from . import decisions, diagnostics, figures, signals
 from .evaluate import evaluate as evaluate_model
 from .evaluate import iou_table
 from .run import AMP_DTYPES, Run
@@ -55,9 +55,11 @@ def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None
     n = state["iteration"] % a.log_every or a.log_every  # steps since the last log point
     means = {k: float(v) / n for k, v in sums.items()}
     sums.clear()
-    total = a.source_iters + a.rounds * a.round_iters * (2 if a.control else 1)
+    undone = sum(not e["kept"] for e in state["decisions"]["rounds"])  # --round-decisions: each adds a fallback
+    total = a.source_iters + a.rounds * a.round_iters * (2 if a.control else 1) + undone * a.round_iters
     rate = (state["step"] - run.started[1]) / max(1e-9, time.time() - run.started[0])
-    where = "stage 1" if kind == "source" else f"{'control' if kind == 'control' else 'stage 2'} round {state['round']}"
+    where = {"source": "stage 1", "control": f"control round {state['round']}",
+             "fallback": f"stage 2 round {state['round']} (source-only fallback)"}.get(kind, f"stage 2 round {state['round']}")
     line = (f"[{state['step']}/{total}] {rate:.2f} it/s eta {(total - state['step']) / max(rate, 1e-9) / 60:.1f} min"
             f" | {where} it {state['iteration']} | "
             + " ".join(f"{k} {means[k]:.3f}" for k in ("ce_src", "ce_tgt", "ent", "fcl", "bcl") if k in means))
@@ -166,7 +168,7 @@ def bad_samples(run: Run, state: dict) -> dict:
 
 def finish(run: Run, state: dict) -> None:
     """After training (the last checkpoint is written): metrics.json, the curves, the per-class table and the last
-    line ``target mIoU: source-only X.XX -> adapted Y.YY`` (rank 0)."""
+    line ``target mIoU: source-only X.XX -> adapted Y.YY`` (+ the round decisions' summary) (rank 0)."""
     a, m = run.args, state["metrics"]
     skipped = bad_samples(run, state)  # (a collective)
     if run.rank != 0:
@@ -175,6 +177,9 @@ def finish(run: Run, state: dict) -> None:
                                  "signals") if k in m}
     names = run.table.names
     metrics.update(config=run.config, class_names=list(names), bad_samples=skipped)
+    decided = a.round_decisions != "off"
+    if decided:  # --round-decisions: which rounds were kept and why (uda.decisions)
+        metrics["round_decisions"] = state["decisions"]
     if run.subsets:
         metrics["class_subsets"] = {n: [names[k] for k in ks] for n, ks in run.subsets.items()}
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -191,4 +196,5 @@ def finish(run: Run, state: dict) -> None:
         run.log("target mIoU over 16 classes (13 classes): source-only "
                 f"{m['source_only']['miou16']:.2f} ({m['source_only']['miou13']:.2f}) -> adapted "
                 f"{m['adapted']['miou16']:.2f} ({m['adapted']['miou13']:.2f})")
-    run.log(f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}")
+    run.log(f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}"
+            + (f" ({decisions.summary(state['decisions'], a.rounds)})" if decided else ""))

@@ -26,7 +26,7 @@ from torch import Tensor
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, dist, runtime, signals, weights
+from . import checkpoint, decisions, dist, runtime, signals, weights
 from .labels import BadSampleError
 from .loading import skip_records
 from .report import bad_samples, evaluate, record_skips
@@ -43,6 +43,8 @@ def new_state(run: Run) -> dict:
     within the phase, ``step`` (iterations since the start of stage 1, the x axis of logs and curves), results so
     far and this round's per-class label counts (``--diagnostics``) and signal sums (:mod:`uda.signals`)."""
     return {"phase": "source", "round": 0, "iteration": 0, "step": 0, "thresholds": None, "metrics": {},
+            "fallback": False,  # --round-decisions: this round was undone, its budget goes to source-only steps
+            "decisions": decisions.new_record(run.args.round_score),  # --round-decisions (uda.decisions)
             "bad_samples": {"skipped": 0, "files": []},  # --on-bad-sample skip: this rank's skips
             "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
                         "coverage_dynamic": [], "coverage_hybrid": []},
@@ -109,6 +111,7 @@ def resume(run: Run, state: dict, path: Path) -> None:
     """Restore ``state`` and the modules exactly from the checkpoint ``path`` (``--resume``)."""
     ckpt = checkpoint.load(path, "--resume")
     state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics", "history")})
+    state.update({k: ckpt[k] for k in ("fallback", "decisions") if k in ckpt})  # older checkpoints have neither
     if run.rank == 0:  # the counts were summed over ranks when saved
         state["label_counts"].copy_(ckpt["label_counts"])
         state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])

@@ -1,0 +1,181 @@
+r"""Round decisions (``--round-decisions score``, issue 27): keep a round of stage 2 only if a label-free score
+of the model on the target says it helped; otherwise restore the round's start and spend its budget on source-only
+steps (so that the worst case is the same-budget control), and deliver the best-scored model.
+
+The score (``--round-score``, default ``flip_agreement``: the share of pixels whose prediction survives a
+horizontal flip) is :func:`uda.score.target_scores` on a fixed unlabelled subset, the first ``--score-images``
+target-train images at the static labels' size; no target label is read. Its validation, round by round on every
+shift of the study, is in docs/examples.md ("Issue 27").
+
+One round, with decisions on (the loop calls :func:`begin_round`, then trains the round, then :func:`decide`):
+
+1. :func:`begin_round`: the first time, score the source model (the start of stage 2); every round, write its
+   starting state (model, optimizer, scaler, orchestrator) to ``<out>/round_start.pt``;
+2. the round trains as always (static labels, steps, evaluation, reports);
+3. :func:`decide`: score the model; ``score >= score at the round's start`` keeps the round; otherwise the round's
+   start is restored and ``state["fallback"]`` is set: the loop runs the round's budget as source-only steps with
+   the round's lr schedule, then :func:`end_fallback` scores the result;
+4. after the last round, :func:`deliver` loads the best-scored model (``<out>/best_scored.pt``) when it is not
+   the current one: that is ``adapted.pt``.
+
+Everything is in the checkpoint dict (``state["decisions"]``) or in the two files, written atomically before the
+checkpoint that refers to them: a resumed run decides exactly as an uninterrupted one. Under torch.distributed
+every rank scores its own copy of the model and takes rank 0's score (one broadcast), so all ranks decide alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from . import checkpoint, dist
+from . import score as scores
+from .loading import PseudoLabelSet
+from .run import AMP_DTYPES, Run
+
+__all__ = ["MODES", "enabled", "new_record", "score_model", "begin_round", "decide", "end_fallback", "deliver",
+           "summary"]
+
+MODES = ("off", "score")
+ROUND_START, BEST = "round_start.pt", "best_scored.pt"
+
+
+def enabled(run: Run) -> bool:
+    return run.args.round_decisions == "score"
+
+
+def new_record(name: str) -> dict:
+    """``state["decisions"]``: the score's name, the reference (the score of the model the next round starts
+    from), the best score and where it came from, and one entry per round."""
+    return {"score": name, "reference": None, "best": None, "best_from": None, "start": None, "rounds": []}
+
+
+def _subset(run: Run) -> Dataset:
+    return PseudoLabelSet(run.target_train[: run.args.score_images], resize=run.args.resize,
+                          on_bad_sample=run.args.on_bad_sample)
+
+
+def _batches(data: Dataset, size: int = 8):
+    """The subset in order (no DataLoader: it would draw from the global RNG and move the run's)."""
+    for i in range(0, len(data), size):
+        items = [data[j] for j in range(i, min(i + size, len(data)))]
+        batch = {"image": torch.stack([it["image"] for it in items])}
+        if "skipped" in items[0]:
+            batch["skipped"] = torch.stack([torch.as_tensor(it["skipped"]) for it in items])
+        yield batch
+
+
+def score_model(run: Run) -> float:
+    """The ``--round-score`` of the current model on the scoring subset (rank 0's value on every rank)."""
+    name = run.args.round_score
+    values = scores.target_scores(run.model, _batches(_subset(run)), run.device, num_classes=run.num_classes,
+                                  flip=name == "flip_agreement", amp_dtype=AMP_DTYPES[run.args.amp])
+    value = [float(values[name])]
+    if run.world > 1:
+        torch.distributed.broadcast_object_list(value, src=0)
+    run.model.train()
+    return value[0]
+
+
+def _snapshot(run: Run, name: str, **extra) -> None:
+    if run.rank == 0:
+        checkpoint.save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                                "scaler": run.scaler.state_dict(), "contrast": run.contrast.state_dict(), **extra},
+                               run.out / name)
+    dist.barrier()
+
+
+def _restore(run: Run, name: str) -> dict:
+    saved = checkpoint.load(run.out / name, name)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.contrast.load_state_dict(saved["contrast"])
+    return saved
+
+
+def _best(run: Run, record: dict, value: float, where: str) -> None:
+    """Keep ``<out>/best_scored.pt`` when ``value`` is the best score so far (ties: the later model)."""
+    if record["best"] is None or not value < record["best"]:
+        record["best"], record["best_from"] = value, where
+        _snapshot(run, BEST, round=where)
+
+
+def begin_round(run: Run, state: dict) -> None:
+    """Before a round's static labels (iteration 0): the first time, score the source model; write the round's
+    starting state."""
+    record = state["decisions"]
+    if record["reference"] is None:
+        value = score_model(run)
+        record.update(reference=value, start=value)
+        run.log(f"round decisions: label-free score {record['score']} of the source model {value:.4f} "
+                f"(first {run.args.score_images} target-train images, no label read)")
+        _best(run, record, value, "source model")
+    _snapshot(run, ROUND_START, round=state["round"])
+
+
+def decide(run: Run, state: dict) -> bool:
+    """After a round (evaluated and reported, before its checkpoint): keep it if its score did not fall below the
+    score at its start; otherwise restore the start and set ``state["fallback"]``. Returns whether it was kept."""
+    record, r = state["decisions"], state["round"]
+    value, before = score_model(run), record["reference"]
+    kept = not value < before
+    entry = {"round": r, "score_before": before, "score_after": value, "kept": kept,
+             "miou": state["metrics"]["rounds"][-1]["miou"]}
+    record["rounds"].append(entry)
+    if kept:
+        record["reference"] = value
+        _best(run, record, value, f"round {r}")
+        run.log(f"round {r}: kept (label-free score {record['score']} {before:.4f} -> {value:.4f})")
+    else:
+        _restore(run, ROUND_START)
+        state["fallback"] = True
+        run.log(f"round {r}: undone (label-free score {record['score']} fell {before:.4f} -> {value:.4f}): the "
+                "round's start is restored and its budget is spent on source-only steps")
+    return kept
+
+
+def end_fallback(run: Run, state: dict, miou: float) -> None:
+    """After a round's source-only fallback: its score is the next round's reference."""
+    record = state["decisions"]
+    value = score_model(run)
+    entry = record["rounds"][-1]
+    entry.update(fallback_score=value, fallback_miou=miou)
+    record["reference"] = value
+    _best(run, record, value, f"round {entry['round']} (source-only fallback)")
+    run.log(f"round {entry['round']}: source-only fallback done, label-free score {record['score']} {value:.4f}")
+
+
+def deliver(run: Run, state: dict) -> bool:
+    """After the last round: load the best-scored model when it is not the current one. Returns True if it
+    loaded another model (the caller evaluates it)."""
+    record = state["decisions"]
+    if record["best_from"] == _last(record):
+        return False
+    _restore(run, BEST)
+    run.log(f"round decisions: delivering the best-scored model ({record['best_from']}, label-free score "
+            f"{record['score']} {record['best']:.4f})")
+    return True
+
+
+def _last(record: dict) -> str:
+    if not record["rounds"]:
+        return "source model"
+    last = record["rounds"][-1]
+    return f"round {last['round']}" if last["kept"] else f"round {last['round']} (source-only fallback)"
+
+
+def summary(record: dict, rounds: int) -> str:
+    """``kept rounds 0-1 of 3; label-free score flip_agreement 0.9120 -> 0.9340 (best: round 1)``."""
+    kept = [e["round"] for e in record["rounds"] if e["kept"]]
+    ranges, start = [], None
+    for i, r in enumerate(kept):
+        if start is None:
+            start = r
+        if i + 1 == len(kept) or kept[i + 1] != r + 1:
+            ranges.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    what = f"kept rounds {', '.join(ranges)}" if kept else "kept no round"
+    return (f"{what} of {rounds}; label-free score {record['score']} {record['start']:.4f} -> {record['best']:.4f} "
+            f"(delivered: {record['best_from']})")
