@@ -327,7 +327,9 @@ def test_resume_is_exact(full_run, fixture_roots, tmp_path, capsys):
         assert_same_state(a[key], b[key], key)
     assert json.dumps(a["metrics"]) == json.dumps(b["metrics"])  # (NaN for absent classes)
     assert a["thresholds"] == b["thresholds"] and a["phase"] == b["phase"] == "done"
-    assert a["step"] == b["step"] == 6 + 2 * 4
+    undone = sum(not r["kept"] for r in a["decisions"]["rounds"])  # round decisions (default): + a fallback each
+    assert a["step"] == b["step"] == 6 + 2 * 4 + 4 * undone
+    assert_same_state(a["decisions"], b["decisions"], "decisions")
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(full_run):

@@ -145,7 +145,8 @@ def test_class_counts_against_a_loop():
 def test_training_steps_read_no_device_value_except_value_checks(roots, tmp_path):
     """The real loop (stage 1, rounds, control) with diagnostics: only checked steps may read device values."""
     gta, cs = roots
-    argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--diagnostics", "--control", "--log-every", "3"]
+    argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--diagnostics", "--control", "--log-every", "3",
+            "--round-decisions", "off"]  # the paper's schedule: no round is undone
     steps = []
 
     class Watch:

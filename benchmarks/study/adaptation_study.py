@@ -54,6 +54,7 @@ from uda.classes import CITYSCAPES_NAMES
 from uda.datasets import cityscapes_files
 from uda.demo import write_demo_dataset
 from uda.evaluate import evaluate
+from uda.score import average_ranks
 from uda.labels import read_label
 from PIL import Image
 
@@ -242,6 +243,17 @@ CANDIDATES = ("hires", "margin", "class_off", "hires_margin")  # issue 20's cand
 MIN_SUPPORT = 100  # a class enters the signal validation of a round with at least this many dynamic pixels
 
 
+def parse_iters_for(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    """``--source-iters-for SHIFT=N ...`` as ``{shift: N}`` (a parser error naming the bad item)."""
+    iters_for = {}
+    for item in items:
+        shift, _, n = item.partition("=")
+        if shift not in SHIFT_NAMES or not n.isdigit():
+            parser.error(f"--source-iters-for: expected SHIFT=N with SHIFT in {SHIFT_NAMES}, got {item!r}")
+        iters_for[shift] = int(n)
+    return iters_for
+
+
 def spearman(x: list[float], y: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties) of the pairs where both values are defined; NaN with
     fewer than 3 pairs or a constant side."""
@@ -249,20 +261,7 @@ def spearman(x: list[float], y: list[float]) -> float:
     if len(pairs) < 3:
         return math.nan
 
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        r = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks([a for a, _ in pairs]), ranks([b for _, b in pairs])
+    rx, ry = average_ranks([a for a, _ in pairs]), average_ranks([b for _, b in pairs])
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
@@ -416,12 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(a.work), Path(a.out) / a.tag
     extra = shlex.split(a.stage2_args)
     ablation_seeds = a.ablation_seeds if a.ablation_seeds is not None else a.seeds
-    iters_for = {}
-    for item in a.source_iters_for:
-        shift, _, n = item.partition("=")
-        if shift not in SHIFT_NAMES or not n.isdigit():
-            p.error(f"--source-iters-for: expected SHIFT=N with SHIFT in {SHIFT_NAMES}, got {item!r}")
-        iters_for[shift] = int(n)
+    iters_for = parse_iters_for(p, a.source_iters_for)
     stored = None
     if a.cached_only:
         stored_file = out / "results.json"

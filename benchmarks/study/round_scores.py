@@ -38,7 +38,7 @@ from uda import options
 from uda import score as uda_score
 from uda.loading import PseudoLabelSet
 
-from .adaptation_study import SHIFT_NAMES, dataset, source_flag, spearman, stage1
+from .adaptation_study import SHIFT_NAMES, dataset, parse_iters_for, source_flag, spearman, stage1
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("start", "round 0", "round 1", "round 2")
@@ -284,12 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     work, out = Path(a.work), Path(a.out)
-    iters_for = {}
-    for item in a.source_iters_for:
-        shift, _, n = item.partition("=")
-        if shift not in SHIFT_NAMES or not n.isdigit():
-            p.error(f"--source-iters-for: expected SHIFT=N with SHIFT in {SHIFT_NAMES}, got {item!r}")
-        iters_for[shift] = int(n)
+    iters_for = parse_iters_for(p, a.source_iters_for)
     stored = None
     if a.cached_only:
         stored_file = out / "results.json"

@@ -278,7 +278,7 @@ class ClassTable:
                 shown = ", ".join(str(int(v)) for v in values[:10]) + (" ..." if len(values) > 10 else "")
                 raise ValueError(
                     f"expected only label ids of class table {self.name!r} in {source} (mapped: "
-                    f"{_id_ranges(self.id_to_train_id)}; ignored: {_id_ranges(self.ignore_ids) or 'none'}), got "
+                    f"{int_ranges(self.id_to_train_id)}; ignored: {int_ranges(self.ignore_ids) or 'none'}), got "
                     f"unmapped id(s) {shown} on {int(bad.sum())} pixels"
                 )
         return lut[raw]
@@ -329,7 +329,8 @@ def _raw_ids(values, what: str) -> list[int]:
     return out
 
 
-def _id_ranges(ids) -> str:
+def int_ranges(ids, sep: str = ",") -> str:
+    """Sorted integers as compact ranges: ``[0, 1, 2, 5]`` -> ``"0-2,5"`` (label ids in messages; rounds)."""
     values = sorted(set(int(i) for i in ids))
     parts, start = [], None
     for i, v in enumerate(values):
@@ -338,7 +339,7 @@ def _id_ranges(ids) -> str:
         if i + 1 == len(values) or values[i + 1] != v + 1:
             parts.append(str(start) if start == v else f"{start}-{v}")
             start = None
-    return ",".join(parts)
+    return sep.join(parts)
 
 
 def _validate(t: ClassTable) -> None:

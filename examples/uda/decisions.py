@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from . import checkpoint, dist
 from . import score as scores
+from .classes import int_ranges
 from .loading import PseudoLabelSet
 from .run import AMP_DTYPES, Run
 
@@ -169,13 +170,6 @@ def _last(record: dict) -> str:
 def summary(record: dict, rounds: int) -> str:
     """``kept rounds 0-1 of 3; label-free score flip_agreement 0.9120 -> 0.9340 (best: round 1)``."""
     kept = [e["round"] for e in record["rounds"] if e["kept"]]
-    ranges, start = [], None
-    for i, r in enumerate(kept):
-        if start is None:
-            start = r
-        if i + 1 == len(kept) or kept[i + 1] != r + 1:
-            ranges.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    what = f"kept rounds {', '.join(ranges)}" if kept else "kept no round"
+    what = f"kept rounds {int_ranges(kept, ', ')}" if kept else "kept no round"
     return (f"{what} of {rounds}; label-free score {record['score']} {record['start']:.4f} -> {record['best']:.4f} "
             f"(delivered: {record['best_from']})")

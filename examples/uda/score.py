@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "COMBINED_FROM",
+    "average_ranks",
     "EMA_SCORES",
     "SCORES",
     "class_means",
@@ -355,13 +356,10 @@ def target_scores(model: nn.Module, loader: Iterable, device: torch.device | str
     return out
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """Average ranks (0-based) of the defined values, normalised to [0, 1] (one value: 0.5); NaN stays NaN."""
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (0-based; ties share the mean of their ranks) of the defined values; NaN stays NaN."""
     defined = [i for i, v in enumerate(values) if not math.isnan(v)]
     out = [math.nan] * len(values)
-    if len(defined) == 1:
-        out[defined[0]] = 0.5
-        return out
     order = sorted(defined, key=lambda i: values[i])
     i = 0
     while i < len(order):
@@ -369,9 +367,16 @@ def _ranks(values: Sequence[float]) -> list[float]:
         while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
             j += 1
         for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 / (len(defined) - 1)
+            out[order[k]] = (i + j) / 2
         i = j + 1
     return out
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """:func:`average_ranks` normalised to [0, 1] (one defined value: 0.5)."""
+    ranks = average_ranks(values)
+    n = sum(not math.isnan(r) for r in ranks)
+    return [r if math.isnan(r) else (0.5 if n == 1 else r / (n - 1)) for r in ranks]
 
 
 def combine(rows: Sequence[Mapping[str, float]], names: Sequence[str] = COMBINED_FROM) -> list[float]:
