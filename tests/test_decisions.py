@@ -139,3 +139,11 @@ def test_summary_names_the_kept_rounds():
                                             "0.7500 (delivered: round 3)")
     record["rounds"] = [{"round": 0, "kept": False}]
     assert decisions.summary(record, 1).startswith("kept no round of 1;")
+
+
+def test_batches_keep_order_and_never_stack_different_sizes():
+    sizes = [(8, 16), (8, 16), (8, 12), (8, 12), (8, 12), (8, 16)]
+    data = [{"image": torch.full((3, *s), float(i))} for i, s in enumerate(sizes)]
+    got = list(decisions.batches(data, size=2))
+    assert [tuple(b["image"].shape) for b in got] == [(2, 3, 8, 16), (2, 3, 8, 12), (1, 3, 8, 12), (1, 3, 8, 16)]
+    assert [int(v) for b in got for v in b["image"][:, 0, 0, 0]] == list(range(6))

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import train_gta2cs
 from uda import options
+from uda.decisions import batches
 from uda import score as uda_score
 from uda.loading import PseudoLabelSet
 
@@ -47,13 +48,6 @@ TRAIN_SIGNALS = ("static_agreement", "prediction_agreement", "hybrid_prediction_
 CANDIDATES = (*uda_score.SCORES, *uda_score.EMA_SCORES, "combined", *(f"train_{n}" for n in TRAIN_SIGNALS))
 BIG = 1.0  # mIoU points: a change of the true mIoU the decisions must get right (val noise is below it)
 MACHINE = "the project's 2-core CPU container (shared with other jobs), torch 2.13.0 CPU, 1 thread, nice 19"
-
-
-def batches(dataset_: PseudoLabelSet, batch_size: int):
-    """The subset in order, stacked (no DataLoader: it would draw from the global RNG and move the run's)."""
-    for i in range(0, len(dataset_), batch_size):
-        items = [dataset_[j] for j in range(i, min(i + batch_size, len(dataset_)))]
-        yield {"image": torch.stack([it["image"] for it in items])}
 
 
 def run_one(shift: str, seed: int, work: Path, source_iters: int, subset: int, stored: dict | None = None

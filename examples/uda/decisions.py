@@ -34,7 +34,7 @@ from .classes import int_ranges
 from .loading import PseudoLabelSet
 from .run import AMP_DTYPES, Run
 
-__all__ = ["MODES", "enabled", "new_record", "score_model", "begin_round", "decide", "end_fallback", "deliver",
+__all__ = ["MODES", "enabled", "new_record", "batches", "score_model", "begin_round", "decide", "end_fallback", "deliver",
            "summary"]
 
 MODES = ("off", "score")
@@ -56,20 +56,32 @@ def _subset(run: Run) -> Dataset:
                           on_bad_sample=run.args.on_bad_sample)
 
 
-def _batches(data: Dataset, size: int = 8):
-    """The subset in order (no DataLoader: it would draw from the global RNG and move the run's)."""
-    for i in range(0, len(data), size):
-        items = [data[j] for j in range(i, min(i + size, len(data)))]
-        batch = {"image": torch.stack([it["image"] for it in items])}
-        if "skipped" in items[0]:
-            batch["skipped"] = torch.stack([torch.as_tensor(it["skipped"]) for it in items])
-        yield batch
+def batches(data: Dataset, size: int = 8):
+    """The items of ``data`` in order, stacked ``size`` at a time (a batch ends early where the image size changes:
+    images resized by their short side differ in width when aspect ratios do). No DataLoader: it would draw from
+    the global RNG and move the run's."""
+    items: list = []
+    for j in range(len(data)):
+        item = data[j]
+        if items and (len(items) == size or item["image"].shape != items[0]["image"].shape):
+            yield _stack(items)
+            items = []
+        items.append(item)
+    if items:
+        yield _stack(items)
+
+
+def _stack(items: list) -> dict:
+    batch = {"image": torch.stack([it["image"] for it in items])}
+    if "skipped" in items[0]:
+        batch["skipped"] = torch.stack([torch.as_tensor(it["skipped"]) for it in items])
+    return batch
 
 
 def score_model(run: Run) -> float:
     """The ``--round-score`` of the current model on the scoring subset (rank 0's value on every rank)."""
     name = run.args.round_score
-    values = scores.target_scores(run.model, _batches(_subset(run)), run.device, num_classes=run.num_classes,
+    values = scores.target_scores(run.model, batches(_subset(run)), run.device, num_classes=run.num_classes,
                                   flip=name == "flip_agreement", amp_dtype=AMP_DTYPES[run.args.amp])
     value = [float(values[name])]
     if run.world > 1:
