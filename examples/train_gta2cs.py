@@ -230,10 +230,16 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
         save(run, state)
         return
     state["round"], state["iteration"] = state["round"] + 1, 0
-    if state["round"] < a.rounds:
+    close_round(run, state, result, "adapted")
+
+
+def close_round(run: Run, state: dict, result: dict, name: str) -> None:
+    """After a round (its counter moved on): the checkpoint, or after the last one its evaluation as the phase's
+    result, ``metrics[name]`` (the phase's end writes the checkpoint)."""
+    if state["round"] < run.args.rounds:
         save(run, state)
     else:
-        state["metrics"]["adapted"] = result
+        state["metrics"][name] = result
 
 
 # ---------------------------------------------------------------------------------------------- the control
@@ -260,11 +266,7 @@ def train_control(run: Run, state: dict, *, step_context: StepContext | None = N
     """``--control``: source-only training from ``source_only.pt`` for stage 2's budget and schedule (rounds of
     ``--round-iters``, lr halved each round): what the adapted model must beat (docs/examples.md)."""
     while state["round"] < run.args.rounds:
-        result = source_round(run, state, "control", step_context)
-        if state["round"] < run.args.rounds:
-            save(run, state)
-        else:
-            state["metrics"]["source_only_continued"] = result
+        close_round(run, state, source_round(run, state, "control", step_context), "source_only_continued")
 
 
 def fallback_round(run: Run, state: dict, step_context: StepContext | None = None) -> None:
@@ -272,10 +274,7 @@ def fallback_round(run: Run, state: dict, step_context: StepContext | None = Non
     result = source_round(run, state, "fallback", step_context)
     decisions.end_fallback(run, state, result["miou"])
     state["fallback"] = False
-    if state["round"] < run.args.rounds:
-        save(run, state)
-    else:
-        state["metrics"]["adapted"] = result
+    close_round(run, state, result, "adapted")
 
 
 def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: StepContext | None = None) -> None:
