@@ -275,3 +275,15 @@ def test_cuda_static_label_pass_and_step_tensors_on_one_device(roots, tmp_path):
         stats, _ = train_gta2cs.adapt_step(run, src, tgt)
     assert recorder.mixed == [] and all(v.is_cuda for v in stats.values())
     assert recorder.syncs == []
+
+
+def test_score_tensors_stay_on_the_inputs_device():
+    """uda.score (round decisions): every tensor it makes follows its inputs' device (meta here), none on the CPU."""
+    from uda import score
+
+    f, p = torch.randn(5, 4, device="meta"), torch.randn(3, 4, device="meta")
+    y = torch.zeros(5, dtype=torch.long, device="meta")
+    with OpRecorder() as recorder:
+        score.prototype_scores(f, y, p)
+        score.separation(p)
+    assert recorder.mixed == []

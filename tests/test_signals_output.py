@@ -1,32 +1,19 @@
 """The label-free signals' cosines from the orchestrator's own output (issue 25.4): bit-equal to the recompute the
-pipeline ran before (``signals.similarities``, copied below as the oracle), and the signals and target-CE rules
+pipeline ran before (``signals.similarities`` as it was, kept as ``benchmarks/bench.py``'s
+``recompute_similarities``: the oracle here, the "before" of the step benchmark), and the signals and target-CE rules
 built on them unchanged."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
+from bench import recompute_similarities as _recompute  # the pipeline's recompute before issue 25
 from uda import signals, target_ce
 
 import protocl
 
 IG = protocl.IGNORE_INDEX
-
-
-@torch.no_grad()
-def _recompute(contrast, source_features, source_labels, target_features):
-    """The pipeline's recompute before issue 25 (``uda.signals.similarities`` as it was), called BEFORE the
-    orchestrator's step: per-image source prototypes, calibrated with the EMAs, against the target features."""
-    K = contrast.num_classes
-    pooled = protocl.masked_average_pool(source_features.detach(), source_labels, K,
-                                         ignore_index=contrast.ignore_index, per_image=True)
-    anchors = contrast.calibrated(pooled.prototypes) if contrast.calibrate else pooled.prototypes
-    valid = pooled.counts > 0
-    cosine = protocl.cosine_similarity_map(target_features.detach(), anchors)
-    cosine = torch.where(valid[:, :, None, None], cosine, torch.full_like(cosine, -math.inf))
-    return signals.Similarities(cosine, valid)
 
 
 def _batch(g, k, d, b=3, grid=(7, 9), label=(25, 31)):
