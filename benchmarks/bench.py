@@ -20,8 +20,12 @@ What is timed, forward + backward, on the same inputs in one process: FCL + BCL 
   on both terms, the mean over pairs): equal in value to ``release`` up to fp32 rounding (tested).
 - ``protocl_checked`` (with ``--checks``, or ``--cases checks``): ``protocl`` with the default value checks on, as a user who never calls
   ``protocl.set_value_checks`` runs it. Each call passes fresh views of the label maps (new tensor objects, as a
-  data loader yields every step), so every label map is checked once per call, as in a training step, and not
-  skipped as "already checked"; the difference to ``protocl`` is the cost of the default checks.
+  data loader yields every step); the difference to ``protocl`` is the cost of the default checks.
+- ``--before SRC`` (issue 28): the protocl package under ``SRC`` (e.g. ``src`` of a git worktree of an earlier
+  commit), imported beside the installed one as ``protocl_before`` and timed in the same rounds:
+  ``before_protocl``, ``before_protocl_rc`` (``before_protocl_checked``; with ``--cases step``:
+  ``before_step_output``, ``before_step_no_signals``). ``vs_before`` is the median of the per-round ratios
+  now / before (below 1: faster now).
 
 ``--cases step`` (issue 25) times something else: the contrastive part of a stage-2 step of the reference
 pipeline with its label-free signals on (``uda.signals``, importable when run as ``python -m benchmarks.bench``),
@@ -51,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -137,16 +142,36 @@ def make_inputs(case: Case, device: str, *, seed: int = 0) -> dict:
 
 
 def protocl_losses(source_features, source_labels, target_features, target_labels, num_classes, *,
-                   fcl_weight: float = 0.1, bcl_weight: float = 0.1):
-    r"""FCL + BCL with per-image prototypes, default settings: what a trainer writes with the functional API."""
-    source = protocl.masked_average_pool(source_features, source_labels, num_classes)
-    target = protocl.masked_average_pool(target_features, target_labels, num_classes)
-    fcl = protocl.fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0)
-    bcl = protocl.bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0)
+                   fcl_weight: float = 0.1, bcl_weight: float = 0.1, lib=protocl):
+    r"""FCL + BCL with per-image prototypes, default settings: what a trainer writes with the functional API
+    (``lib``: protocl, or the library of ``--before``)."""
+    source = lib.masked_average_pool(source_features, source_labels, num_classes)
+    target = lib.masked_average_pool(target_features, target_labels, num_classes)
+    fcl = lib.fcl_loss(target_features, source.prototypes, target_labels, valid=source.counts > 0)
+    bcl = lib.bcl_loss(source_features, target.prototypes, source_labels, valid=target.counts > 0)
     return fcl_weight * fcl + bcl_weight * bcl
 
 
-def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: bool = False) -> dict:
+def load_before(src: str):
+    r"""``--before SRC``: the protocl package under ``SRC`` (e.g. ``src`` of a git worktree of an earlier commit),
+    imported as ``protocl_before`` beside the installed one, so that both are timed in the same run, round by
+    round (protocl imports itself only relatively)."""
+    init = Path(src) / "protocl" / "__init__.py"
+    if not init.is_file():
+        raise ValueError(f"--before: expected a directory holding protocl/__init__.py, got {src!r}")
+    spec = importlib.util.spec_from_file_location("protocl_before", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["protocl_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def libraries(before) -> list:
+    r"""``[(library, name prefix)]``: protocl (no prefix), and the ``--before`` library (``before_``)."""
+    return [(protocl, "")] + ([(before, "before_")] if before is not None else [])
+
+
+def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: bool = False, before=None) -> dict:
     r"""Zero-argument callables doing forward + backward on ``inputs``; each returns the (detached) loss."""
     args = (inputs["source_features"], inputs["source_labels"], inputs["target_features"], inputs["static_labels"])
 
@@ -163,28 +188,31 @@ def implementations(case: Case, inputs: dict, *, compile: bool = False, checks: 
     def release(*a):
         return release_baseline.release_losses(*a, case.num_classes).loss
 
-    def default(*a):
-        return protocl_losses(*a, case.num_classes)
+    impls = {"release": run(release)}
+    for lib, prefix in libraries(before):
+        def default(*a, lib=lib):
+            return protocl_losses(*a, case.num_classes, lib=lib)
 
-    step = protocl.BidirectionalContrast(case.num_classes, case.dim, release_compatible=True, dynamic=False)
+        step = lib.BidirectionalContrast(case.num_classes, case.dim, release_compatible=True, dynamic=False)
 
-    def compatible(*a):
-        return step(*a, update=False).loss
+        def compatible(*a, step=step):
+            return step(*a, update=False).loss
 
-    def checked(source_features, source_labels, target_features, target_labels):
-        was = protocl.value_checks_enabled()
-        protocl.set_value_checks(True)  # the default
-        try:  # fresh views: new label tensors as every training step has, checked once each
-            return default(source_features, source_labels.view_as(source_labels), target_features,
-                           target_labels.view_as(target_labels))
-        finally:
-            protocl.set_value_checks(was)
+        def checked(source_features, source_labels, target_features, target_labels, lib=lib, default=default):
+            was = lib.value_checks_enabled()
+            lib.set_value_checks(True)  # the default
+            try:  # fresh views: new label tensors as every training step has
+                return default(source_features, source_labels.view_as(source_labels), target_features,
+                               target_labels.view_as(target_labels))
+            finally:
+                lib.set_value_checks(was)
 
-    impls = {"release": run(release), "protocl": run(default), "protocl_rc": run(compatible)}
-    if checks:
-        impls["protocl_checked"] = run(checked)
+        impls[prefix + "protocl"] = run(default)
+        impls[prefix + "protocl_rc"] = run(compatible)
+        if checks:
+            impls[prefix + "protocl_checked"] = run(checked)
     if compile:
-        impls["protocl_compiled"] = run(torch.compile(default))
+        impls["protocl_compiled"] = run(torch.compile(lambda *a: protocl_losses(*a, case.num_classes)))
     return impls
 
 
@@ -229,7 +257,7 @@ def step_counts_before(static, dynamic, hybrid, prediction, sims, threshold: flo
     return torch.cat([counts[:6], cells, counts[6:]])
 
 
-def step_implementations(case: Case, inputs: dict) -> dict:
+def step_implementations(case: Case, inputs: dict, before=None) -> dict:
     r"""``--cases step``: zero-argument callables running the orchestrator's step (forward, EMA updates, backward
     of its loss) and the label-free signal counts of the step: as before issue 25 (``step_before``), with the
     cosines recomputed (``step_recompute``) or taken from the step's output (``step_output``), or without the
@@ -245,8 +273,8 @@ def step_implementations(case: Case, inputs: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     prediction = torch.randint(0, K, yf.shape, generator=g).to(yf.device)  # the classifier's argmax, fixed
 
-    def run(kind: str):
-        contrast = protocl.BidirectionalContrast(K, case.dim, sync=False, **STEP_SETTINGS).to(fs.device)
+    def run(kind: str, lib=protocl):
+        contrast = lib.BidirectionalContrast(K, case.dim, sync=False, **STEP_SETTINGS).to(fs.device)
         count = step_counts_before if kind == "before" else signals.step_counts
 
         def call():
@@ -263,8 +291,11 @@ def step_implementations(case: Case, inputs: dict) -> dict:
 
         return call
 
-    return {"step_before": run("before"), "step_recompute": run("recompute"), "step_output": run("output"),
-            "step_no_signals": run("none")}
+    impls = {"step_before": run("before"), "step_recompute": run("recompute"), "step_output": run("output"),
+             "step_no_signals": run("none")}
+    if before is not None:
+        impls.update({"before_step_output": run("output", before), "before_step_no_signals": run("none", before)})
+    return impls
 
 
 def _sync(device: str) -> None:
@@ -273,15 +304,16 @@ def _sync(device: str) -> None:
 
 
 def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: float, compile: bool,
-              checks: bool = False, step: bool = False) -> dict:
+              checks: bool = False, step: bool = False, before=None) -> dict:
     r"""Median seconds per call of every implementation over ``rounds`` interleaved rounds (``step``: those of
     :func:`step_implementations`)."""
     inputs = make_inputs(case, device)
     if step:
-        impls = step_implementations(case, inputs)
+        impls = step_implementations(case, inputs, before)
     else:
-        impls = implementations(case, inputs, compile=compile, checks=checks)
-    protocl.set_value_checks(False)
+        impls = implementations(case, inputs, compile=compile, checks=checks, before=before)
+    for lib, _ in libraries(before):
+        lib.set_value_checks(False)
     try:
         timers = {}
         for name, fn in impls.items():
@@ -294,9 +326,14 @@ def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: f
             for name, timer in timers.items():
                 per_round[name].append(timer.blocked_autorange(min_run_time=min_time).median)
     finally:
-        protocl.set_value_checks(True)
+        for lib, _ in libraries(before):
+            lib.set_value_checks(True)
     out = {name: {"median_ms": 1e3 * statistics.median(times), "rounds_ms": [1e3 * t for t in times]}
            for name, times in per_round.items()}
+    for name in per_round:  # --before: now / before, the median of the per-round ratios (paired, as below)
+        if "before_" + name in per_round:
+            out[name]["vs_before"] = statistics.median(
+                n / b for n, b in zip(per_round[name], per_round["before_" + name]))
     if "protocl_checked" in per_round:  # paired per round: machine load cancels better than in two medians
         diffs = [c - u for c, u in zip(per_round["protocl_checked"], per_round["protocl"])]
         out["protocl_checked"]["check_cost_ms"] = 1e3 * statistics.median(diffs)
@@ -311,12 +348,12 @@ def time_case(case: Case, device: str, *, threads: int, rounds: int, min_time: f
 
 def time_one_check(labels: torch.Tensor, case: Case, *, threads: int, min_time: float) -> float:
     r"""Seconds of the default value check of one ``(B, H, W)`` label map (what each label map of a step pays
-    once), timed on fresh views so that the checked-tensor cache never skips it. Calls protocl's private
+    once), timed on fresh views (new tensor objects, as every training step has). Calls protocl's private
     ``_validation.check_label_values``, the function every public entry point calls."""
     from protocl import _validation
 
     def check():
-        _validation.check_label_values(labels.view_as(labels), case.num_classes, IGNORE, "labels")
+        _validation.check_label_values(labels.view_as(labels), case.num_classes, IGNORE, "labels", "bench")
 
     was = protocl.value_checks_enabled()
     protocl.set_value_checks(True)
@@ -431,6 +468,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def before_table(report: dict) -> str:
+    r"""``--before``: now / before per case and implementation (median of per-round ratios), or nothing."""
+    rows = [(c["case"]["name"], name, t) for c in report["cases"] for name, t in c["timing"].items() if "vs_before" in t]
+    if not rows:
+        return ""
+    lines = ["", "| case | implementation | now ms | before ms | now / before (median of per-round ratios) |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for case, name, t in rows:
+        b = next(c["timing"]["before_" + name] for c in report["cases"] if c["case"]["name"] == case)
+        lines.append(f"| {case} | {name} | {t['median_ms']:.2f} | {b['median_ms']:.2f} | {t['vs_before']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def goals(report: dict) -> list[dict]:
     by_name = {c["case"]["name"]: c["timing"] for c in report["cases"]}
     out = []
@@ -491,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--checks", action="store_true",
                    help="also time protocl with the default value checks on (protocl_checked; on with --cases checks)")
+    p.add_argument("--before", metavar="SRC", help="also time the protocl package under SRC (an earlier tree's src/) "
+                   "in the same rounds, and report now / before")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -503,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--device: expected a CUDA device for {args.device!r}, got none (torch.cuda.is_available() "
                          "is False)")
     torch.set_num_threads(args.threads)
+    before = load_before(args.before) if args.before else None
     report = {"machine": machine_description(args.device), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "threads": args.threads, "rounds": args.rounds, "cases": []}
     step = args.cases == "step"
@@ -510,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"case": dataclasses.asdict(case), "feature_mb": case.feature_mb,
                  "timing": time_case(case, args.device, threads=args.threads, rounds=args.rounds,
                                      min_time=args.min_time, compile=args.compile,
-                                     checks=args.checks or args.cases == "checks", step=step)}
+                                     checks=args.checks or args.cases == "checks", step=step, before=before)}
         if not args.no_memory:
             entry["memory"] = {n: memory_in_subprocess(case, n, args.device, args.threads)
                                for n in (("step_before", "step_output") if step else ("release", "protocl"))}
@@ -518,12 +571,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in entry["timing"].items()),
               flush=True)
     report["goals"] = goals(report)
-    text = markdown(report)
+    text = markdown(report) + before_table(report)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device.split(":")[0]
     stem = f"bench_step_{device}" if step else f"bench_{device}"  # --cases step: its own file
+    if before is not None:
+        stem += "_vs_before"  # not the tables of docs/benchmarks.md
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(text)
     return report

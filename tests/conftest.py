@@ -65,6 +65,17 @@ def _value_checks_on():
 
 
 @pytest.fixture
+def deferred_checks(monkeypatch):
+    r"""Rehearse the CUDA path of the value checks on CPU: every check is queued (no raise in the call itself) and
+    reported by a later protocl call or ``flush_value_checks``. Anything left pending is dropped afterwards."""
+    from protocl import _validation
+
+    monkeypatch.setattr(_validation, "deferred", lambda t: True)
+    yield
+    _validation._PENDING.clear()
+
+
+@pytest.fixture
 def device(request) -> torch.device:
     r"""The device chosen with ``--device``."""
     dev = torch.device(request.config.getoption("--device"))

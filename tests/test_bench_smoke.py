@@ -4,10 +4,14 @@ computes what it claims to (protocl's release-compatible setting equals the rele
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import bench  # benchmarks/ is on the path (pytest's pythonpath option)
 import pytest
 import torch
+
+import protocl
 
 
 def test_bench_quick_end_to_end(tmp_path):
@@ -20,6 +24,24 @@ def test_bench_quick_end_to_end(tmp_path):
         assert all(len(v["rounds_ms"]) == 2 and v["median_ms"] > 0 for v in case["timing"].values())
     text = (tmp_path / "bench_cpu.md").read_text()
     assert "| quick-a (D=8, 6²/24²) |" in text and "speed-up" in text
+
+
+def test_bench_before_times_another_tree_in_the_same_rounds(tmp_path):
+    # issue 28: --before loads a protocl tree beside the installed one (here: the same source, so the losses agree)
+    src = Path(protocl.__file__).resolve().parents[1]
+    report = bench.main(["--cases", "quick", "--no-memory", "--rounds", "2", "--min-time", "0.01", "--checks",
+                         "--before", str(src), "--out", str(tmp_path)])
+    timing = report["cases"][0]["timing"]
+    assert {"before_protocl", "before_protocl_rc", "before_protocl_checked"} <= set(timing)
+    assert all(timing[n]["vs_before"] > 0 for n in ("protocl", "protocl_rc", "protocl_checked"))
+    assert "now / before" in (tmp_path / "bench_cpu_vs_before.md").read_text()
+    before = sys.modules["protocl_before"]
+    assert before is not protocl and before.fcl_loss is not protocl.fcl_loss
+    case = bench.CASES["quick"][0]
+    impls = bench.implementations(case, bench.make_inputs(case, "cpu"), before=before)
+    torch.testing.assert_close(impls["before_protocl"](), impls["protocl"]())
+    with pytest.raises(ValueError, match="--before"):
+        bench.load_before(str(tmp_path))
 
 
 def test_timed_implementations_compute_the_same_losses():

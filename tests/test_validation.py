@@ -1,7 +1,9 @@
 r"""Malformed calls raise ValueError/TypeError naming the argument (spec section 2); value-check switch."""
 
+import inspect
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,46 +398,156 @@ def test_host_label_check_agrees_with_a_naive_scan(values, k_n, ignore, dtype):
     assert device_count == len(bad) and (not bad or device_example in bad)
 
 
-def test_checked_tensor_is_not_checked_twice_but_rechecked_after_in_place_change(monkeypatch):
+def test_every_call_checks_its_labels_again(monkeypatch):
+    # issue 28: no cache of checked tensors: each call checks the label maps it receives, so a map changed in
+    # place (or a tensor that happens to reuse a freed tensor's id) is never waved through
     calls = []
     real = _validation._host_label_violation
     monkeypatch.setattr(_validation, "_host_label_violation", lambda *a: calls.append(1) or real(*a))
     y = torch.randint(0, K, (B, 8, 8))
     pooled = masked_average_pool(F4, y, K)
     fcl_loss(F4, pooled, y)
-    fcl_loss(F4, pooled, y[:, None])  # a view of the same map is another tensor: checked again
     assert len(calls) == 2
-    y[1, 2, 3] = 33  # in place: the version counter moves, the next call checks again and raises
-    with pytest.raises(ValueError, match=r"labels.*33"):
+    y[1, 2, 3] = 33  # in place
+    with pytest.raises(ValueError, match=r"masked_average_pool: labels.*33"):
         masked_average_pool(F4, y, K)
-    y2 = torch.randint(0, 4, (B, 8, 8))
-    masked_average_pool(F4, y2, K)
-    masked_average_pool(F4, y2, 4)  # another K: another check
-    assert len(calls) == 5
+    # a loader's buffer rewritten through numpy moves no version counter: the removed cache waved this through
+    buffer = np.zeros((B, 8, 8), dtype=np.int64)
+    shared = torch.from_numpy(buffer)
+    masked_average_pool(F4, shared, K)
+    buffer[0, 0, 0] = 33
+    with pytest.raises(ValueError, match=r"masked_average_pool: labels.*33"):
+        masked_average_pool(F4, shared, K)
 
 
-def test_deferred_device_checks_report_on_a_later_call(monkeypatch):
+def test_deferred_device_checks_report_on_a_later_call(deferred_checks):
     # issue 18.9: the CUDA path's logic on CPU: the bad call does not raise (no host read), a later one does
-    monkeypatch.setattr(_validation, "_DEFER_ON_CPU", True)
-    _validation._PENDING.clear()
     bad = _raw_ids()
     masked_average_pool(F4, bad, 19)  # verdict queued, nothing read
     assert len(_validation._PENDING) == 1
-    with pytest.raises(ValueError, match=r"labels: expected label ids in \[0, 19\).*got 33.*earlier call"):
+    with pytest.raises(ValueError, match=r"masked_average_pool: labels: expected label ids in \[0, 19\).*got 33.*later"):
         fcl_loss(F4, torch.randn(19, D), torch.zeros(B, 8, 8, dtype=torch.long))
     assert not _validation._PENDING
     step = BidirectionalContrast(19, D)
     step(F4, torch.zeros_like(bad), F4, bad)
-    with pytest.raises(ValueError, match=r"static_labels.*33"):
+    with pytest.raises(ValueError, match=r"BidirectionalContrast.forward: static_labels.*33"):
         protocl.flush_value_checks()
-    with pytest.raises(ValueError, match=r"weights: expected non-negative"):  # by a later check or the flush
+    with pytest.raises(ValueError, match=r"masked_average_pool: weights: expected non-negative"):
         masked_average_pool(F4, torch.zeros(B, 8, 8, dtype=torch.long), 19, weights=-torch.ones(B, 4, 4))
         protocl.flush_value_checks()
     protocl.flush_value_checks()  # nothing pending: returns
     masked_average_pool(F4, bad.clone(), 19)
-    protocl.set_value_checks(False)  # switched off right after (as a trainer that checks its first step only)
-    with pytest.raises(ValueError, match=r"labels.*33"):  # the pending verdict is still reported
-        masked_average_pool(F4, bad.clone(), 19)
+    with pytest.raises(ValueError, match=r"labels.*33"):  # the switch is a public call too: it reports ...
+        protocl.set_value_checks(False)
+    assert not protocl.value_checks_enabled()  # ... after switching
+    masked_average_pool(F4, bad.clone(), 19)  # off: nothing queued
+    assert not _validation._PENDING
+
+
+# Every public function and public method of protocl, called on good inputs (issue 28: each one reports a verdict
+# that an earlier call left pending). Keyed by qualified name; the test below checks the keys are complete.
+def _good_calls():
+    y = torch.randint(0, K, (B, 8, 8))
+    pooled = masked_average_pool(F4, y, K)
+    ema = PrototypeEMA(K, D)
+    ema.update(F4, y)
+    cbt = ClassBalancedThresholds(K)
+    cbt.update(Z)
+    step = _step()
+    return {
+        "masked_average_pool": lambda: masked_average_pool(F4, y, K),
+        "PrototypeEMA.forward": lambda: ema(),
+        "PrototypeEMA.update": lambda: ema.update(F4, y),
+        "PrototypeEMA.update_from": lambda: ema.update_from(*pooled),
+        "domain_bias_calibrate": lambda: domain_bias_calibrate(P, ema, ema),
+        "pixel_prototype_contrastive_loss": lambda: pixel_prototype_contrastive_loss(F4, pooled, y),
+        "fcl_loss": lambda: fcl_loss(F4, pooled, y),
+        "bcl_loss": lambda: bcl_loss(F4, pooled, y),
+        "overlap_class_weight": lambda: overlap_class_weight(y, y, K, size=(4, 4)),
+        "cosine_similarity_map": lambda: cosine_similarity_map(F4, pooled),
+        "PixelPrototypeContrastiveLoss.forward": lambda: PixelPrototypeContrastiveLoss()(F4, pooled, y),
+        "dynamic_pseudo_label": lambda: dynamic_pseudo_label(F4, pooled),
+        "hybrid_fuse": lambda: hybrid_fuse(y, y),
+        "static_pseudo_label": lambda: static_pseudo_label(Z),
+        "ClassBalancedThresholds.update": lambda: cbt.update(Z),
+        "ClassBalancedThresholds.compute": lambda: cbt.compute(),
+        "ClassBalancedThresholds.forward": lambda: cbt(),
+        "ClassBalancedThresholds.reset": lambda: cbt.reset(),
+        "entropy_loss": lambda: entropy_loss(Z),
+        "EntropyLoss.forward": lambda: EntropyLoss()(Z),
+        "BidirectionalContrast.forward": lambda: step(F4, y, F4, y),
+        "BidirectionalContrast.calibrated": lambda: step.calibrated(P),
+        "resize_labels": lambda: resize_labels(y, (4, 4)),
+        "nearest_source_index": lambda: protocl.nearest_source_index(4, 8),
+        "label_histogram": lambda: label_histogram(y, (4, 4), K),
+        "set_value_checks": lambda: protocl.set_value_checks(True),
+        "value_checks_enabled": lambda: protocl.value_checks_enabled(),
+        "flush_value_checks": lambda: protocl.flush_value_checks(),
+    }
+
+
+def _public_callables():
+    """Qualified names of protocl's public functions and of the public methods its public classes define."""
+    names = set()
+    for name in protocl.__all__:
+        obj = getattr(protocl, name)
+        if inspect.isfunction(obj):
+            names.add(name)
+        elif inspect.isclass(obj) and issubclass(obj, torch.nn.Module):
+            for attr, member in vars(obj).items():
+                if inspect.isfunction(member) and (not attr.startswith("_")) and attr != "extra_repr":
+                    names.add(f"{name}.{attr}")
+    return names
+
+
+def test_the_table_of_public_calls_is_complete():
+    assert set(_good_calls()) == _public_callables()
+
+
+@pytest.mark.parametrize("name", sorted(_public_callables()))
+def test_a_pending_verdict_is_reported_by_the_next_public_call(deferred_checks, name):
+    # issue 28: bad labels go into masked_average_pool on the device path (queued, no raise); the next call of any
+    # public function or method, on good inputs, raises it, naming the function that received them and the argument
+    calls = _good_calls()
+    masked_average_pool(F4, _raw_ids(), 19)
+    assert len(_validation._PENDING) == 1
+    with pytest.raises(ValueError, match=r"^masked_average_pool: labels: expected label ids in \[0, 19\).*got 33"):
+        calls[name]()
+    assert not _validation._PENDING
+    calls[name]()  # reported once
+
+
+VALUE_CHECK_CALLS = [  # (function the message must name, argument, call with a raw id 33 in the labels / a bad weight)
+    ("masked_average_pool", "labels", lambda y: masked_average_pool(F4, y, 19)),
+    ("masked_average_pool", "weights", lambda y: masked_average_pool(F4, y % 19, 19, weights=-torch.ones(B, 4, 4))),
+    ("pixel_prototype_contrastive_loss", "labels", lambda y: pixel_prototype_contrastive_loss(F4, torch.randn(19, D), y)),
+    ("pixel_prototype_contrastive_loss", "labels", lambda y: PixelPrototypeContrastiveLoss()(F4, torch.randn(19, D), y)),
+    ("fcl_loss", "target_labels", lambda y: fcl_loss(F4, torch.randn(19, D), y)),
+    ("bcl_loss", "source_labels", lambda y: bcl_loss(F4, torch.randn(19, D), y, at="label")),
+    ("bcl_loss", "pixel_weight", lambda y: bcl_loss(F4, torch.randn(19, D), y % 19, pixel_weight=-torch.ones(B))),
+    ("overlap_class_weight", "target_labels", lambda y: overlap_class_weight(y % 19, y, 19, size=(4, 4))),
+    ("resize_labels", "labels", lambda y: resize_labels(y, (4, 4), mode="purity", num_classes=19)),
+    ("label_histogram", "labels", lambda y: label_histogram(y, (4, 4), 19)),
+    ("PrototypeEMA.update", "labels", lambda y: PrototypeEMA(19, D).update(F4, y)),
+    ("PrototypeEMA.update", "weights", lambda y: PrototypeEMA(19, D).update(F4, y % 19, weights=-torch.ones(B, 4, 4))),
+    ("BidirectionalContrast.forward", "source_labels", lambda y: BidirectionalContrast(19, D)(F4, y, F4, y % 19)),
+    ("BidirectionalContrast.forward", "target_weight",
+     lambda y: BidirectionalContrast(19, D)(F4, y % 19, F4, y % 19, target_weight=-torch.ones(B))),
+]
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
+@pytest.mark.parametrize(("fn", "argname", "call"), VALUE_CHECK_CALLS, ids=[str(i) for i in range(len(VALUE_CHECK_CALLS))])
+def test_value_check_messages_name_the_function_and_the_argument(request, deferred, fn, argname, call):
+    expected = rf"^{re.escape(fn)}: {argname}: expected"
+    if not deferred:
+        with pytest.raises(ValueError, match=expected):
+            call(_raw_ids())
+        return
+    request.getfixturevalue("deferred_checks")
+    call(_raw_ids())  # queued
+    with pytest.raises(ValueError, match=expected):
+        protocl.flush_value_checks()
 
 
 @pytest.mark.needs_cuda
@@ -460,3 +572,28 @@ def test_default_value_checks_never_sync_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
     with pytest.raises(ValueError, match=r"labels.*33"):
         protocl.flush_value_checks()
+
+
+@pytest.mark.needs_cuda
+def test_a_pending_cuda_verdict_is_reported_without_a_sync():
+    # issue 28: on CUDA the report of a pending verdict reads pinned host memory behind a completed event: no
+    # host synchronisation, by every public call (a sample of them here), under the sync debug mode "error"
+    dev = torch.device("cuda")
+    f = torch.randn(B, D, 4, 4, device=dev)
+    y = torch.randint(0, 19, (B, 8, 8), device=dev)
+    protocl.flush_value_checks()
+    calls = [lambda: fcl_loss(f, torch.randn(19, D, device=dev), y), lambda: hybrid_fuse(y, y),
+             lambda: entropy_loss(torch.randn(B, 19, 8, 8, device=dev)),
+             lambda: cosine_similarity_map(f, torch.randn(19, D, device=dev)),
+             lambda: dynamic_pseudo_label(f, torch.randn(19, D, device=dev))]
+    for call in calls:
+        bad = y.clone()
+        bad[0, 0, 0] = 33
+        masked_average_pool(f, bad, 19)  # queued
+        torch.cuda.synchronize()  # the verdict is on the host now; the report must not sync itself
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(ValueError, match=r"^masked_average_pool: labels: .*33"):
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

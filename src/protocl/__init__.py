@@ -5,7 +5,8 @@ Semantic Segmentation" (ECCV 2022, arXiv 2207.10892), exact to the protocl metho
 ``torch.compile``-able. Shapes: B batch, K classes, D channels, h×w feature grid, H×W label grid.
 """
 
-from ._validation import IGNORE_INDEX, flush_value_checks, set_value_checks, value_checks_enabled
+from ._types import IGNORE_INDEX
+from ._validation import flush_value_checks, set_value_checks, value_checks_enabled
 from .adaptation import BidirectionalContrast, PrototypeSimilarities, StepOutput
 from .calibration import domain_bias_calibrate
 from .contrastive import (

@@ -1,54 +1,30 @@
-"""Argument validation shared by every public function, and the global value-check switch.
+"""Argument validation of every public function, and the value checks with their global switch.
 
 Shape, dtype and setting checks read only metadata: they cost nothing and always run. Checks of tensor *values*
 (label ids outside ``[0, K) ∪ {ignore_index}``, negative pixel weights) run by default in eager mode, are skipped
-automatically while ``torch.compile`` traces or a CUDA graph is being captured, and can be switched off globally
-with :func:`set_value_checks`. They never synchronise a CUDA device with the host:
+while ``torch.compile`` traces or a CUDA graph is captured, can be switched off with :func:`set_value_checks`, and
+never synchronise a CUDA device with the host:
 
-- CPU tensors are checked at once (one ``aminmax`` pass over the labels, a second pass only when the map holds
-  ids at or above K, i.e. ``ignore_index``; no label-sized int64 temporary), and the ``ValueError`` is raised by
-  the call itself;
-- CUDA tensors are checked *on the device*: the verdict (a count and an example value) is copied to pinned host
-  memory without blocking, and the ``ValueError`` is raised by the first protocl call that finds the copy done
-  (normally the next call, or the next step), or by :func:`flush_value_checks`, which waits for them.
+- a tensor not on CUDA is checked at once and the call itself raises;
+- a CUDA tensor is checked *on the device*: its verdict (a count and an example value) is copied to pinned host
+  memory without blocking and queued; every public function and method of protocl first calls
+  :func:`report_pending`, which raises the first failed verdict that has reached the host (so the next call
+  reports it, or a later one if the device is behind), and :func:`flush_value_checks` waits for all of them.
 
-Other devices (MPS, XPU) are checked like CPU tensors, with one host read per check.
-
-A tensor that was checked already (the same tensor object, not modified in place since, against the same K and
-``ignore_index``) is not checked again: a step that pools and contrasts the same label map pays for one check.
+Every value-check message names the public function that received the tensor and the argument.
 """
 
 from __future__ import annotations
 
 import collections
-import weakref
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Tuple, TypeVar, get_args
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "set_value_checks", "value_checks_enabled", "flush_value_checks"]
+from ._types import REDUCTIONS, Reduction
 
-IGNORE_INDEX = 255
-"""The label id that marks pixels to ignore (Cityscapes/GTA5 convention)."""
-
-EPS = 1e-6
-"""Floor of the norms in every cosine, representable in fp16/bf16 (the protocl method spec, §2)."""
-
-MIN_PURITY = 0.75
-"""Default ``min_purity`` of the ``"purity"`` label resize (the protocl method spec, §2)."""
-
-# The choices of every string setting, as types (documentation, IDEs, type checkers) and as tuples (validation).
-Reduction = Literal["none", "mean", "sum"]
-Absent = Literal["mask", "min_similarity"]
-At = Literal["feature", "label"]
-ResizeMode = Literal["nearest", "purity"]
-FuseMode = Literal["fill", "agree", "dynamic_first"]
-REDUCTIONS: Tuple[Reduction, ...] = get_args(Reduction)
-ABSENT_MODES: Tuple[Absent, ...] = get_args(Absent)
-AT_MODES: Tuple[At, ...] = get_args(At)
-RESIZE_MODES: Tuple[ResizeMode, ...] = get_args(ResizeMode)
-FUSE_MODES: Tuple[FuseMode, ...] = get_args(FuseMode)
+__all__ = ["set_value_checks", "value_checks_enabled", "flush_value_checks"]
 
 _VALUE_CHECKS = True
 
@@ -59,11 +35,12 @@ def set_value_checks(enabled: bool) -> None:
     Value checks (label ids outside ``[0, K) ∪ {ignore_index}``, e.g. raw GTA5/Cityscapes ids passed instead of
     train ids; negative pixel weights) are on by default in eager mode and always skipped while compiling or
     capturing a CUDA graph. They never synchronise a CUDA device: on CPU a bad label raises in the call itself;
-    on CUDA the check runs on the device and its ``ValueError`` is raised by a later protocl call (usually the
-    next one) or by :func:`flush_value_checks`. Their cost on CPU is one pass over each label map (about 0.7 ms
-    for ``(2, 730, 730)`` int64 labels on one thread, two passes when the map holds ``ignore_index``; see
+    on CUDA the check runs on the device and its ``ValueError`` is raised by the next protocl call that finds the
+    verdict on the host (usually the next call) or by :func:`flush_value_checks`. Their cost on CPU is one pass
+    over each label map (about 0.3-0.5 ms for ``(2, 730, 730)`` int64 labels on one thread, see
     ``docs/benchmarks.md``); on CUDA a few small kernels. Switch them off for maximum speed once the data
-    pipeline is trusted. Shape, dtype and setting checks are free and always run.
+    pipeline is trusted; verdicts already queued are still reported. Shape, dtype and setting checks are free and
+    always run.
 
     Args:
         enabled: ``True`` to run value checks in eager mode, ``False`` to skip them.
@@ -79,10 +56,12 @@ def set_value_checks(enabled: bool) -> None:
     if not isinstance(enabled, bool):
         raise TypeError(f"set_value_checks: expected enabled to be a bool, got {type(enabled).__name__}")
     _VALUE_CHECKS = enabled
+    report_pending()  # after the switch: a verdict of an earlier call is still reported, and the setting holds
 
 
 def value_checks_enabled() -> bool:
     """Return whether value checks are switched on (see :func:`set_value_checks`)."""
+    report_pending()
     return _VALUE_CHECKS
 
 
@@ -90,13 +69,14 @@ def flush_value_checks() -> None:
     r"""Wait for the value checks still running on a device, and raise the first one that failed.
 
     On CUDA, value checks run on the device and report through pinned host memory without synchronising; their
-    ``ValueError`` is raised by the first protocl call that finds the verdict ready. Call this where your step
-    synchronises anyway (logging a loss, the end of an epoch, before saving a checkpoint) to be told for sure:
-    it waits for the pending checks (a host synchronisation) and raises the first failure. On CPU every check
-    has already raised in its own call, and this returns at once.
+    ``ValueError`` is raised by the first protocl call that finds the verdict on the host. Call this where your
+    step synchronises anyway (logging a loss, the end of an epoch, before saving a checkpoint) to be told for
+    sure: it waits for the pending checks (a host synchronisation) and raises the first failure. On CPU every
+    check has already raised in its own call, and this returns at once.
 
     Raises:
-        ValueError: the message of the first failed check, naming the function and the argument.
+        ValueError: the message of the first failed check, naming the function that received the tensor and the
+            argument.
 
     Example:
         >>> import protocl
@@ -105,42 +85,55 @@ def flush_value_checks() -> None:
     _poll(wait=True)
 
 
-def _value_checks_active(t: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():  # (no event query while capturing either)
-        return False
-    if _PENDING:  # verdicts still on their way are reported even once the checks are switched off
+def report_pending() -> None:
+    """Raise the first failed device-side value check whose verdict has reached the host; never waits.
+
+    The first statement of every public function and method of protocl (skipped while compiling or capturing).
+    """
+    if _PENDING and not torch.compiler.is_compiling() and not _capturing():
         _poll()
-    return _VALUE_CHECKS and t.device.type != "meta"  # (meta tensors have no values to check)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _value_checks_active(t: Tensor) -> bool:
+    if not _VALUE_CHECKS or t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # --------------------------------------------------------------------------------------------------- deferral
 
-# Checks of device tensors whose verdict is still on its way to the host: (verdict, event, message builder).
-# ``verdict`` is a pinned int64 host tensor ``[bad count, example value]``; ``event`` completes when the copy has
-# landed (None: complete). The queue is bounded: past ``_MAX_PENDING`` entries the oldest is waited for.
+# Verdicts of device-side checks on their way to the host: (verdict, event, message). ``verdict`` is an int64 host
+# tensor ``[bad count, example value]`` (pinned; filled by a non-blocking copy); ``event`` completes when the copy
+# has landed (None: already there). Past ``_MAX_PENDING`` entries the oldest is waited for.
 _PENDING: collections.deque = collections.deque()
 _MAX_PENDING = 256
-_DEFER_ON_CPU = False  # tests: run the device path's deferral on CPU tensors
+
+
+def deferred(t: Tensor) -> bool:
+    """Whether the value checks of ``t`` run on its device and report later (CUDA tensors). The test suite
+    rehearses that path on CPU by patching this function (the ``deferred_checks`` fixture)."""
+    return t.is_cuda
 
 
 def _defer(verdict: Tensor, message: Callable[[int], str]) -> None:
-    """Queue a device-side verdict ``[bad count, example]`` (int64, on the device) without synchronising."""
+    """Queue a verdict ``[bad count, example]`` (int64, on the checked tensor's device) without synchronising."""
+    host, event = verdict, None
     if verdict.is_cuda:
         host = torch.empty(verdict.shape, dtype=verdict.dtype, pin_memory=True)
         host.copy_(verdict, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-    else:  # the CPU rehearsal of the same logic (tests)
-        host, event = verdict, None
     _PENDING.append((host, event, message))
     if len(_PENDING) > _MAX_PENDING:
         _poll(wait=True, limit=1)
 
 
 def _poll(*, wait: bool = False, limit: Optional[int] = None) -> None:
-    """Raise the first failed verdict among the completed ones (all of them, or the oldest ``limit``, when
+    """Raise the first failed verdict among those on the host (all of them, or the oldest ``limit``, when
     ``wait``); never blocks unless ``wait``."""
     done = 0
     while _PENDING and (limit is None or done < limit):
@@ -155,35 +148,7 @@ def _poll(*, wait: bool = False, limit: Optional[int] = None) -> None:
         count, example = (int(v) for v in host.tolist())
         if count:
             _PENDING.clear()  # one report per failure burst: later verdicts of the same bad data say the same
-            _CHECKED.clear()  # the bad tensor was remembered before its verdict came back: forget it
-            raise ValueError(message(example) + " [checked on the device by an earlier call, reported now]")
-
-
-# Tensors already checked: id -> (weak reference, version counter, check key). Bounded, least recent out.
-_CHECKED: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
-_CHECKED_SIZE = 16
-
-
-def _already_checked(t: Tensor, key: tuple) -> bool:
-    entry = _CHECKED.get(id(t))
-    if entry is None:
-        return False
-    ref, version, checked_key = entry
-    try:
-        return ref() is t and t._version == version and checked_key == key
-    except RuntimeError:  # inference tensors have no version counter
-        return False
-
-
-def _remember(t: Tensor, key: tuple) -> None:
-    try:
-        entry = (weakref.ref(t), t._version, key)
-    except (RuntimeError, TypeError):
-        return
-    _CHECKED[id(t)] = entry
-    _CHECKED.move_to_end(id(t))
-    while len(_CHECKED) > _CHECKED_SIZE:
-        _CHECKED.popitem(last=False)
+            raise ValueError(message(example) + " [checked on the device, reported by a later protocl call]")
 
 
 # --------------------------------------------------------------------------------------------------- types
@@ -358,13 +323,9 @@ def _scales_agree(grid: Sequence[int], label_size: Sequence[int], tolerance: flo
 
 def check_layout_against_labels(features: Tensor, labels: Tensor, fname: str) -> None:
     """Raise when ``(B, D, h, w)`` features are really channels-last ``(B, h, w, D)``, as far as the label grid
-    shows it (metadata only, no host read). The channels-last reading ``(h, w) = shape[1:3]`` must fit the
-    labels' grid (equal to it, or the same downsampling on both axes within 10 %) while the channels-first
-    reading ``shape[2:4]`` does not (not equal, and its two axes' factors differ by more than 1.5x), on a grid of
-    at least 4 x 4 (smaller grids cannot tell the layouts apart). When D is close to w (e.g. D = 76 channels on
-    a 92 x 92 grid) both readings fit and nothing can be told from shapes alone; ``PrototypeEMA`` and
-    ``BidirectionalContrast`` (their ``dim``), and the losses given prototypes of the true D, catch it by the
-    channel count."""
+    shows it, from metadata alone: ``shape[1:3]`` fits the label grid (equal, or the same downsampling on both axes
+    within 10 %) while ``shape[2:4]`` does not (its axes' factors differ by more than 1.5x), on grids of at least
+    4 x 4. When D is close to w both readings fit (docs/conventions.md, Shapes); what knows D catches it."""
     H, W = labels.shape[-2], labels.shape[-1]
     first, last = tuple(features.shape[2:4]), tuple(features.shape[1:3])
     if shape_equals(first, (H, W)) or min(last) < 4 or _scales_agree(first, (H, W), 1.5):
@@ -420,11 +381,11 @@ def check_features_prototypes(features: Any, prototypes: Any, valid: Any, fname:
 
 
 def check_pixel_weights(
-    weights: Any, features: Tensor, labels: Tensor, name: str = "weights", *, per_image: bool = False
+    weights: Any, features: Tensor, labels: Tensor, name: str, fn: str, *, per_image: bool = False
 ) -> Tensor:
     """Non-negative pixel weights on the feature grid ``(B, h, w)`` or the label grid ``(B, H, W)`` (a singleton
     channel axis ``(B, 1, ·, ·)`` is squeezed), or with ``per_image`` one weight per image ``(B,)``; returns
-    them in 1-d or 3-d form."""
+    them in 1-d or 3-d form. ``fn``: the public function, named by the value check."""
     layout = "(B,), (B, h, w) or (B, H, W)" if per_image else "(B, h, w) or (B, H, W)"
     check_float_tensor(weights, name, (1, 3, 4) if per_image else (3, 4), layout)
     check_same_device("features", features, name, weights)
@@ -440,17 +401,18 @@ def check_pixel_weights(
             raise ValueError(f"{name}: expected shape {(B,)} (one weight per image), got {shape}")
     elif not shape_in(shape, (B, h, w), label_grid):
         raise ValueError(f"{name}: expected shape {(B, h, w)} (feature grid) or {label_grid} (label grid), got {shape}")
-    check_weight_values(weights, name)
+    check_weight_values(weights, name, fn)
     return weights
 
 
-def class_weight_vector(class_weight: Any, num_classes: int, batch: int, fname: str) -> Optional[Tensor]:
-    """``class_weight`` as ``(K,)`` or ``(B, K)``; DASS's ``(K, 1)`` column is flattened (it cannot be
-    ``(B, K)`` unless K = 1, where both readings are the same)."""
+def class_weight_vector(class_weight: Any, num_classes: int, features: Tensor, fname: str) -> Optional[Tensor]:
+    """``class_weight`` as ``(K,)`` or ``(B, K)`` on the device of ``features`` (``B`` their batch); DASS's
+    ``(K, 1)`` column is flattened (it cannot be ``(B, K)`` unless K = 1, where both readings are the same)."""
     if class_weight is None:
         return None
-    K, B = num_classes, batch
+    K, B = num_classes, features.shape[0]
     check_float_tensor(class_weight, "class_weight", (1, 2), "(K,) or (B, K)")
+    check_same_device(fname, features, "class_weight", class_weight)
     if class_weight.ndim == 2 and shape_equals(class_weight.shape, (K, 1)) and not shape_equals(
         class_weight.shape, (B, K)
     ):
@@ -463,13 +425,29 @@ def class_weight_vector(class_weight: Any, num_classes: int, batch: int, fname: 
     return class_weight
 
 
+def check_contrast_inputs(
+    features: Any, prototypes: Any, labels: Any, valid: Any, class_weight: Any, pixel_weight: Any,
+    names: Tuple[str, str, str], fn: str,
+) -> Tuple[int, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The tensors of one contrastive term (``names``: of the features, prototypes and labels); returns ``(K,
+    labels (B, H, W), class_weight, pixel_weight)`` normalised (a ``(B, 1, H, W)`` label map squeezed, a
+    ``(K, 1)`` class weight flattened)."""
+    fname, pname, lname = names
+    _, K = check_features_prototypes(features, prototypes, valid, fname, pname)
+    labels = check_features_labels(features, labels, fname, lname)
+    class_weight = class_weight_vector(class_weight, K, features, fname)
+    if pixel_weight is not None:
+        pixel_weight = check_pixel_weights(pixel_weight, features, labels, "pixel_weight", fn, per_image=True)
+    return K, labels, class_weight, pixel_weight
+
+
 # --------------------------------------------------------------------------------------------------- values
 
 
-def _label_message(name: str, num_classes: int, ignore_index: int) -> Callable[[int], str]:
+def _label_message(fn: str, name: str, num_classes: int, ignore_index: int) -> Callable[[int], str]:
     def message(example: int) -> str:
         return (
-            f"{name}: expected label ids in [0, {num_classes}) or ignore_index={ignore_index}, got {example} "
+            f"{fn}: {name}: expected label ids in [0, {num_classes}) or ignore_index={ignore_index}, got {example} "
             f"(raw GTA5/Cityscapes label ids must be mapped to train ids first; "
             f"protocl.set_value_checks(False) disables this check)"
         )
@@ -478,10 +456,11 @@ def _label_message(name: str, num_classes: int, ignore_index: int) -> Callable[[
 
 
 def _host_label_violation(labels: Tensor, num_classes: int, ignore_index: int) -> Optional[int]:
-    """A bad id of CPU ``labels``, or None. One ``aminmax`` pass; when the largest id is ``ignore_index`` (in
+    """A bad id of host ``labels``, or None. One ``aminmax`` pass; when the largest id is ``ignore_index`` (in
     ``[K, 255]``: the common case of a map with ignored pixels) a second pass over a uint8 copy, where adding
     ``256 - ignore_index`` wraps ``ignore_index`` to 0 and keeps the other ids in order, so that the largest
-    other id comes out of one ``amax`` with no label-sized int64 temporary. Other cases: a ``where`` pass."""
+    other id comes out of one ``amax`` with no label-sized int64 temporary (6x faster than a ``where`` pass on a
+    ``(2, 730, 730)`` map; docs/benchmarks.md). Other cases: a ``where`` pass."""
     lo, hi = (int(v) for v in torch.aminmax(labels))
     if lo >= 0 and hi < num_classes:
         return None
@@ -510,43 +489,32 @@ def _device_label_verdict(labels: Tensor, num_classes: int, ignore_index: int) -
     return torch.stack([bad.sum(dtype=torch.int64), example.amax()])
 
 
-def _deferred(t: Tensor) -> bool:
-    return t.is_cuda or (_DEFER_ON_CPU and t.device.type == "cpu")
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str, fn: str) -> None:
+    """Raise if a label is outside ``[0, K) ∪ {ignore_index}``, naming the public function ``fn`` and the argument
+    ``name`` (skipped when off or compiling; on CUDA checked on the device and reported later)."""
+    if not _value_checks_active(labels) or labels.numel() == 0:
+        return
+    message = _label_message(fn, name, num_classes, ignore_index)
+    if deferred(labels):
+        _defer(_device_label_verdict(labels, num_classes, ignore_index), message)
+        return
+    example = _host_label_violation(labels, num_classes, ignore_index)
+    if example is not None:
+        raise ValueError(message(example))
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str, *, original: Optional[Tensor] = None) -> None:
-    """Raise if a label is outside ``[0, K) ∪ {ignore_index}`` (skipped when off or compiling; on CUDA checked on
-    the device and reported later, see the module docstring). ``original``: the tensor the user passed, when
-    ``labels`` is a view of it (the cache of checked tensors keys on it)."""
-    if not _value_checks_active(labels):
-        return
-    if labels.numel() == 0:
-        return
-    user = labels if original is None else original
-    key = ("labels", num_classes, ignore_index)
-    if _already_checked(user, key):
-        return
-    if _deferred(labels):
-        _defer(_device_label_verdict(labels, num_classes, ignore_index), _label_message(name, num_classes, ignore_index))
-    else:
-        example = _host_label_violation(labels, num_classes, ignore_index)
-        if example is not None:
-            raise ValueError(_label_message(name, num_classes, ignore_index)(example))
-    _remember(user, key)
-
-
-def check_weight_values(weights: Tensor, name: str) -> None:
-    """Raise if a weight is negative or NaN (skipped when off or compiling; deferred on CUDA)."""
-    if not _value_checks_active(weights):
-        return
-    if weights.numel() == 0:
+def check_weight_values(weights: Tensor, name: str, fn: str) -> None:
+    """Raise if a weight is negative or NaN, naming ``fn`` and ``name`` (skipped when off or compiling; deferred
+    on CUDA)."""
+    if not _value_checks_active(weights) or weights.numel() == 0:
         return
 
     def message(example: int) -> str:
-        return f"{name}: expected non-negative weights, got a negative or NaN value"
+        return f"{fn}: {name}: expected non-negative weights, got a negative or NaN value"
 
-    if _deferred(weights):
-        bad = ~(weights >= 0)
-        _defer(torch.stack([bad.sum(dtype=torch.int64), torch.zeros((), dtype=torch.int64, device=weights.device)]), message)
-    elif not bool((weights.detach() >= 0).all()):
+    bad = ~(weights.detach() >= 0)
+    if deferred(weights):
+        _defer(torch.stack([bad.sum(dtype=torch.int64), torch.zeros((), dtype=torch.int64, device=weights.device)]),
+               message)
+    elif bool(bad.any()):
         raise ValueError(message(0))

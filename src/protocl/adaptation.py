@@ -24,14 +24,8 @@ from ._kernels import pseudo_labels as label_kernels
 from ._kernels.cosine import compute_features, feature_inverse_norm
 from ._kernels.reduction import pair_mean, reduce_loss
 from ._kernels.resize import grid_of
+from ._types import FUSE_MODES, IGNORE_INDEX, MIN_PURITY, MOMENTUM, TEMPERATURE, THRESHOLD, Absent, At, FuseMode, ResizeMode
 from ._validation import (
-    FUSE_MODES,
-    IGNORE_INDEX,
-    MIN_PURITY,
-    Absent,
-    At,
-    FuseMode,
-    ResizeMode,
     check_bool,
     check_channels,
     check_choice,
@@ -43,11 +37,14 @@ from ._validation import (
     check_real,
     check_same_device,
     class_weight_vector,
+    report_pending,
 )
 from .contrastive import contrast_settings
 from .prototypes import PrototypeEMA
 
 __all__ = ["BidirectionalContrast", "StepOutput", "PrototypeSimilarities"]
+
+FN = "BidirectionalContrast.forward"  # the function that value-check messages name
 
 
 class PrototypeSimilarities(NamedTuple):
@@ -226,9 +223,9 @@ class BidirectionalContrast(nn.Module):
         *,
         fcl_weight: float = 0.1,
         bcl_weight: float = 0.1,
-        temperature: float = 0.1,
-        momentum: float = 0.999,
-        threshold: float = 0.7,
+        temperature: float = TEMPERATURE,
+        momentum: float = MOMENTUM,
+        threshold: float = THRESHOLD,
         fuse: FuseMode = "fill",
         absent: Absent = "mask",
         at: At = "feature",
@@ -283,10 +280,11 @@ class BidirectionalContrast(nn.Module):
 
     def _pool(self, features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         s = self.settings
-        return prototype_kernels.masked_average_pool(
-            features, labels, self.num_classes, ignore_index=s.ignore_index, per_image=True, weights=None,
-            resize=s.resize, min_purity=s.min_purity,
+        sums, counts = prototype_kernels.class_sums(
+            features, labels, self.num_classes, ignore_index=s.ignore_index, weights=None, resize=s.resize,
+            min_purity=s.min_purity,
         )
+        return prototype_kernels.divide_counts(sums, counts), counts
 
     def _contrast(
         self, features: Tensor, prototypes: Tensor, labels: Tensor, valid: Tensor, class_weight: Optional[Tensor],
@@ -300,6 +298,10 @@ class BidirectionalContrast(nn.Module):
 
     def calibrated(self, source_prototypes: Tensor) -> Tensor:
         """Step 2: source prototypes shifted by the current EMA domain bias (no gradient into the EMAs)."""
+        report_pending()
+        return self._calibrated(source_prototypes)
+
+    def _calibrated(self, source_prototypes: Tensor) -> Tensor:
         ema_s, ema_t = self.source_ema, self.target_ema
         return prototype_kernels.calibrate(
             source_prototypes, ema_s.prototypes, ema_t.prototypes, ema_s.initialized, ema_t.initialized
@@ -324,7 +326,7 @@ class BidirectionalContrast(nn.Module):
         (BatchNorm's rule: ``.eval()`` freezes them), ``True``/``False`` overrides it for this call. The weights:
         see the class docstring. ``return_similarities=True``: the output's ``similarities`` holds the cosines
         behind :math:`y_D` (:class:`PrototypeSimilarities`; see the class docstring)."""
-        user_s, user_f = source_labels, static_labels
+        report_pending()
         source_labels = check_features_labels(source_features, source_labels, "source_features", "source_labels")
         static_labels = check_features_labels(target_features, static_labels, "target_features", "static_labels")
         check_same_device("source_features", source_features, "target_features", target_features)
@@ -339,22 +341,19 @@ class BidirectionalContrast(nn.Module):
             update = self.training
         check_bool(update, "update")
         check_bool(return_similarities, "return_similarities")
-        B = source_features.shape[0]
-        class_weight = class_weight_vector(class_weight, self.num_classes, B, "source_features")
-        if class_weight is not None:
-            check_same_device("source_features", source_features, "class_weight", class_weight)
+        class_weight = class_weight_vector(class_weight, self.num_classes, source_features, "source_features")
         if source_weight is not None:
             source_weight = check_pixel_weights(
-                source_weight, source_features, source_labels, "source_weight", per_image=True
+                source_weight, source_features, source_labels, "source_weight", FN, per_image=True
             )
         if target_weight is not None:
             target_weight = check_pixel_weights(
-                target_weight, target_features, static_labels, "target_weight", per_image=True
+                target_weight, target_features, static_labels, "target_weight", FN, per_image=True
             )
         K, s = self.num_classes, self.settings
         ignore = s.ignore_index
-        check_label_values(source_labels, K, ignore, "source_labels", original=user_s)
-        check_label_values(static_labels, K, ignore, "static_labels", original=user_f)
+        check_label_values(source_labels, K, ignore, "source_labels", FN)
+        check_label_values(static_labels, K, ignore, "static_labels", FN)
         y_s, y_f = source_labels.long(), static_labels.long()
 
         p_s, n_s = self._pool(source_features, y_s)  # 1
@@ -365,7 +364,7 @@ class BidirectionalContrast(nn.Module):
         if self.dynamic or return_similarities:  # (with dynamic labels off, computed for the request alone)
             anchors = p_s.detach()
             if self.calibrate:
-                anchors = self.calibrated(anchors)  # 2
+                anchors = self._calibrated(anchors)  # 2
             cosine = label_kernels.prototype_cosine(target_features, anchors, valid_s, s.eps, phi_t)  # (B, K, hw)
             if return_similarities:
                 grid_t = grid_of(target_features)
@@ -393,8 +392,8 @@ class BidirectionalContrast(nn.Module):
         loss = self.fcl_weight * fcl + self.bcl_weight * bcl
 
         if update:  # 7
-            self.source_ema.update_from(p_s.detach(), n_s)
-            self.target_ema.update_from(p_t.detach(), n_t)
+            self.source_ema._update_sums(*prototype_kernels.batch_sums(p_s, n_s))  # (validated here already)
+            self.target_ema._update_sums(*prototype_kernels.batch_sums(p_t, n_t))
         stats = _statistics(y_f, y_d, y_t, valid_s, valid_t, fcl, bcl, ignore)
         return StepOutput(loss, fcl, bcl, y_t, y_d, stats, similarities)
 

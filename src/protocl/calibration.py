@@ -8,7 +8,7 @@ import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor
 
 from ._kernels.prototypes import calibrate
-from ._validation import check_bool_tensor, check_float_tensor, check_same_device, shape_equals
+from ._validation import check_bool_tensor, check_float_tensor, check_same_device, report_pending, shape_equals
 from .prototypes import PrototypeEMA
 
 __all__ = ["domain_bias_calibrate"]
@@ -64,6 +64,7 @@ def domain_bias_calibrate(
         >>> domain_bias_calibrate(torch.zeros(2, 3, 4), mu_s, mu_t, target_initialized=done)[0, :, 0]
         tensor([1., 1., 0.])
     """
+    report_pending()
     check_float_tensor(source_prototypes, "source_prototypes", (2, 3, 4, 5), "(..., K, D)")
     mu_s, init_s = _ema_state(source_ema, source_initialized, "source_ema", "source_initialized")
     mu_t, init_t = _ema_state(target_ema, target_initialized, "target_ema", "target_initialized")

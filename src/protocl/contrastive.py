@@ -4,41 +4,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Tuple, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ._kernels import contrastive as kernels
 from ._kernels.contrastive import ContrastSettings
-from ._kernels.cosine import cosine_similarity_map as _cosine_map
-from ._validation import (
+from ._kernels.cosine import compute_features, cosine
+from ._kernels.dtypes import no_autocast
+from ._kernels.reduction import reduce_loss
+from ._types import (
     ABSENT_MODES,
     AT_MODES,
     EPS,
     IGNORE_INDEX,
     MIN_PURITY,
     RESIZE_MODES,
+    TEMPERATURE,
     Absent,
     At,
     Reduction,
     ResizeMode,
+)
+from ._validation import (
     check_choice,
+    check_contrast_inputs,
     check_features_prototypes,
     check_ignore_index,
     check_int,
     check_label_values,
-    check_layout_against_labels,
-    check_pixel_weights,
     check_positive,
     check_range,
     check_reduction,
     check_same_device,
     check_size2,
-    class_weight_vector,
     label_map,
+    report_pending,
 )
-from .prototypes import PooledPrototypes
+from .prototypes import PooledPrototypes, unpack_prototypes
 
 Prototypes = Union[Tensor, PooledPrototypes]
 
@@ -54,7 +60,7 @@ __all__ = [
 
 def contrast_settings(
     *,
-    temperature: float = 0.1,
+    temperature: float = TEMPERATURE,
     absent: Absent = "mask",
     at: At = "feature",
     ignore_index: int = IGNORE_INDEX,
@@ -74,53 +80,24 @@ def contrast_settings(
     )
 
 
-def prototypes_and_validity(prototypes: Any, valid: Any, pname: str) -> Tuple[Tensor, Optional[Tensor]]:
-    """A :class:`~protocl.PooledPrototypes` gives its prototypes and ``counts > 0`` (then ``valid`` must be None);
-    a tensor is returned as is (``valid=None``: inferred from all-zero rows by the kernel)."""
-    if isinstance(prototypes, PooledPrototypes):
-        if valid is not None:
-            raise ValueError(
-                f"valid: expected None when {pname} is a PooledPrototypes (its counts > 0 are the validity), "
-                f"got a tensor; pass {pname}.prototypes to give valid yourself"
-            )
-        return prototypes.prototypes, prototypes.counts > 0
-    return prototypes, valid
-
-
-def check_contrast_inputs(
-    features: Any, prototypes: Any, labels: Any, valid: Any, class_weight: Any, names: Tuple[str, str, str],
-    pixel_weight: Any = None,
-) -> Tuple[int, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Validate the tensors of one contrastive term; returns ``(K, labels (B, H, W), class_weight,
-    pixel_weight)`` normalised (a ``(B, 1, H, W)`` label map squeezed, a ``(K, 1)`` class weight flattened)."""
-    fname, pname, lname = names
-    B, K = check_features_prototypes(features, prototypes, valid, fname, pname)
-    labels = label_map(labels, lname)
-    check_same_device(fname, features, lname, labels)
-    if labels.shape[0] != B:
-        raise ValueError(f"{lname}: expected batch size {B} (the batch of {fname}), got shape {tuple(labels.shape)}")
-    check_layout_against_labels(features, labels, fname)
-    class_weight = class_weight_vector(class_weight, K, B, fname)
-    if class_weight is not None:
-        check_same_device(fname, features, "class_weight", class_weight)
-    if pixel_weight is not None:
-        pixel_weight = check_pixel_weights(pixel_weight, features, labels, "pixel_weight", per_image=True)
-    return K, labels, class_weight, pixel_weight
-
-
-def _loss(
-    features: Any, prototypes: Any, labels: Any, names: Tuple[str, str, str], *, valid: Any, class_weight: Any,
-    pixel_weight: Any, reduction: Any, **settings: Any
+def _contrastive_loss(
+    fn: str, names: Tuple[str, str, str], features: Any, prototypes: Any, labels: Any, *, valid: Any,
+    class_weight: Any, pixel_weight: Any, reduction: Any, **settings: Any
 ) -> Tensor:
+    """Validate one contrastive term (its arguments called ``names`` in the public function ``fn``), then
+    :func:`~protocl._kernels.contrastive.contrastive_terms` reduced."""
+    report_pending()
     s = contrast_settings(**settings)
     check_reduction(reduction)
-    prototypes, valid = prototypes_and_validity(prototypes, valid, names[1])
-    user_labels = labels
+    prototypes, valid = unpack_prototypes(prototypes, valid, names[1])
     K, labels, class_weight, pixel_weight = check_contrast_inputs(
-        features, prototypes, labels, valid, class_weight, names, pixel_weight
+        features, prototypes, labels, valid, class_weight, pixel_weight, names, fn
     )
-    check_label_values(labels, K, s.ignore_index, names[2], original=user_labels)
-    return kernels.contrastive_loss(features, prototypes, labels, valid, class_weight, s, reduction, pixel_weight)
+    check_label_values(labels, K, s.ignore_index, names[2], fn)
+    loss, weight = kernels.contrastive_terms(
+        features, prototypes, labels, valid, class_weight, s, per_pixel=reduction == "none", pixel_weight=pixel_weight
+    )
+    return reduce_loss(loss, reduction, weight)
 
 
 def cosine_similarity_map(features: Tensor, prototypes: Prototypes, eps: float = EPS) -> Tensor:
@@ -151,10 +128,14 @@ def cosine_similarity_map(features: Tensor, prototypes: Prototypes, eps: float =
         >>> s.shape
         torch.Size([2, 3, 4, 4])
     """
-    if isinstance(prototypes, PooledPrototypes):
-        prototypes = prototypes.prototypes
+    report_pending()
+    prototypes, _ = unpack_prototypes(prototypes, None, "prototypes")
     check_features_prototypes(features, prototypes, None, "features", "prototypes")
-    return _cosine_map(features, prototypes, check_positive(eps, "eps"))
+    eps = check_positive(eps, "eps")
+    h, w = features.shape[-2:]
+    with no_autocast(features):
+        f = compute_features(features, prototypes)
+        return rearrange(cosine(f, prototypes.to(f.dtype), eps), "b k (h w) -> b k h w", h=h, w=w)
 
 
 def pixel_prototype_contrastive_loss(
@@ -163,7 +144,7 @@ def pixel_prototype_contrastive_loss(
     labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
-    temperature: float = 0.1,
+    temperature: float = TEMPERATURE,
     class_weight: Optional[Tensor] = None,
     pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
@@ -236,8 +217,9 @@ def pixel_prototype_contrastive_loss(
         >>> pixel_prototype_contrastive_loss(f, P, y, at="label", reduction="none").shape
         torch.Size([2, 23, 23])
     """
-    return _loss(
-        features, prototypes, labels, ("features", "prototypes", "labels"),
+    return _contrastive_loss(
+        "pixel_prototype_contrastive_loss", ("features", "prototypes", "labels"),
+        features, prototypes, labels,
         valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
         absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
@@ -250,7 +232,7 @@ def fcl_loss(
     target_labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
-    temperature: float = 0.1,
+    temperature: float = TEMPERATURE,
     class_weight: Optional[Tensor] = None,
     pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
@@ -264,8 +246,8 @@ def fcl_loss(
     r"""Forward contrastive loss (FCL): target pixels against source prototypes.
 
     Pulls each target pixel feature towards the source prototype of its (pseudo) class and away from the other
-    classes' source prototypes; :func:`pixel_prototype_contrastive_loss` with target features, source
-    prototypes and target (hybrid pseudo) labels:
+    classes' source prototypes: :func:`pixel_prototype_contrastive_loss` with target features, source
+    prototypes and target (hybrid pseudo) labels,
 
     .. math::
         \mathcal{L}_{FCL} = \operatorname{mean}_{b,p}
@@ -273,49 +255,24 @@ def fcl_loss(
                    {\sum_k \exp(\cos(\mathbf{f}_T(b,p), \mathbf{p}_S(b, k)) / \tau)}
 
     Args:
-        target_features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are computed in fp32; fp64 stays fp64).
-        source_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared), or the
-            :class:`~protocl.PooledPrototypes` of :func:`~protocl.masked_average_pool` (validity from its counts).
-        target_labels: ``Tensor[B, H, W]`` (or mmseg's ``Tensor[B, 1, H, W]``) int64 class ids in ``[0, K)`` or
-            ``ignore_index``; any ``H, W`` (resized).
-        valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist (e.g. ``counts > 0`` from
-            :func:`~protocl.masked_average_pool`). None: every prototype that is not all zeros (an absent class
-            of :func:`~protocl.masked_average_pool`, whose cosine with every pixel would be 0) is valid. Must be
-            None when the prototypes are a :class:`~protocl.PooledPrototypes` (their ``counts > 0`` are used).
-        temperature: :math:`\tau > 0`.
-        class_weight: ``Tensor[K]`` or ``Tensor[B, K]``, the weight of a pixel's term by its class, as the
-            ``weight`` of ``F.cross_entropy`` (a ``(K, 1)`` column, as DASS builds it, is flattened).
-        pixel_weight: per-pixel weight, not differentiated: ``Tensor[B, H, W]`` (label grid), ``Tensor[B, h, w]``
-            (feature grid) or ``Tensor[B]`` (per image, e.g. DAFormer's ``pseudo_weight``); ``(B, 1, ·, ·)`` is
-            accepted too. Nearest-resized to the grid of the loss when it is on the other one. It multiplies the
-            class weight: "mean" divides by the summed weights of the contributing pixels (so a constant
-            weight cancels out of "mean"; use ``"sum"`` to scale).
-        absent: ``"mask"`` (invalid prototypes leave the softmax; pixels of their classes do not contribute) or
-            ``"min_similarity"`` (invalid prototypes get cosine −1 and stay; their pixels still contribute: the
-            authors' release).
-        at: ``"feature"`` (labels resized to the feature grid, loss over feature cells) or ``"label"`` (equal to
-            cross-entropy at label resolution against logits nearest-upsampled to ``(H, W)``, computed with
-            per-cell label histograms, never materialising ``(B, K, H, W)``).
-        ignore_index: label id that does not contribute.
-        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the weighted mean over contributing pixels
-            (``F.cross_entropy``'s: :math:`\sum_p w_p \ell_p / \sum_p w_p`, :math:`w_p` = class weight × pixel
-            weight); with no contributing pixel (or all weights 0) it is a zero still connected to the graph
-            (never NaN).
-        resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
-        min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
-            is ignored), in ``[0, 1]``.
-        eps: norm floor :math:`\epsilon` of the cosine.
+        target_features: ``Tensor[B, D, h, w]``, the ``features`` of :func:`pixel_prototype_contrastive_loss`.
+        source_prototypes: ``Tensor[B, K, D]``, ``Tensor[K, D]`` or :class:`~protocl.PooledPrototypes` of the
+            source, its ``prototypes``.
+        target_labels: ``Tensor[B, H, W]`` (or ``Tensor[B, 1, H, W]``) target pseudo labels, its ``labels``.
+
+    The keywords (``valid``, ``temperature``, ``class_weight``, ``pixel_weight``, ``absent``, ``at``,
+    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) are those of
+    :func:`pixel_prototype_contrastive_loss`, with its defaults and meaning.
 
     Returns:
-        A scalar, or with ``reduction="none"`` the weighted per-pixel loss ``Tensor[B, h, w]`` (``at="feature"``)
-        or ``Tensor[B, H, W]`` (``at="label"``), 0 where a pixel does not contribute. fp32 (fp64 for fp64 input).
+        As :func:`pixel_prototype_contrastive_loss`.
 
     Shape:
         - target_features: :math:`(B, D, h, w)`
         - source_prototypes: :math:`(B, K, D)` or :math:`(K, D)`
-        - target_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`; pixel_weight: :math:`(B, H, W)`,
-          :math:`(B, h, w)` or :math:`(B,)`
+        - target_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`
         - output: scalar, or :math:`(B, h, w)` / :math:`(B, H, W)` with ``reduction="none"``
+
     Example:
         >>> from protocl import masked_average_pool
         >>> f_s, f_t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
@@ -323,8 +280,9 @@ def fcl_loss(
         >>> source = masked_average_pool(f_s, y_s, 4)  # PooledPrototypes(prototypes, counts)
         >>> fcl_loss(f_t, source, y_t).backward()  # validity from source.counts > 0
     """
-    return _loss(
-        target_features, source_prototypes, target_labels, ("target_features", "source_prototypes", "target_labels"),
+    return _contrastive_loss(
+        "fcl_loss", ("target_features", "source_prototypes", "target_labels"),
+        target_features, source_prototypes, target_labels,
         valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
         absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
@@ -337,7 +295,7 @@ def bcl_loss(
     source_labels: Tensor,
     *,
     valid: Optional[Tensor] = None,
-    temperature: float = 0.1,
+    temperature: float = TEMPERATURE,
     class_weight: Optional[Tensor] = None,
     pixel_weight: Optional[Tensor] = None,
     absent: Absent = "mask",
@@ -350,8 +308,9 @@ def bcl_loss(
 ) -> Tensor:
     r"""Backward contrastive loss (BCL): source pixels against target prototypes.
 
-    The same quantity as :func:`fcl_loss` in the other direction: source features, target prototypes (pooled
-    from target features with the hybrid pseudo labels) and source ground truth:
+    The same quantity as :func:`fcl_loss` in the other direction: :func:`pixel_prototype_contrastive_loss` with
+    source features, target prototypes (pooled from target features with the hybrid pseudo labels) and source
+    ground truth,
 
     .. math::
         \mathcal{L}_{BCL} = \operatorname{mean}_{b,p}
@@ -359,56 +318,32 @@ def bcl_loss(
                    {\sum_k \exp(\cos(\mathbf{f}_S(b,p), \mathbf{p}_T(b, k)) / \tau)}
 
     Args:
-        source_features: ``Tensor[B, D, h, w]`` pixel features (fp16/bf16 are computed in fp32; fp64 stays fp64).
-        target_prototypes: ``Tensor[B, K, D]`` (prototypes paired with image b) or ``Tensor[K, D]`` (shared), or the
-            :class:`~protocl.PooledPrototypes` of :func:`~protocl.masked_average_pool` (validity from its counts).
-        source_labels: ``Tensor[B, H, W]`` (or mmseg's ``Tensor[B, 1, H, W]``) int64 class ids in ``[0, K)`` or
-            ``ignore_index``; any ``H, W`` (resized).
-        valid: ``Tensor[B, K]`` or ``Tensor[K]`` bool, which prototypes exist (e.g. ``counts > 0`` from
-            :func:`~protocl.masked_average_pool`). None: every prototype that is not all zeros (an absent class
-            of :func:`~protocl.masked_average_pool`, whose cosine with every pixel would be 0) is valid. Must be
-            None when the prototypes are a :class:`~protocl.PooledPrototypes` (their ``counts > 0`` are used).
-        temperature: :math:`\tau > 0`.
-        class_weight: ``Tensor[K]`` or ``Tensor[B, K]``, the weight of a pixel's term by its class, as the
-            ``weight`` of ``F.cross_entropy`` (a ``(K, 1)`` column, as DASS builds it, is flattened).
-        pixel_weight: per-pixel weight, not differentiated: ``Tensor[B, H, W]`` (label grid), ``Tensor[B, h, w]``
-            (feature grid) or ``Tensor[B]`` (per image, e.g. DAFormer's ``pseudo_weight``); ``(B, 1, ·, ·)`` is
-            accepted too. Nearest-resized to the grid of the loss when it is on the other one. It multiplies the
-            class weight: "mean" divides by the summed weights of the contributing pixels (so a constant
-            weight cancels out of "mean"; use ``"sum"`` to scale).
-        absent: ``"mask"`` (invalid prototypes leave the softmax; pixels of their classes do not contribute) or
-            ``"min_similarity"`` (invalid prototypes get cosine −1 and stay; their pixels still contribute: the
-            authors' release).
-        at: ``"feature"`` (labels resized to the feature grid, loss over feature cells) or ``"label"`` (equal to
-            cross-entropy at label resolution against logits nearest-upsampled to ``(H, W)``, computed with
-            per-cell label histograms, never materialising ``(B, K, H, W)``).
-        ignore_index: label id that does not contribute.
-        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` is the weighted mean over contributing pixels
-            (``F.cross_entropy``'s: :math:`\sum_p w_p \ell_p / \sum_p w_p`, :math:`w_p` = class weight × pixel
-            weight); with no contributing pixel (or all weights 0) it is a zero still connected to the graph
-            (never NaN).
-        resize: label resize for ``at="feature"``: ``"nearest"`` or ``"purity"``.
-        min_purity: for ``resize="purity"``, the share of a cell's pixels its majority class needs (else the cell
-            is ignored), in ``[0, 1]``.
-        eps: norm floor :math:`\epsilon` of the cosine.
+        source_features: ``Tensor[B, D, h, w]``, the ``features`` of :func:`pixel_prototype_contrastive_loss`.
+        target_prototypes: ``Tensor[B, K, D]``, ``Tensor[K, D]`` or :class:`~protocl.PooledPrototypes` of the
+            target, its ``prototypes``.
+        source_labels: ``Tensor[B, H, W]`` (or ``Tensor[B, 1, H, W]``) source ground truth, its ``labels``.
+
+    The keywords (``valid``, ``temperature``, ``class_weight``, ``pixel_weight``, ``absent``, ``at``,
+    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) are those of
+    :func:`pixel_prototype_contrastive_loss`, with its defaults and meaning.
 
     Returns:
-        A scalar, or with ``reduction="none"`` the weighted per-pixel loss ``Tensor[B, h, w]`` (``at="feature"``)
-        or ``Tensor[B, H, W]`` (``at="label"``), 0 where a pixel does not contribute. fp32 (fp64 for fp64 input).
+        As :func:`pixel_prototype_contrastive_loss`.
 
     Shape:
         - source_features: :math:`(B, D, h, w)`
         - target_prototypes: :math:`(B, K, D)` or :math:`(K, D)`
-        - source_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`; pixel_weight: :math:`(B, H, W)`,
-          :math:`(B, h, w)` or :math:`(B,)`
+        - source_labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)`
         - output: scalar, or :math:`(B, h, w)` / :math:`(B, H, W)` with ``reduction="none"``
+
     Example:
         >>> f_s = torch.randn(2, 8, 6, 6, requires_grad=True)
         >>> p_t = torch.randn(2, 4, 8)
         >>> bcl_loss(f_s, p_t, torch.randint(0, 4, (2, 24, 24))).backward()
     """
-    return _loss(
-        source_features, target_prototypes, source_labels, ("source_features", "target_prototypes", "source_labels"),
+    return _contrastive_loss(
+        "bcl_loss", ("source_features", "target_prototypes", "source_labels"),
+        source_features, target_prototypes, source_labels,
         valid=valid, temperature=temperature, class_weight=class_weight, pixel_weight=pixel_weight,
         absent=absent, at=at,
         ignore_index=ignore_index, reduction=reduction, resize=resize, min_purity=min_purity, eps=eps,
@@ -460,7 +395,7 @@ def overlap_class_weight(
         >>> overlap_class_weight(y_s, y_t, 3, size=((2, 2), (1, 1)))  # y_t on a 1x1 grid: class 1
         tensor([[0., 1., 0.]])
     """
-    user_s, user_t = source_labels, target_labels
+    report_pending()
     source_labels = label_map(source_labels, "source_labels")
     target_labels = label_map(target_labels, "target_labels")
     check_same_device("source_labels", source_labels, "target_labels", target_labels)
@@ -472,8 +407,8 @@ def overlap_class_weight(
     num_classes = check_int(num_classes, "num_classes", 1)
     size_s, size_t = _overlap_sizes(size)
     check_ignore_index(ignore_index)
-    check_label_values(source_labels, num_classes, ignore_index, "source_labels", original=user_s)
-    check_label_values(target_labels, num_classes, ignore_index, "target_labels", original=user_t)
+    check_label_values(source_labels, num_classes, ignore_index, "source_labels", "overlap_class_weight")
+    check_label_values(target_labels, num_classes, ignore_index, "target_labels", "overlap_class_weight")
     both = kernels.presence(source_labels, size_s, num_classes, ignore_index) & kernels.presence(
         target_labels, size_t, num_classes, ignore_index
     )
@@ -500,7 +435,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
     def __init__(
         self,
         *,
-        temperature: float = 0.1,
+        temperature: float = TEMPERATURE,
         absent: Absent = "mask",
         at: At = "feature",
         ignore_index: int = IGNORE_INDEX,
@@ -529,12 +464,7 @@ class PixelPrototypeContrastiveLoss(nn.Module):
         class_weight: Optional[Tensor] = None,
         pixel_weight: Optional[Tensor] = None,
     ) -> Tensor:
-        prototypes, valid = prototypes_and_validity(prototypes, valid, "prototypes")
-        user_labels = labels
-        K, labels, class_weight, pixel_weight = check_contrast_inputs(
-            features, prototypes, labels, valid, class_weight, ("features", "prototypes", "labels"), pixel_weight
-        )
-        check_label_values(labels, K, self.settings.ignore_index, "labels", original=user_labels)
-        return kernels.contrastive_loss(
-            features, prototypes, labels, valid, class_weight, self.settings, self.reduction, pixel_weight
+        return pixel_prototype_contrastive_loss(
+            features, prototypes, labels, valid=valid, class_weight=class_weight, pixel_weight=pixel_weight,
+            reduction=self.reduction, **dataclasses.asdict(self.settings),
         )

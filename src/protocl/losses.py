@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._kernels.dtypes import no_autocast, upcast
 from ._kernels.reduction import reduce_loss
-from ._kernels.losses import entropy
-from ._validation import Reduction, check_float_tensor, check_reduction
+from ._types import Reduction
+from ._validation import check_float_tensor, check_reduction, report_pending
 
 __all__ = ["entropy_loss", "EntropyLoss"]
 
@@ -39,9 +40,15 @@ def entropy_loss(logits: Tensor, *, reduction: Reduction = "mean") -> Tensor:
         True
         >>> loss.backward()
     """
+    report_pending()
     check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
     check_reduction(reduction)
-    ent = entropy(logits)  # b h w
+    with no_autocast(logits):
+        logp = torch.log_softmax(upcast(logits), dim=1)
+        p = logp.exp()
+        # where p is 0, log p may be -inf (a masked class): the where keeps it out of the product and, since its
+        # gradient there is 0, out of the backward too
+        ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=1)  # b h w
     return reduce_loss(ent, reduction, torch.ones_like(ent))
 
 

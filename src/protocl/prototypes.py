@@ -5,17 +5,14 @@ Spec (the protocl method spec, §3): ``masked_average_pool`` and ``PrototypeEMA`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._kernels import prototypes as kernels
+from ._types import IGNORE_INDEX, MIN_PURITY, MOMENTUM, RESIZE_MODES, ResizeMode
 from ._validation import (
-    IGNORE_INDEX,
-    MIN_PURITY,
-    RESIZE_MODES,
-    ResizeMode,
     check_bool,
     check_channels,
     check_choice,
@@ -29,6 +26,7 @@ from ._validation import (
     check_range,
     check_same_device,
     check_tensor,
+    report_pending,
     shape_equals,
 )
 from .distributed import all_reduce_sum_, is_distributed
@@ -44,6 +42,19 @@ class PooledPrototypes(NamedTuple):
 
     prototypes: Tensor
     counts: Tensor
+
+
+def unpack_prototypes(prototypes: Any, valid: Any, pname: str) -> Tuple[Tensor, Any]:
+    """The prototypes argument of an op: a :class:`PooledPrototypes` gives its prototypes and ``counts > 0`` (then
+    ``valid`` must be None); a tensor is returned as is, with ``valid`` (validated by the caller)."""
+    if isinstance(prototypes, PooledPrototypes):
+        if valid is not None:
+            raise ValueError(
+                f"valid: expected None when {pname} is a PooledPrototypes (its counts > 0 are the validity), "
+                f"got a tensor; pass {pname}.prototypes to give valid yourself"
+            )
+        return prototypes.prototypes, prototypes.counts > 0
+    return check_tensor(prototypes, pname), valid
 
 
 def masked_average_pool(
@@ -100,7 +111,7 @@ def masked_average_pool(
         (torch.Size([2, 3, 8]), torch.Size([2, 3]))
         >>> protos.sum().backward()
     """
-    user_labels = labels
+    report_pending()
     labels = check_features_labels(features, labels)
     num_classes = check_int(num_classes, "num_classes", 1)
     ignore_index = check_ignore_index(ignore_index)
@@ -108,13 +119,15 @@ def masked_average_pool(
     check_choice(resize, "resize", RESIZE_MODES)
     check_range(min_purity, "min_purity", 0.0, 1.0)
     if weights is not None:
-        weights = check_pixel_weights(weights, features, labels)
-    check_label_values(labels, num_classes, ignore_index, "labels", original=user_labels)
-    prototypes, counts = kernels.masked_average_pool(
-        features, labels, num_classes, ignore_index=ignore_index, per_image=per_image, weights=weights,
-        resize=resize, min_purity=min_purity,
+        weights = check_pixel_weights(weights, features, labels, "weights", "masked_average_pool")
+    check_label_values(labels, num_classes, ignore_index, "labels", "masked_average_pool")
+    sums, counts = kernels.class_sums(
+        features, labels, num_classes, ignore_index=ignore_index, weights=weights, resize=resize,
+        min_purity=min_purity,
     )
-    return PooledPrototypes(prototypes, counts)
+    if not per_image:
+        sums, counts = sums.sum(0), counts.sum(0)
+    return PooledPrototypes(kernels.divide_counts(sums, counts), counts)
 
 
 class PrototypeEMA(nn.Module):
@@ -151,7 +164,7 @@ class PrototypeEMA(nn.Module):
     prototypes: Tensor
     initialized: Tensor
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.999, *, sync: bool = True) -> None:
+    def __init__(self, num_classes: int, dim: int, momentum: float = MOMENTUM, *, sync: bool = True) -> None:
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", 1)
         self.dim = check_int(dim, "dim", 1)
@@ -165,6 +178,7 @@ class PrototypeEMA(nn.Module):
 
     def forward(self) -> Tensor:
         """Return the current prototypes ``(K, D)`` (a pure read)."""
+        report_pending()
         return self.prototypes
 
     @torch.no_grad()
@@ -181,15 +195,15 @@ class PrototypeEMA(nn.Module):
         """Update from pixel features ``(B, D, h, w)`` and labels ``(B, H, W)`` or ``(B, 1, H, W)`` (pooled over
         the batch); ``resize``,
         ``min_purity`` and ``weights`` as in :func:`masked_average_pool`."""
-        user_labels = labels
+        report_pending()
         labels = check_features_labels(features, labels)
         check_channels(features, self.dim, "features", "the dim of the EMA")
         ignore_index = check_ignore_index(ignore_index)
         check_choice(resize, "resize", RESIZE_MODES)
         check_range(min_purity, "min_purity", 0.0, 1.0)
         if weights is not None:
-            weights = check_pixel_weights(weights, features, labels)
-        check_label_values(labels, self.num_classes, ignore_index, "labels", original=user_labels)
+            weights = check_pixel_weights(weights, features, labels, "weights", "PrototypeEMA.update")
+        check_label_values(labels, self.num_classes, ignore_index, "labels", "PrototypeEMA.update")
         sums, counts = kernels.class_sums(
             features.detach(), labels, self.num_classes, ignore_index=ignore_index, weights=weights, resize=resize,
             min_purity=min_purity,
@@ -202,6 +216,7 @@ class PrototypeEMA(nn.Module):
 
         Per-image rows are pooled by their counts (the same batch prototype as :meth:`update`).
         """
+        report_pending()
         check_float_tensor(prototypes, "prototypes", (2, 3), "(B, K, D) or (K, D)")
         check_tensor(counts, "counts")
         if counts.dtype == torch.bool or counts.is_complex():

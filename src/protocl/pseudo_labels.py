@@ -12,11 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ._kernels import pseudo_labels as kernels
+from ._kernels.resize import grid_of
+from ._types import EPS, FUSE_MODES, IGNORE_INDEX, THRESHOLD, FuseMode
 from ._validation import (
-    EPS,
-    FUSE_MODES,
-    IGNORE_INDEX,
-    FuseMode,
     check_bool,
     check_choice,
     check_dim_size,
@@ -28,9 +26,10 @@ from ._validation import (
     check_same_device,
     check_size2,
     label_map,
+    report_pending,
 )
 from .distributed import all_reduce_sum_, is_distributed
-from .prototypes import PooledPrototypes
+from .prototypes import PooledPrototypes, unpack_prototypes
 
 __all__ = ["dynamic_pseudo_label", "hybrid_fuse", "static_pseudo_label", "ClassBalancedThresholds"]
 
@@ -43,7 +42,7 @@ def dynamic_pseudo_label(
     prototypes: Union[Tensor, PooledPrototypes],
     *,
     valid: Optional[Tensor] = None,
-    threshold: float = 0.7,
+    threshold: float = THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
     size: Optional[Tuple[int, int]] = None,
 ) -> Tensor:
@@ -81,20 +80,15 @@ def dynamic_pseudo_label(
         >>> dynamic_pseudo_label(f, P, threshold=0.7)
         tensor([[[  0,   2, 255]]])
     """
-    if isinstance(prototypes, PooledPrototypes):
-        if valid is not None:
-            raise ValueError("valid: expected None when prototypes is a PooledPrototypes (its counts > 0 are the "
-                             "validity), got a tensor")
-        valid = prototypes.counts > 0
-        prototypes = prototypes.prototypes
+    report_pending()
+    prototypes, valid = unpack_prototypes(prototypes, valid, "prototypes")
     check_features_prototypes(target_features, prototypes, valid, "target_features", "prototypes")
-    if valid is None:
-        valid = prototypes.detach().ne(0).any(-1)
     threshold = check_range(threshold, "threshold", -1.0, 1.0)
     ignore_index = check_ignore_index(ignore_index)
     if size is not None:
         size = check_size2(size, "size")
-    return kernels.dynamic_labels(target_features, prototypes, valid, threshold, ignore_index, size, EPS)
+    s = kernels.prototype_cosine(target_features, prototypes, valid, EPS)
+    return kernels.labels_from_cosine(s, grid_of(target_features), threshold, ignore_index, size)
 
 
 # ------------------------------------------------------------------------------------------------ fusion
@@ -136,6 +130,7 @@ def hybrid_fuse(
         >>> hybrid_fuse(y_f, y_d, mode="agree")
         tensor([[[255, 255,   1, 255]]])
     """
+    report_pending()
     static_labels = label_map(static_labels, "static_labels")
     dynamic_labels = label_map(dynamic_labels, "dynamic_labels")
     check_same_device("static_labels", static_labels, "dynamic_labels", dynamic_labels)
@@ -194,6 +189,7 @@ def static_pseudo_label(
         >>> static_pseudo_label(z, proportion=0.5)
         tensor([[[  0, 255]]])
     """
+    report_pending()
     check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
     K = logits.shape[1]
     if class_thresholds is not None:
@@ -277,12 +273,14 @@ class ClassBalancedThresholds(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Forget everything seen (start of a new pass over the target set)."""
+        report_pending()
         self.histogram.zero_()
         self._seen = False
 
     @torch.no_grad()
     def update(self, logits: Tensor) -> None:
         """Accumulate the confidences of a batch of logits ``(B, K, H, W)``."""
+        report_pending()
         check_float_tensor(logits, "logits", (4,), "(B, K, H, W)")
         check_dim_size(logits, 1, self.num_classes, "logits", "K, the classes of the thresholds")
         check_same_device("histogram", self.histogram, "logits", logits)
@@ -298,6 +296,7 @@ class ClassBalancedThresholds(nn.Module):
         Raises ``RuntimeError`` when no ``update`` has run since construction or ``reset`` (and no state was
         loaded): a host-side flag, so this reads nothing back from the device.
         """
+        report_pending()
         if not self._seen:
             raise RuntimeError(
                 "ClassBalancedThresholds.compute(): no confidences accumulated (no update() since construction or "

@@ -29,12 +29,8 @@ import torch
 from torch import Tensor
 
 from ._kernels import resize as kernels
-from ._kernels.resize import DeviceLike
+from ._types import IGNORE_INDEX, MIN_PURITY, RESIZE_MODES, DeviceLike, ResizeMode
 from ._validation import (
-    IGNORE_INDEX,
-    MIN_PURITY,
-    RESIZE_MODES,
-    ResizeMode,
     check_choice,
     check_ignore_index,
     check_int,
@@ -42,6 +38,7 @@ from ._validation import (
     check_range,
     check_size2,
     label_map,
+    report_pending,
 )
 
 __all__ = ["resize_labels", "nearest_source_index", "label_histogram"]
@@ -81,6 +78,7 @@ def nearest_source_index(out_size: int, in_size: int, device: DeviceLike = None,
         >>> nearest_source_index(730, 92)[365].item(), nearest_source_index(730, 92, dtype=torch.float64)[365].item()
         (45, 46)
     """
+    report_pending()
     out_size = check_int(out_size, "out_size", 1)
     in_size = check_int(in_size, "in_size", 1)
     if dtype not in (torch.float32, torch.float64):
@@ -120,12 +118,12 @@ def label_histogram(
         tensor([[2., 0.],
                 [0., 1.]])
     """
-    user_labels = labels
+    report_pending()
     labels = label_map(labels, "labels")
     num_classes = check_int(num_classes, "num_classes", 1)
     h, w = check_size2(size, "size")
     ignore_index = check_ignore_index(ignore_index)
-    check_label_values(labels, num_classes, ignore_index, "labels", original=user_labels)
+    check_label_values(labels, num_classes, ignore_index, "labels", "label_histogram")
     return kernels.label_histogram(labels.long(), (h, w), num_classes, ignore_index)
 
 
@@ -162,7 +160,7 @@ def resize_labels(
         >>> resize_labels(y, (1, 2), mode="purity", num_classes=2, min_purity=0.9)
         tensor([[[  0, 255]]])
     """
-    user_labels = labels
+    report_pending()
     labels = label_map(labels, "labels")
     size = check_size2(size, "size")
     check_choice(mode, "mode", RESIZE_MODES)
@@ -172,5 +170,5 @@ def resize_labels(
         if num_classes is None:
             raise ValueError("num_classes: expected an int >= 1 for mode='purity', got None")
         check_int(num_classes, "num_classes", 1)
-        check_label_values(labels, num_classes, ignore_index, "labels", original=user_labels)
+        check_label_values(labels, num_classes, ignore_index, "labels", "resize_labels")
     return kernels.resize_labels(labels.long(), size, mode, num_classes, ignore_index, min_purity)

@@ -10,10 +10,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .._validation import EPS, IGNORE_INDEX, MIN_PURITY, Absent, At, Reduction, ResizeMode
-from .cosine import compute_features, cosine
+from .._types import EPS, IGNORE_INDEX, MIN_PURITY, TEMPERATURE, Absent, At, ResizeMode
+from .cosine import _Cosine, compute_features, feature_inverse_norm, inverse_norm, validity
 from .dtypes import no_autocast
-from .reduction import reduce_loss
 from .resize import cell_index, grid_of, known_labels, label_histogram, resize_labels, upsample_rule
 
 
@@ -21,32 +20,13 @@ from .resize import cell_index, grid_of, known_labels, label_histogram, resize_l
 class ContrastSettings:
     """The settings of one contrastive term (validated by the public functions and modules that build it)."""
 
-    temperature: float = 0.1
+    temperature: float = TEMPERATURE
     absent: Absent = "mask"
     at: At = "feature"
     ignore_index: int = IGNORE_INDEX
     resize: ResizeMode = "nearest"
     min_purity: float = MIN_PURITY
     eps: float = EPS
-
-
-def log_probs(
-    features: Tensor, prototypes: Tensor, valid: Tensor, s: ContrastSettings, phi: Optional[Tensor] = None
-) -> Tensor:
-    """``(B, K, h, w)`` log softmax over classes of the cosine logits, invalid prototypes masked (``"mask"``) or
-    at similarity −1 (``"min_similarity"``); ``phi`` reuses the features' inverse norms."""
-    h, w = features.shape[-2:]
-    f = compute_features(features, prototypes)
-    z = cosine(f, prototypes.to(f.dtype), s.eps, phi) / s.temperature  # b k n
-    z = rearrange(z, "b k (h w) -> b k h w", h=h, w=w)
-    keep = valid[:, :, None, None]
-    if s.absent == "mask":
-        # a finite "minus infinity": exp underflows to exactly 0, and an image with no valid prototype at all
-        # still gives finite values (its pixels do not contribute), so no NaN reaches the gradients.
-        fill = torch.full_like(z, torch.finfo(z.dtype).min)
-    else:
-        fill = torch.full_like(z, -1.0 / s.temperature)
-    return torch.log_softmax(torch.where(keep, z, fill), dim=1)
 
 
 def class_weights(valid: Tensor, class_weight: Optional[Tensor], absent: Absent, dtype: torch.dtype) -> Tensor:
@@ -140,23 +120,37 @@ def contrastive_terms(
     phi: Optional[Tensor] = None,
     pixel_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Unreduced weighted loss and weight, batch first.
+    r"""Unreduced weighted loss and weight of :func:`protocl.pixel_prototype_contrastive_loss`, batch first.
 
+    .. math::
+        \log q[b,k,p] = \operatorname{log\,softmax}_k \big(\cos(\mathbf{f}(b,:,p), \mathbf{P}_{b,k}) / \tau\big),
+        \qquad \ell(b,p) = -w_{b,y}\, w_p \log q[b,y(b,p),p]
+
+    Invalid prototypes are masked out of the softmax (``"mask"``) or held at cosine −1 (``"min_similarity"``).
     ``at="feature"``: ``(B, h, w)``. ``at="label"``: ``(B, H, W)`` when ``per_pixel`` else the equivalent
-    ``(B, K, h, w)`` histogram form (same sums, cheaper). ``valid=None``: a prototype is valid unless it is all
-    zeros (what :func:`protocl.masked_average_pool` writes for an absent class). ``pixel_weight``: ``(B,)``,
-    ``(B, h, w)`` or ``(B, H, W)``, not differentiated.
+    ``(B, K, h, w)`` histogram form (same sums, cheaper). ``valid=None``: :func:`validity`. ``pixel_weight``:
+    ``(B,)``, ``(B, h, w)`` or ``(B, H, W)``, not differentiated. ``phi`` reuses the features' inverse norms.
     """
     B = features.shape[0]
     K = prototypes.shape[-2]
-    labels = labels.long()
-    if valid is None:
-        valid = prototypes.detach().ne(0).any(-1)  # (b) k: a zero vector has no direction
-    valid = valid.expand(B, K)
-    grid = grid_of(features)
+    h, w = grid = grid_of(features)
     label_size = grid_of(labels)
+    labels = labels.long()
+    valid = validity(prototypes, valid).expand(B, K)
     with no_autocast(features):
-        logp = log_probs(features, prototypes, valid, s, phi)
+        f = compute_features(features, prototypes)
+        p = prototypes.to(f.dtype)
+        if phi is None:
+            phi = feature_inverse_norm(f, s.eps)
+        z = _Cosine.apply(f, p, phi, inverse_norm(p.detach(), -1, s.eps), s.eps) / s.temperature  # b k n
+        z = rearrange(z, "b k (h w) -> b k h w", h=h, w=w)
+        if s.absent == "mask":
+            # a finite "minus infinity": exp underflows to exactly 0, and an image with no valid prototype at all
+            # still gives finite values (its pixels do not contribute), so no NaN reaches the gradients.
+            fill = torch.full_like(z, torch.finfo(z.dtype).min)
+        else:
+            fill = torch.full_like(z, -1.0 / s.temperature)
+        logp = torch.log_softmax(torch.where(valid[:, :, None, None], z, fill), dim=1)
         cw = class_weights(valid, None if class_weight is None else class_weight.expand(B, K), s.absent, logp.dtype)
         if s.at == "feature":
             y = resize_labels(labels, grid, s.resize, K, s.ignore_index, s.min_purity)
@@ -174,24 +168,6 @@ def contrastive_terms(
             elif tuple(pw.shape[-2:]) == grid and grid != label_size:
                 pw = pw[:, None]  # b 1 h w: scales each cell's histogram
         return _terms_by_histogram(logp, labels, cw, pw, s.ignore_index)
-
-
-def contrastive_loss(
-    features: Tensor,
-    prototypes: Tensor,
-    labels: Tensor,
-    valid: Optional[Tensor],
-    class_weight: Optional[Tensor],
-    s: ContrastSettings,
-    reduction: Reduction,
-    pixel_weight: Optional[Tensor] = None,
-) -> Tensor:
-    """The reduced loss of :func:`protocl.pixel_prototype_contrastive_loss`."""
-    loss, weight = contrastive_terms(
-        features, prototypes, labels, valid, class_weight, s, per_pixel=reduction == "none",
-        pixel_weight=pixel_weight,
-    )
-    return reduce_loss(loss, reduction, weight)
 
 
 def presence(labels: Tensor, size: Tuple[int, int], num_classes: int, ignore_index: int) -> Tensor:

@@ -25,11 +25,10 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import torch
-from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dtypes import compute_dtype, no_autocast
+from .dtypes import compute_dtype
 
 
 _CHUNK = 64  # channels per step of the features' squared norm: a cache-sized temporary
@@ -105,6 +104,15 @@ def cosine(features: Tensor, p: Tensor, eps: float, phi: Optional[Tensor] = None
     return _Cosine.apply(features, p, phi, rho, eps)
 
 
+def validity(prototypes: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """``valid`` if given, else the rule of every op that takes prototypes without it: a prototype is valid unless
+    it is all zeros (what :func:`protocl.masked_average_pool` writes for an absent class; a zero vector has no
+    direction). ``(B, K)`` or ``(K,)`` bool."""
+    if valid is not None:
+        return valid
+    return prototypes.detach().ne(0).any(-1)
+
+
 def compute_features(features: Tensor, *others: Optional[Tensor]) -> Tensor:
     """``(B, D, h, w)`` features in the compute dtype of ``features`` and ``others`` (fp32, or fp64)."""
     return features.to(compute_dtype(features, *others))
@@ -113,12 +121,3 @@ def compute_features(features: Tensor, *others: Optional[Tensor]) -> Tensor:
 def feature_inverse_norm(features: Tensor, eps: float) -> Tensor:
     """``(B, N)`` inverse norms of ``(B, D, h, w)`` features (no gradient), to share between calls."""
     return inverse_norm(features.detach().reshape(features.shape[0], features.shape[1], -1), 1, eps)
-
-
-def cosine_similarity_map(features: Tensor, prototypes: Tensor, eps: float) -> Tensor:
-    """``(B, K, h, w)`` cosine of every pixel feature with every prototype (fp32, fp64 for fp64 inputs)."""
-    h, w = features.shape[-2:]
-    with no_autocast(features):
-        f = compute_features(features, prototypes)
-        s = cosine(f, prototypes.to(f.dtype), eps)
-    return rearrange(s, "b k (h w) -> b k h w", h=h, w=w)

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._validation import ResizeMode
+from .._types import ResizeMode
 from .dtypes import compute_dtype, no_autocast
 from .resize import grid_of, nearest_gather, resize_labels
 
@@ -40,21 +40,34 @@ class _ClassSums(torch.autograd.Function):
         return grad, None
 
 
-def pool_sums(
-    features: Tensor, labels_hw: Tensor, num_classes: int, weights: Optional[Tensor], ignore_index: int
+def class_sums(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int,
+    weights: Optional[Tensor],
+    resize: ResizeMode,
+    min_purity: float,
 ) -> Tuple[Tensor, Tensor]:
-    r"""Per-image class sums :math:`\sum_p [y=k] w f` ``(B, K, D)`` and counts ``(B, K)``, in fp32/fp64.
+    r"""Per-image class sums :math:`\sum_p [y=k]\, w\, \mathbf{f}` ``(B, K, D)`` and counts
+    :math:`\sum_p [y=k]\, w` ``(B, K)`` in fp32/fp64, of features ``(B, D, h, w)`` under labels ``(B, H, W)``
+    resized to the feature grid; ``weights`` on the feature or the label grid.
 
     One batched matrix product of the (weighted) class indicator ``(B, K, N)`` with the features ``(B, D, N)``;
     its backward is one more (the gradient of the features, ``(B, D, K) @ (B, K, N)``, written in their layout).
     Ignored pixels match no class, so they vanish from both.
     """
+    grid = grid_of(features)
+    y = resize_labels(labels.long(), grid, resize, num_classes, ignore_index, min_purity)
     dtype = compute_dtype(features)
-    classes = torch.arange(num_classes, device=labels_hw.device)
-    y = rearrange(labels_hw, "b h w -> b 1 (h w)")
+    classes = torch.arange(num_classes, device=y.device)
+    y = rearrange(y, "b h w -> b 1 (h w)")
     y = torch.where(y == ignore_index, -1, y)  # ignore never matches a class, even when ignore_index < K
     member = (y == classes[None, :, None]).to(dtype)  # b k n
     if weights is not None:
+        if tuple(weights.shape[-2:]) != grid:
+            weights = nearest_gather(weights, grid)
         member = member * rearrange(weights.detach().to(dtype), "b h w -> b 1 (h w)")
     with no_autocast(features):
         sums = _ClassSums.apply(features.to(dtype), member)  # b k d
@@ -66,46 +79,6 @@ def divide_counts(sums: Tensor, counts: Tensor) -> Tensor:
     present = counts > 0
     safe = torch.where(present, counts, torch.ones_like(counts))
     return torch.where(present[..., None], sums / safe[..., None], torch.zeros_like(sums))
-
-
-def class_sums(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    *,
-    ignore_index: int,
-    weights: Optional[Tensor],
-    resize: ResizeMode,
-    min_purity: float,
-) -> Tuple[Tensor, Tensor]:
-    """Per-image class sums ``(B, K, D)`` and counts ``(B, K)`` of features ``(B, D, h, w)`` under labels
-    ``(B, H, W)`` resized to the feature grid; ``weights`` on the feature or the label grid."""
-    grid = grid_of(features)
-    y = resize_labels(labels.long(), grid, resize, num_classes, ignore_index, min_purity)
-    if weights is not None and tuple(weights.shape[-2:]) != grid:
-        weights = nearest_gather(weights, grid)
-    return pool_sums(features, y, num_classes, weights, ignore_index)
-
-
-def masked_average_pool(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    *,
-    ignore_index: int,
-    per_image: bool,
-    weights: Optional[Tensor],
-    resize: ResizeMode,
-    min_purity: float,
-) -> Tuple[Tensor, Tensor]:
-    """Prototypes ``(B, K, D)``/``(K, D)`` and counts ``(B, K)``/``(K,)`` (see :func:`protocl.masked_average_pool`)."""
-    sums, counts = class_sums(
-        features, labels, num_classes, ignore_index=ignore_index, weights=weights, resize=resize,
-        min_purity=min_purity,
-    )
-    if not per_image:
-        sums, counts = sums.sum(0), counts.sum(0)
-    return divide_counts(sums, counts), counts
 
 
 def batch_sums(prototypes: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]:

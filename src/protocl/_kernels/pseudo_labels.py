@@ -10,10 +10,10 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .._validation import FuseMode
-from .cosine import compute_features, cosine
+from .._types import DeviceLike, FuseMode
+from .cosine import compute_features, cosine, validity
 from .dtypes import no_autocast, upcast
-from .resize import DeviceLike, grid_of, resize_labels, upsample_labels
+from .resize import grid_of, resize_labels, upsample_labels
 
 # ------------------------------------------------------------------------------------------------ dynamic
 
@@ -21,16 +21,16 @@ from .resize import DeviceLike, grid_of, resize_labels, upsample_labels
 def prototype_cosine(
     features: Tensor, prototypes: Tensor, valid: Optional[Tensor], eps: float, phi: Optional[Tensor] = None
 ) -> Tensor:
-    """Cosine ``(B, K, h*w)`` of the features with the prototypes in the compute dtype, ``-inf`` where ``valid``
-    is False (no gradient; ``phi`` reuses the features' inverse norms): what the dynamic labels are taken from."""
+    """Cosine ``(B, K, h*w)`` of the features with the prototypes in the compute dtype, ``-inf`` where a prototype
+    is not valid (``valid=None``: :func:`validity`); no gradient; ``phi`` reuses the features' inverse norms. The
+    dynamic labels are its thresholded arg max (:func:`labels_from_cosine`)."""
     B = features.shape[0]
     K = prototypes.shape[-2]
+    keep = validity(prototypes, valid).expand(B, K)[:, :, None]
     with torch.no_grad(), no_autocast(features):
         f = compute_features(features.detach(), prototypes)
         s = cosine(f, prototypes.detach().to(f.dtype), eps, phi)  # b k n
-        if valid is not None:
-            s = torch.where(valid.expand(B, K)[:, :, None], s, torch.full_like(s, -math.inf))
-    return s
+        return torch.where(keep, s, torch.full_like(s, -math.inf))
 
 
 def labels_from_cosine(
@@ -50,22 +50,6 @@ def labels_from_cosine(
             else:
                 labels = resize_labels(labels, size, "nearest", K, ignore_index)
     return labels
-
-
-def dynamic_labels(
-    features: Tensor,
-    prototypes: Tensor,
-    valid: Optional[Tensor],
-    threshold: float,
-    ignore_index: int,
-    size: Optional[Tuple[int, int]],
-    eps: float,
-    phi: Optional[Tensor] = None,
-) -> Tensor:
-    """Arg max of the cosine over valid prototypes where it exceeds ``threshold``, else ignore: ``(B, h, w)`` or
-    ``(B, H, W)`` int64 (no gradient; ``phi`` reuses the features' inverse norms)."""
-    s = prototype_cosine(features, prototypes, valid, eps, phi)
-    return labels_from_cosine(s, grid_of(features), threshold, ignore_index, size)
 
 
 def fuse(static: Tensor, dynamic: Tensor, mode: FuseMode, ignore_index: int) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import Reduction
+from .._types import Reduction
 
 
 def reduce_loss(loss: Tensor, reduction: Reduction, weight: Tensor) -> Tensor:

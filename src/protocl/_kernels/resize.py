@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -10,9 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .._validation import IGNORE_INDEX, MIN_PURITY, ResizeMode
-
-DeviceLike = Union[torch.device, str, int, None]  # what ``device=`` of a tensor factory takes
+from .._types import IGNORE_INDEX, MIN_PURITY, DeviceLike, ResizeMode
 
 
 def grid_of(x: Tensor) -> Tuple[int, int]:
