@@ -261,11 +261,8 @@ def fcl_loss(
         target_labels: ``Tensor[B, H, W]`` (or ``Tensor[B, 1, H, W]``) target pseudo labels, its ``labels``.
 
     The keywords (``valid``, ``temperature``, ``class_weight``, ``pixel_weight``, ``absent``, ``at``,
-    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) are those of
+    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) and the result are those of
     :func:`pixel_prototype_contrastive_loss`, with its defaults and meaning.
-
-    Returns:
-        As :func:`pixel_prototype_contrastive_loss`.
 
     Shape:
         - target_features: :math:`(B, D, h, w)`
@@ -324,11 +321,8 @@ def bcl_loss(
         source_labels: ``Tensor[B, H, W]`` (or ``Tensor[B, 1, H, W]``) source ground truth, its ``labels``.
 
     The keywords (``valid``, ``temperature``, ``class_weight``, ``pixel_weight``, ``absent``, ``at``,
-    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) are those of
+    ``ignore_index``, ``reduction``, ``resize``, ``min_purity``, ``eps``) and the result are those of
     :func:`pixel_prototype_contrastive_loss`, with its defaults and meaning.
-
-    Returns:
-        As :func:`pixel_prototype_contrastive_loss`.
 
     Shape:
         - source_features: :math:`(B, D, h, w)`
