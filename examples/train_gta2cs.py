@@ -29,23 +29,24 @@ No step synchronises with the host: losses and statistics stay on the device unt
 (docs/reproduce.md): safe loading, a pre-flight data check, ``--on-bad-sample``, SIGTERM/SIGUSR1 -> checkpoint
 and exit 75, ``--resume auto``, a non-finite guard.
 
-Round decisions (``--round-decisions score``, the default; :mod:`uda.decisions`): a round is kept only if a
-label-free score of the model on the target did not fall; an undone round's start is restored and its budget spent
-on source-only steps (:func:`fallback_round`); the best-scored model is delivered. ``off`` is the paper's behaviour.
-The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY (kept rounds ... of R; label-free score
-...)`` (docs/examples.md, docs/troubleshooting.md).
+Round decisions (``--round-decisions score``, the default; :mod:`uda.decisions`): a round is kept unless a
+label-free score of the model on the target fell (by more than ``--score-tolerance``); an undone round's start
+is restored and its budget spent as ``--fallback`` says (:func:`fallback_round`); the best-scored model is
+delivered. ``off`` is the paper's behaviour. The last line printed is ``target mIoU: source-only X.XX ->
+adapted Y.YY (kept rounds ... of R; label-free score ...)`` (docs/examples.md, docs/troubleshooting.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from uda import checkpoint, decisions, diagnostics, dist, runtime, signals
+from uda import checkpoint, decisions, diagnostics, dist, reliability, runtime, signals
 from uda.options import parse_args
 from uda.report import end_round, evaluate, finish, log_point
 from uda.run import Run, forward, setup
@@ -85,15 +86,18 @@ def source_step(run: Run, src: dict) -> dict[str, Tensor]:
     return {"ce_src": loss.detach()}
 
 
-def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None = None
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None = None,
+               class_weight: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One stage-2 step on a source and a target batch. Returns the step's statistics (device tensors, read at
     the log point; with ``--signals`` also ``signal_counts``, :mod:`uda.signals`) and the target labels it used
     (``static`` y_F, ``dynamic`` y_D, ``hybrid`` = what the target CE trained on).
 
     ``target_labels(out, y_f, target_logits, sims)`` chooses the target CE's labels from the orchestrator's output
     ``out`` and the cosines behind ``out.dynamic_labels`` (:class:`uda.signals.Similarities`); default
-    ``run.target_ce`` (``--target-ce``; None: the paper's hybrid y_T). FCL/BCL always use the orchestrator's y_T."""
+    ``run.target_ce`` (``--target-ce``; None: the paper's hybrid y_T). FCL/BCL always use the orchestrator's y_T.
+    ``class_weight`` ``(K,)`` weighs FCL/BCL and the target CE by class (``--reliability-weight``, ``--fallback
+    drop-flagged``); with ``--rectify`` (``run.teacher``) rectified labels replace the dynamic ones
+    (:mod:`uda.reliability`)."""
     b = src["image"].shape[0]
     images = torch.cat([src["image"].to(run.device, non_blocking=True), tgt["image"].to(run.device, non_blocking=True)])
     y_s = src["label"].to(run.device, non_blocking=True).long()
@@ -102,21 +106,34 @@ def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None
     up_t, y_f = up[b:], tgt["static"].to(run.device, non_blocking=True).long()
     target_labels = run.target_ce if target_labels is None else target_labels
     want = run.args.signals or target_labels is not None  # the cosines behind y_D, handed out by the orchestrator
-    out = run.contrast(features[:b], y_s, features[b:], y_f, return_similarities=want)  # FCL + BCL on y_T
+    y_in = y_f if run.teacher is None else rectified_labels(run, tgt["image"], features[b:], y_f)
+    out = run.contrast(features[:b], y_s, features[b:], y_in, return_similarities=want, class_weight=class_weight)
     sims = signals.Similarities.from_output(out) if want else None
     y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach(), sims)
-    ce_src, ce_tgt = safe_cross_entropy(up[:b], y_s), safe_cross_entropy(up_t, y_t)
+    y_d = out.dynamic_labels if run.teacher is None else y_in  # --rectify: the rectified labels in their place
+    ce_src, ce_tgt = safe_cross_entropy(up[:b], y_s), reliability.weighted_cross_entropy(up_t, y_t, class_weight)
     ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)
     optimize(run, ce_src + 0.3 * ce_tgt + 0.4 * ent + out.loss)
-    labels = {"static": y_f, "dynamic": out.dynamic_labels, "hybrid": y_t}
+    labels = {"static": y_f, "dynamic": y_d, "hybrid": y_t}
     stats = {"ce_src": ce_src.detach(), "ce_tgt": ce_tgt.detach(), "ent": ent.detach(), "fcl": out.fcl.detach(),
              "bcl": out.bcl.detach()}
     for name, y in labels.items():
         stats[f"cov_{name}"] = torch.count_nonzero(y != IGNORE_INDEX) * (100.0 / y.numel())
     if run.args.signals:
-        stats["signal_counts"] = signals.step_counts(y_f, out.dynamic_labels, y_t, up_t.detach().argmax(1), sims,
+        stats["signal_counts"] = signals.step_counts(y_f, y_d, y_t, up_t.detach().argmax(1), sims,
                                                      run.contrast.threshold, run.contrast.num_classes)
     return stats, labels
+
+
+@torch.no_grad()
+def rectified_labels(run: Run, images: Tensor, features: Tensor, y_f: Tensor) -> Tensor:
+    """``--rectify``: the round's static-label model's probabilities (``run.teacher``) at the labels' size, weighted
+    by the target EMA prototypes' softmax (:func:`uda.reliability.rectify`)."""
+    logits = F.interpolate(forward(run, run.teacher, images)[0], size=y_f.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    ema = run.contrast.target_ema
+    weights = reliability.prototype_weights(features.detach(), ema.prototypes, ema.initialized, run.args.temperature)
+    return reliability.rectify(logits.softmax(1), weights, y_f, run.contrast.threshold)
 
 
 @contextlib.contextmanager
@@ -206,11 +223,14 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
     a, sums, first, last = run.args, {}, True, None
     if decisions.enabled(run) and state["iteration"] == 0:  # --round-decisions: the round's start is kept
         decisions.begin_round(run, state)  # (the first time, the source model is scored)
+    if run.teacher is not None and state["iteration"] == 0:  # --rectify: the static labels' model, frozen
+        reliability.set_teacher(run.teacher, run.model)
     while state["iteration"] < min(until or a.round_iters, a.round_iters):
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
         src, tgt = next_batch(run, state, run.source_stream), next_batch(run, state, run.target_stream)
         with step_scope(run, "adapt", first, step_context):
-            stats, labels = step(run, src, tgt)
+            w = reliability.class_weights(state["signal_counts"], run.world) if a.reliability_weight else None
+            stats, labels = step(run, src, tgt, **({} if w is None else {"class_weight": w}))  # the round so far
             if "signal_counts" in stats:  # the round's sums (uda.signals), not a mean of the log point
                 state["signal_counts"] += stats.pop("signal_counts")
             accumulate(sums, stats)
@@ -243,16 +263,22 @@ def close_round(run: Run, state: dict, result: dict, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the control
-def source_round(run: Run, state: dict, kind: str, step_context: StepContext | None = None) -> dict:
+def source_round(run: Run, state: dict, kind: str, step_context: StepContext | None = None,
+                 step: Callable | None = None) -> dict:
     """A round's budget as source-only steps with the round's schedule (lr halved each round, poly within), from
     ``state["iteration"]``, then its evaluation; the round counter moves on. ``kind``: "control" (the
-    same-budget control) or "fallback" (a round undone by ``--round-decisions``). Returns the evaluation."""
+    same-budget control) or "fallback" (a round undone by ``--round-decisions``). ``step(run, src, tgt)``: an
+    adaptation step instead (``--fallback static`` / ``drop-flagged``). Returns the evaluation."""
     a, sums, first = run.args, {}, True
     while state["iteration"] < a.round_iters:
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
-        src = next_batch(run, state, run.source_stream)  # no target batch
+        src = next_batch(run, state, run.source_stream)
         with step_scope(run, kind, first, step_context):
-            stats = source_step(run, src)
+            if step is None:  # no target batch
+                stats = source_step(run, src)
+            else:  # the fallback's signals are not the round's: left out
+                stats = step(run, src, next_batch(run, state, run.target_stream))[0]
+                stats.pop("signal_counts", None)
             accumulate(sums, stats)
             watch(run, state, stats)
         first = False
@@ -270,8 +296,15 @@ def train_control(run: Run, state: dict, *, step_context: StepContext | None = N
 
 
 def fallback_round(run: Run, state: dict, step_context: StepContext | None = None) -> None:
-    """``--round-decisions score``: the budget of a round that was undone, as source-only steps from its start."""
-    result = source_round(run, state, "fallback", step_context)
+    """``--round-decisions score``: the budget of a round that was undone, from its start: source-only steps
+    (``--fallback source``), or its static labels only / its target terms without its flagged classes
+    (:func:`uda.decisions.fallback_terms`)."""
+    if run.args.fallback == "source":
+        result = source_round(run, state, "fallback", step_context)
+    else:
+        make_static_labels(run, state["round"])  # the round's own, on disk (made by the start just restored)
+        with decisions.fallback_terms(run, state) as extra:
+            result = source_round(run, state, "fallback", step_context, functools.partial(adapt_step, **extra))
     decisions.end_fallback(run, state, result["miou"])
     state["fallback"] = False
     close_round(run, state, result, "adapted")

@@ -84,6 +84,13 @@ VARIANTS = {
     "hires_margin": (["--no-control", *PAPER], "hires_margin"),
     # issue 27: round decisions by the label-free score (uda.decisions)
     "decide": (["--no-control", "--round-decisions", "score"], None),
+    # issue 27's options on top of the default (decisions on): tolerance, fallbacks, reliability in the contrast
+    "decide_tol": (["--no-control", "--round-decisions", "score", "--score-tolerance", "0.003"], None),
+    "reliability": (["--no-control", "--round-decisions", "score", "--reliability-weight"], None),
+    "rectify": (["--no-control", "--round-decisions", "score", "--rectify"], None),
+    "purity": (["--no-control", "--round-decisions", "score", "--proto-resize", "purity"], None),
+    "fallback_static": (["--no-control", "--round-decisions", "score", "--fallback", "static"], None),
+    "fallback_drop": (["--no-control", "--round-decisions", "score", "--fallback", "drop-flagged"], None),
 }
 
 
@@ -197,6 +204,9 @@ LABELS = {
     "class_off": "`class_off`: a class's dynamic labels off below 50 % agreement",
     "hires_margin": "`hires_margin`: `hires` + margin ≥ 0.05 at label resolution",
     "decide": "`--round-decisions score`: a round kept only if `flip_agreement` did not fall",
+    "decide_tol": "decide + `--score-tolerance 0.003`", "reliability": "decide + `--reliability-weight`",
+    "rectify": "decide + `--rectify`", "purity": "decide + `--proto-resize purity`",
+    "fallback_static": "decide + `--fallback static`", "fallback_drop": "decide + `--fallback drop-flagged`",
 }
 
 
@@ -213,7 +223,9 @@ def tables(results: dict, seeds: list[int], stage1_info: dict) -> str:
     for shift, per_seed in results.items():
         lines += [f"### {shift}", "", "| run (target val mIoU %) | " + " | ".join(f"seed {s}" for s in seeds)
                   + " | mean | vs control |", "| --- |" + " ---: |" * (len(seeds) + 2)]
-        rows: dict[str, list] = {"source-only (stage 1, plateau)": [stage1_info[shift][s]["miou"] for s in seeds]}
+        stage1_miou = [stage1_info[shift].get(s, {}).get("miou") for s in seeds]  # None: not run (n/a)
+        rows: dict[str, list] = {"source-only (stage 1, plateau)": stage1_miou}
+        per_seed = {s: per_seed.get(s, {}) for s in seeds}
         full = [per_seed[s].get("full") for s in seeds]
         if all(full):
             rows["same-budget control"] = [f["control"] for f in full]
@@ -230,10 +242,10 @@ def tables(results: dict, seeds: list[int], stage1_info: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} | {delta} |")
         if control and all(full):
             adapted = [f["adapted"] for f in full]
-            summary.append(f"| {shift} | {fmt(_mean(rows['source-only (stage 1, plateau)']))} | {fmt(_mean(control))} "
+            summary.append(f"| {shift} | {fmt(_mean(stage1_miou))} | {fmt(_mean(control))} "
                            f"| {fmt(_mean(adapted))} | {_mean(adapted) - _mean(control):+.2f} |")
         walls = [per_seed[s][v]["wall_s"] for s in seeds for v in per_seed[s]]
-        s1 = [stage1_info[shift][s]["wall_s"] for s in seeds]
+        s1 = [info["wall_s"] for info in stage1_info[shift].values()] or [math.nan]
         lines += ["", f"Wall time: stage 1 {min(s1):.0f}–{max(s1):.0f} s per seed; stage-2 runs "
                   f"{min(walls):.0f}–{max(walls):.0f} s each (the full run includes its control)." if walls else "", ""]
     return "\n".join(["Means over the seeds:", "", *summary, "", *lines])
@@ -360,6 +372,67 @@ def decision_table(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+ROUND_OPTIONS = ("decide_tol", "reliability", "rectify", "purity", "fallback_static", "fallback_drop")  # issue 27
+
+
+def _spread(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def means_table(results: dict, seeds: list[int], stage1_info: dict, variants: tuple[str, ...]) -> str:
+    """Per shift, the mean (± seed spread, the standard deviation over the seeds) of source-only, the same-budget
+    control, the paper default (``full``) and each of ``variants``; n/a unless every seed has the run."""
+    rows = [("source-only", lambda per, s: stage1_info[per].get(s, {}).get("miou")),
+            ("same-budget control", lambda per, s: (results[per].get(s, {}).get("full") or {}).get("control")),
+            ("paper default (`--round-decisions off`)",
+             lambda per, s: (results[per].get(s, {}).get("full") or {}).get("adapted"))]
+    rows += [(LABELS.get(v, v), lambda per, s, v=v: (results[per].get(s, {}).get(v) or {}).get("adapted"))
+             for v in variants]
+    lines = ["| run (target val mIoU %, mean ± seed spread) | " + " | ".join(results) + " | mean over shifts |",
+             "| --- |" + " ---: |" * (len(results) + 1)]
+    for name, get in rows:
+        cells, means = [], []
+        for shift in results:
+            values = [get(shift, s) for s in seeds]
+            if any(v is None for v in values):
+                cells.append("n/a")
+                continue
+            means.append(sum(values) / len(values))
+            cells.append(f"{means[-1]:.2f} ± {_spread(values):.2f}")
+        overall = f"{sum(means) / len(means):.2f}" if len(means) == len(results) else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall} |")
+    return "\n".join(lines)
+
+
+def default_rule_table(results: dict, seeds: list[int], variants: tuple[str, ...]) -> str:
+    """Issue 27's rule for a new default, per candidate and shift (means over the seeds): candidate − control
+    (must be ≥ −the control's seed spread) and candidate − paper default (≥ −its spread); whether it clears the
+    rule on every shift, and its mean over shifts against the current default (``decide``)."""
+    lines = ["| candidate | " + " | ".join(results) + " | clears the rule | − decide, mean over shifts |",
+             "| --- |" + " ---: |" * len(results) + " :---: | ---: |"]
+    for cand in variants:
+        cells, ok, gains = [], True, []
+        for per_seed in results.values():
+            full = [per_seed.get(s, {}).get("full") for s in seeds]
+            mine = [per_seed.get(s, {}).get(cand) for s in seeds]
+            decide = [per_seed.get(s, {}).get("decide") for s in seeds]
+            if not all(full) or not all(mine):
+                cells.append("n/a")
+                ok = None if ok is not False else False
+                continue
+            m = _mean([r["adapted"] for r in mine])
+            control, paper = [r["control"] for r in full], [r["adapted"] for r in full]
+            c, d, sc, sd = _mean(control), _mean(paper), _spread(control), _spread(paper)
+            cells.append(f"{m - c:+.2f} (±{sc:.2f}) / {m - d:+.2f} (±{sd:.2f})")
+            ok = ok if ok is None else ok and m >= c - sc and m >= d - sd
+            if all(decide):
+                gains.append(m - _mean([r["adapted"] for r in decide]))
+        verdict = "n/a" if ok is None else "**yes**" if ok else "no"
+        gain = f"{sum(gains) / len(gains):+.2f}" if gains and len(gains) == len(results) else "n/a"
+        lines.append(f"| {LABELS.get(cand, cand)} | " + " | ".join(cells) + f" | {verdict} | {gain} |")
+    return "\n".join(lines)
+
+
 def _compact(value):
     """Floats to 2 decimals and without the raw pixel counts of the diagnostics (derivable from the rest)."""
     if isinstance(value, float):
@@ -385,7 +458,8 @@ def plot_curves(stage1_info: dict, path: Path) -> None:
         ax.set_title(f"{shift}: stage 1 (source only)")
         ax.set_xlabel("iteration")
         ax.set_ylabel("target val mIoU %")
-        ax.legend(fontsize=7)
+        if per_seed:  # (a shift without any run: an empty panel)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -442,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {variant}: adapted {r['adapted']:.2f}"
                       + (f" control {r['control']:.2f}" if "control" in r else "")
                       + f" ({r['wall_s']:.0f} s)", flush=True)
+    issue27 = tuple(v for v in ("decide", *ROUND_OPTIONS) if v in a.variants)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_compact(
         {"stage1": stage1_info, "stage2": results, "stage2_args": extra, "source_iters": a.source_iters,
@@ -457,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
           "control / candidate − paper default (± the paper default's seed spread: the standard deviation of its "
           "per-seed mIoU), means over the seeds. A candidate qualifies if on every shift the first is ≥ 0 and the "
           "second ≥ −spread.\n\n" + decision_table(results, a.seeds)
+          + "\n\n## Issue 27: the options on top of the default against the rule for a new default\n\n"
+          + means_table(results, a.seeds, stage1_info, issue27) + "\n\nPer shift: candidate − "
+          "same-budget control (± the control's seed spread) / candidate − paper default (± its spread), means over "
+          "the seeds. A candidate clears the rule if on every shift the first is ≥ −the control's spread and the "
+          "second ≥ −the paper default's spread.\n\n" + default_rule_table(results, a.seeds, issue27)
           + "\n\n## Label-free signals against the true precision of the dynamic labels\n\nSpearman rank "
           "correlation over classes (at least " + str(MIN_SUPPORT) + " dynamic pixels in the round) between each "
           "signal and the dynamic labels' per-class precision (the run's --diagnostics), per round of the "

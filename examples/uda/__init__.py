@@ -9,6 +9,7 @@
 - :mod:`signals` — label-free reliability signals of the target labels (from the orchestrator's own output)
 - :mod:`target_ce` — ``--target-ce``: which labels the target cross-entropy trains on
 - :mod:`decisions` — ``--round-decisions score``: keep a round only if a label-free score says it helped
+- :mod:`reliability` — per-class reliability weights in the step, the fallbacks' class weights, ``--rectify``
 - :mod:`score` — label-free scores of a whole model on the target (flip agreement, entropy, SND, prototypes)
 - :mod:`diagnostics` — per-class pseudo-label diagnostics against ground truth (``--diagnostics``)
 - :mod:`evaluate` — confusion matrix, per-class IoU, mIoU, the IoU table

@@ -59,7 +59,7 @@ def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None
     total = a.source_iters + a.rounds * a.round_iters * (2 if a.control else 1) + undone * a.round_iters
     rate = (state["step"] - run.started[1]) / max(1e-9, time.time() - run.started[0])
     where = {"source": "stage 1", "control": f"control round {state['round']}",
-             "fallback": f"stage 2 round {state['round']} (source-only fallback)"}.get(kind, f"stage 2 round {state['round']}")
+             "fallback": f"stage 2 round {state['round']} ({decisions.FALLBACKS[a.fallback]} fallback)"}.get(kind, f"stage 2 round {state['round']}")
     line = (f"[{state['step']}/{total}] {rate:.2f} it/s eta {(total - state['step']) / max(rate, 1e-9) / 60:.1f} min"
             f" | {where} it {state['iteration']} | "
             + " ".join(f"{k} {means[k]:.3f}" for k in ("ce_src", "ce_tgt", "ent", "fcl", "bcl") if k in means))

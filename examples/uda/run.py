@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import protocl
 
-from . import checkpoint, datasets, dist, options, preflight, runtime, target_ce
+from . import checkpoint, datasets, dist, options, preflight, reliability, runtime, target_ce
 from .classes import ClassTable, load_table
 from .loading import EvalSet, SkipCounter, TrainSet, pseudo_label_size
 from .stream import BatchStream, ignore_stop_signals
@@ -60,6 +60,7 @@ class Run:
     guard: runtime.NonFiniteGuard | None = None  # non-finite losses/gradients, read at the log point
     stop: runtime.StopRequest | None = None  # SIGTERM/SIGUSR1, polled once per step (set by main)
     target_ce: Callable | None = None  # --target-ce: the target CE's labels (uda.target_ce; None: hybrid y_T)
+    teacher: nn.Module | None = None  # --rectify: the round's static-label model, frozen (uda.reliability)
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +115,7 @@ def setup(args) -> Run:
         table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
         bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
         momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
-        dynamic=not args.no_dynamic).to(device)
+        dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
     config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
     # room for what the run writes (checkpoints ~ weights + SGD momentum, pseudo labels), checked before training
     state_bytes = 2 * runtime.tensor_bytes(model.state_dict()) + runtime.tensor_bytes(contrast.state_dict())
@@ -134,7 +135,8 @@ def setup(args) -> Run:
               tb=tensorboard(args, out, rank),
               guard=runtime.NonFiniteGuard(device, grads=args.amp != "fp16"),  # fp16: the scaler skips inf steps
               target_ce=target_ce.hook(args.target_ce, threshold=args.threshold, margin=args.target_ce_margin,
-                                       fuse=args.fuse))
+                                       fuse=args.fuse),
+              teacher=reliability.new_teacher(model) if args.rectify else None)
     log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target ({args.target}) "
         f"train {len(target_train)}, val {len(target_val)}; K={table.num_classes} classes ({table.name}); arch "
         f"{args.arch}, D={model.feature_dim}, amp {args.amp}")

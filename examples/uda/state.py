@@ -68,7 +68,8 @@ def save(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "contrast": run.contrast.state_dict(), "rng": checkpoint.rng_state(), "config": run.config,
             "streams": {"source": run.source_stream.state_dict(), "target": run.target_stream.state_dict()},
-            "world_size": run.world}, run.out / name)
+            "world_size": run.world,
+            **({"teacher": run.teacher.state_dict()} if run.teacher is not None else {})}, run.out / name)
     dist.barrier()
 
 
@@ -130,6 +131,8 @@ def resume(run: Run, state: dict, path: Path) -> None:
         run.log("note: the checkpoint has no fp16 GradScaler state (it was trained without --amp fp16): "
                 "starting a fresh scaler")
     run.contrast.load_state_dict(ckpt["contrast"])
+    if run.teacher is not None and "teacher" in ckpt:  # --rectify: the round's static-label model
+        run.teacher.load_state_dict(ckpt["teacher"])
     streams = ckpt["streams"]
     if ckpt.get("world_size", 1) != run.world:  # another world size shards differently: next epoch
         streams = {k: {"epoch": v["epoch"] + 1, "position": 0} for k, v in streams.items()}
