@@ -5,7 +5,6 @@ model is delivered; the decisions are logged, in metrics.json and the last line;
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 
 import pytest
@@ -18,6 +17,7 @@ from examples_helpers import (
     crash_after,
     data_args,
     load_checkpoint,
+    scripted_scores,
     train_with,
     write_fixture,
 )
@@ -31,23 +31,13 @@ def roots(tmp_path_factory):
     return write_fixture(tmp_path_factory.mktemp("decisions_data"))
 
 
-def scripted(values: dict):
-    """A stand-in for ``decisions.score_model``: the score by who asks and for which round (``values[(caller,
-    round)]``), so the decisions the test expects happen whatever the tiny model learns."""
-
-    def score_model(run) -> float:
-        caller = inspect.stack()[1]
-        state = caller.frame.f_locals["state"]  # end_fallback runs once the round counter has moved on
-        return values[(caller.function, state["round"] - (caller.function == "end_fallback"))]
-
-    return score_model
 
 
 SCRIPT = {("begin_round", 0): 0.5, ("decide", 0): 0.4, ("end_fallback", 0): 0.6, ("decide", 1): 0.7}
 
 
 def test_an_undone_round_restores_its_start_and_trains_source_only(roots, tmp_path, monkeypatch):
-    monkeypatch.setattr(decisions, "score_model", scripted(SCRIPT))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(SCRIPT))
     gta, cs = roots
     run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, *DECIDE, "--no-control"])
     seen = {}
@@ -84,7 +74,7 @@ def test_the_best_scored_model_is_delivered(roots, tmp_path, monkeypatch):
     """Round 0 is kept (0.5 -> 0.8); round 1 falls (0.8 -> 0.6) and is undone; its fallback scores 0.7, below
     round 0's model: adapted.pt is round 0's model (best_scored.pt), evaluated again as the adapted model."""
     script = {("begin_round", 0): 0.5, ("decide", 0): 0.8, ("decide", 1): 0.6, ("end_fallback", 1): 0.7}
-    monkeypatch.setattr(decisions, "score_model", scripted(script))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(script))
     gta, cs = roots
     assert train_gta2cs.main([*data_args(gta, cs, tmp_path), *TINY_RUN, *DECIDE, "--no-control"]) == 0
     best = load_checkpoint(tmp_path / "best_scored.pt")
@@ -99,7 +89,7 @@ def test_the_best_scored_model_is_delivered(roots, tmp_path, monkeypatch):
 
 def test_decisions_resume_exactly(roots, tmp_path, monkeypatch):
     """Stopped inside the undone round's fallback and resumed: bitwise the uninterrupted run."""
-    monkeypatch.setattr(decisions, "score_model", scripted(SCRIPT))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(SCRIPT))
     gta, cs = roots
     extra = [*TINY_RUN, *DECIDE, "--no-control"]
     assert train_gta2cs.main([*data_args(gta, cs, tmp_path / "full"), *extra]) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import math
 
@@ -24,6 +23,7 @@ from examples_helpers import (
     crash_after,
     data_args,
     load_checkpoint,
+    scripted_scores,
     train_with,
     write_fixture,
 )
@@ -40,15 +40,6 @@ def roots(tmp_path_factory):
     return write_fixture(tmp_path_factory.mktemp("round_options_data"))
 
 
-def scripted(values: dict):
-    """``decisions.score_model`` replaced by a script: the score by caller and round (``values[(caller, round)]``)."""
-
-    def score_model(run) -> float:
-        caller = inspect.stack()[1]
-        state = caller.frame.f_locals["state"]  # end_fallback runs once the round counter has moved on
-        return values[(caller.function, state["round"] - (caller.function == "end_fallback"))]
-
-    return score_model
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -87,7 +78,7 @@ def test_defaults():
 def test_tolerance_against_a_scripted_score_sequence(roots, tmp_path, monkeypatch, tolerance, kept, best_from,
                                                       delivered):
     script = {("begin_round", 0): 0.50, ("decide", 0): 0.47, ("end_fallback", 0): 0.46, ("decide", 1): 0.48}
-    monkeypatch.setattr(decisions, "score_model", scripted(script))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(script))
     gta, cs = roots
     argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, *DECIDE, "--score-tolerance", str(tolerance)]
     assert train_gta2cs.main(argv) == 0
@@ -101,7 +92,7 @@ def test_tolerance_delivers_the_latest_model_within_it_not_a_drifting_one(roots,
     """Scores 0.50 -> 0.48 (kept, within 0.03 of the best 0.50: delivered) -> 0.46 (kept against 0.48, but 0.04
     below the best: not delivered). The delivered model is round 0's, the last one within the tolerance of 0.50."""
     script = {("begin_round", 0): 0.50, ("decide", 0): 0.48, ("decide", 1): 0.46}
-    monkeypatch.setattr(decisions, "score_model", scripted(script))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(script))
     gta, cs = roots
     out = tmp_path / "run"
     assert train_gta2cs.main([*data_args(gta, cs, out), *TINY_RUN, *DECIDE, "--score-tolerance", "0.03"]) == 0
@@ -119,7 +110,7 @@ SCRIPT = {("begin_round", 0): 0.5, ("decide", 0): 0.4, ("end_fallback", 0): 0.6,
 
 
 def test_static_fallback_trains_on_the_rounds_static_labels_only(roots, tmp_path, monkeypatch):
-    monkeypatch.setattr(decisions, "score_model", scripted(SCRIPT))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(SCRIPT))
     gta, cs = roots
     run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, *DECIDE, "--fallback", "static"])
     seen, labels_seen = {}, []
@@ -152,7 +143,7 @@ def test_static_fallback_trains_on_the_rounds_static_labels_only(roots, tmp_path
 
 
 def test_drop_flagged_fallback_weighs_the_flagged_classes_zero(roots, tmp_path, monkeypatch):
-    monkeypatch.setattr(decisions, "score_model", scripted(SCRIPT))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(SCRIPT))
     gta, cs = roots
     run = build([*data_args(gta, cs, tmp_path), *TINY_RUN, *DECIDE, "--fallback", "drop-flagged"])
     weights_seen = []
@@ -359,7 +350,7 @@ def test_reliability_and_rectify_resume_exactly(roots, tmp_path):
 
 
 def test_fallback_static_resumes_exactly(roots, tmp_path, monkeypatch):
-    monkeypatch.setattr(decisions, "score_model", scripted(SCRIPT))
+    monkeypatch.setattr(decisions, "score_model", scripted_scores(SCRIPT))
     gta, cs = roots
     extra = [*TINY_RUN, *DECIDE, "--fallback", "static"]
     assert train_gta2cs.main([*data_args(gta, cs, tmp_path / "full"), *extra]) == 0
