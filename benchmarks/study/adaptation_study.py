@@ -67,6 +67,7 @@ DEMOS = {"demo": "gta5", "synthia": "synthia"}  # the embedded demo, with its so
 SHIFT_NAMES = (*DEMOS, *SHIFTS)
 # variant -> (pipeline options, dynamic-label gate of the target CE or None)
 PAPER = ["--round-decisions", "off"]  # the paper's rounds: every round kept, the last model delivered
+STRICT = ["--round-decisions", "score", "--score-tolerance", "0"]  # issue 27's decisions before the tolerance
 VARIANTS = {
     "full": (["--control", *PAPER], None),
     "gated": (["--no-control", *PAPER], "prediction"),
@@ -82,15 +83,16 @@ VARIANTS = {
     "margin": (["--no-control", *PAPER], "margin"),
     "class_off": (["--no-control", *PAPER], "class_off"),
     "hires_margin": (["--no-control", *PAPER], "hires_margin"),
-    # issue 27: round decisions by the label-free score (uda.decisions)
-    "decide": (["--no-control", "--round-decisions", "score"], None),
-    # issue 27's options on top of the default (decisions on): tolerance, fallbacks, reliability in the contrast
+    # issue 27: round decisions by the label-free score (uda.decisions), strict (any fall undoes a round): the runs
+    # were made before --score-tolerance 0.003 became the default, which is the variant decide_tol
+    "decide": (["--no-control", *STRICT], None),
+    # issue 27's options on top of the strict decisions: tolerance, fallbacks, reliability in the contrast
     "decide_tol": (["--no-control", "--round-decisions", "score", "--score-tolerance", "0.003"], None),
-    "reliability": (["--no-control", "--round-decisions", "score", "--reliability-weight"], None),
-    "rectify": (["--no-control", "--round-decisions", "score", "--rectify"], None),
-    "purity": (["--no-control", "--round-decisions", "score", "--proto-resize", "purity"], None),
-    "fallback_static": (["--no-control", "--round-decisions", "score", "--fallback", "static"], None),
-    "fallback_drop": (["--no-control", "--round-decisions", "score", "--fallback", "drop-flagged"], None),
+    "reliability": (["--no-control", *STRICT, "--reliability-weight"], None),
+    "rectify": (["--no-control", *STRICT, "--rectify"], None),
+    "purity": (["--no-control", *STRICT, "--proto-resize", "purity"], None),
+    "fallback_static": (["--no-control", *STRICT, "--fallback", "static"], None),
+    "fallback_drop": (["--no-control", *STRICT, "--fallback", "drop-flagged"], None),
 }
 
 
@@ -203,8 +205,8 @@ LABELS = {
     "hires": "`hires`: dynamic labels at label resolution", "margin": "`margin`: margin ≥ 0.05 rejection",
     "class_off": "`class_off`: a class's dynamic labels off below 50 % agreement",
     "hires_margin": "`hires_margin`: `hires` + margin ≥ 0.05 at label resolution",
-    "decide": "`--round-decisions score`: a round kept only if `flip_agreement` did not fall",
-    "decide_tol": "decide + `--score-tolerance 0.003`", "reliability": "decide + `--reliability-weight`",
+    "decide": "`--round-decisions score --score-tolerance 0`: a round kept only if `flip_agreement` did not fall",
+    "decide_tol": "decide + `--score-tolerance 0.003` (the default since issue 27)", "reliability": "decide + `--reliability-weight`",
     "rectify": "decide + `--rectify`", "purity": "decide + `--proto-resize purity`",
     "fallback_static": "decide + `--fallback static`", "fallback_drop": "decide + `--fallback drop-flagged`",
 }
