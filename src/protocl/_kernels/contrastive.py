@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .._types import EPS, IGNORE_INDEX, MIN_PURITY, TEMPERATURE, Absent, At, ResizeMode
-from .cosine import _Cosine, compute_features, feature_inverse_norm, inverse_norm, validity
+from .cosine import compute_features, cosine, validity
 from .dtypes import no_autocast
 from .resize import cell_index, grid_of, known_labels, label_histogram, resize_labels, upsample_rule
 
@@ -139,10 +139,7 @@ def contrastive_terms(
     valid = validity(prototypes, valid).expand(B, K)
     with no_autocast(features):
         f = compute_features(features, prototypes)
-        p = prototypes.to(f.dtype)
-        if phi is None:
-            phi = feature_inverse_norm(f, s.eps)
-        z = _Cosine.apply(f, p, phi, inverse_norm(p.detach(), -1, s.eps), s.eps) / s.temperature  # b k n
+        z = cosine(f, prototypes.to(f.dtype), s.eps, phi) / s.temperature  # b k n
         z = rearrange(z, "b k (h w) -> b k h w", h=h, w=w)
         if s.absent == "mask":
             # a finite "minus infinity": exp underflows to exactly 0, and an image with no valid prototype at all
