@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from uda import checkpoint, decisions, diagnostics, dist, reliability, runtime, signals
 from uda.options import parse_args
+from uda.reliability import safe_cross_entropy
 from uda.report import end_round, evaluate, finish, log_point
 from uda.run import Run, forward, setup
 from uda.state import begin_phase, check_finite, next_batch, run_guarded, save, save_model, start, stop_point, watch
@@ -63,12 +64,6 @@ StepContext = Callable[[str, bool], contextlib.AbstractContextManager]  # (kind,
 
 
 # ---------------------------------------------------------------------------------------------- one step
-def safe_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean CE over non-ignored pixels; 0 (in the graph) when every pixel is ignored, never NaN."""
-    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
-
-
 def optimize(run: Run, loss: Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -111,7 +106,7 @@ def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None
     sims = signals.Similarities.from_output(out) if want else None
     y_t = out.target_labels if target_labels is None else target_labels(out, y_f, up_t.detach(), sims)
     y_d = out.dynamic_labels if run.teacher is None else y_in  # --rectify: the rectified labels in their place
-    ce_src, ce_tgt = safe_cross_entropy(up[:b], y_s), reliability.weighted_cross_entropy(up_t, y_t, class_weight)
+    ce_src, ce_tgt = safe_cross_entropy(up[:b], y_s), safe_cross_entropy(up_t, y_t, class_weight)
     ent = protocl.entropy_loss(up[:b]) + 0.3 * protocl.entropy_loss(up_t)
     optimize(run, ce_src + 0.3 * ce_tgt + 0.4 * ent + out.loss)
     labels = {"static": y_f, "dynamic": y_d, "hybrid": y_t}

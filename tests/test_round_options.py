@@ -191,7 +191,7 @@ def test_class_weights_against_counted_agreement():
         reliability.class_weights(torch.zeros(3, K))
 
 
-def test_weighted_cross_entropy_against_a_loop():
+def test_class_weighted_cross_entropy_against_a_loop():
     torch.manual_seed(1)
     K = 3
     logits = torch.randn(2, K, 3, 4, dtype=torch.float64)
@@ -208,10 +208,10 @@ def test_weighted_cross_entropy_against_a_loop():
                 logp = logits[b, :, i, j] - torch.logsumexp(logits[b, :, i, j], 0)
                 num += float(-logp[y] * weight[y])
                 den += float(weight[y])
-    assert reliability.weighted_cross_entropy(logits, labels, weight).item() == pytest.approx(num / den)
+    assert reliability.safe_cross_entropy(logits, labels, weight).item() == pytest.approx(num / den)
     plain = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    assert reliability.weighted_cross_entropy(logits, labels).item() == pytest.approx(plain.item())
-    empty = reliability.weighted_cross_entropy(logits, torch.full_like(labels, IGNORE_INDEX), weight)
+    assert reliability.safe_cross_entropy(logits, labels).item() == pytest.approx(plain.item())
+    empty = reliability.safe_cross_entropy(logits, torch.full_like(labels, IGNORE_INDEX), weight)
     assert empty.item() == 0.0 and empty.requires_grad is False  # (logits without grad here); finite, not NaN
 
 

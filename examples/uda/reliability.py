@@ -5,7 +5,7 @@ r"""Per-class reliability inside the step, and ProDA-style rectification (issue 
     label-free signal ``static_agreement`` of :mod:`uda.signals`, from the round's running sums
     ``state["signal_counts"]``), smoothed as ``(agree + 1) / (overlap + 1)`` so that a class without evidence
     weighs 1. The step hands it to the orchestrator as ``class_weight`` (FCL and BCL) and weighs the target CE
-    pixel by pixel by the reliability of its label's class (:func:`weighted_cross_entropy`).
+    pixel by pixel by the reliability of its label's class (:func:`safe_cross_entropy`, the pipeline's CE).
 ``--fallback drop-flagged``
     :func:`flagged_weights`: weight 0 for the classes the undone round's signals flag (dynamic/static agreement
     below 50 %, the log's flag), 1 for the others, through the same two paths.
@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import protocl
 from protocl import IGNORE_INDEX
 from protocl.distributed import all_reduce_sum_
 
-from .signals import ROWS
+from .signals import FLAG_BELOW, ROWS
 
-__all__ = ["class_weights", "flagged_weights", "weighted_cross_entropy", "prototype_weights", "rectify",
-           "new_teacher", "set_teacher", "FLAG_BELOW"]
+__all__ = ["class_weights", "flagged_weights", "safe_cross_entropy", "prototype_weights", "rectify",
+           "new_teacher", "set_teacher"]
 
-FLAG_BELOW = 0.5  # a class is flagged when its dynamic/static agreement is below this (uda.signals.log_summary)
 _OVERLAP, _AGREE = ROWS.index("overlap"), ROWS.index("agree")
 
 
@@ -63,15 +63,18 @@ def flagged_weights(agreement: list, device: torch.device | str | None = None, b
     return torch.tensor([0.0 if f else 1.0 for f in flags], device=device)
 
 
-def weighted_cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor | None = None) -> Tensor:
-    """Cross-entropy of ``logits`` ``(B, K, H, W)`` against ``labels`` ``(B, H, W)``; with ``class_weight``
-    ``(K,)`` each pixel weighs its label's class weight and the mean divides by the summed weights (torch's
-    ``weight`` rule). 0, in the graph, when no pixel carries weight (never NaN)."""
+def safe_cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """The pipeline's cross-entropy of ``logits`` ``(B, K, H, W)`` against ``labels`` ``(B, H, W)``: the mean over
+    non-ignored pixels; with ``class_weight`` ``(K,)`` each pixel weighs its label's class weight and the mean
+    divides by the summed weights (torch's ``weight`` rule). 0, in the graph, when no pixel carries weight (never
+    NaN)."""
+    if class_weight is None:
+        total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    weight = valid.float() if class_weight is None else torch.where(
-        valid, class_weight.to(ce.dtype)[torch.where(valid, labels, 0)], 0.0)
-    return (ce * weight).sum() / weight.sum().clamp_min(1e-6 if class_weight is not None else 1.0)
+    weight = torch.where(valid, class_weight.to(ce.dtype)[torch.where(valid, labels, 0)], 0.0)
+    return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
 def prototype_weights(features: Tensor, prototypes: Tensor, initialized: Tensor, temperature: float) -> Tensor:
@@ -82,9 +85,7 @@ def prototype_weights(features: Tensor, prototypes: Tensor, initialized: Tensor,
                          f"and {tuple(prototypes.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    f = F.normalize(features.float(), dim=1)
-    p = F.normalize(prototypes.float(), dim=1)
-    logits = torch.einsum("bdhw,kd->bkhw", f, p) / temperature  # b d h w, k d -> b k h w
+    logits = protocl.cosine_similarity_map(features.float(), prototypes.float()) / temperature  # b k h w
     init = initialized.bool()[None, :, None, None]
     logits = torch.where(init, logits, torch.full_like(logits, -math.inf))
     weights = torch.softmax(logits, dim=1)

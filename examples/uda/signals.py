@@ -54,6 +54,7 @@ SIGNALS = ("static_agreement", "prediction_agreement", "hybrid_prediction_agreem
 HIGHER_IS_BETTER = {"static_agreement": True, "prediction_agreement": True, "hybrid_prediction_agreement": True,
                     "margin": True, "inflation": False, "separation": True}
 ROWS = ("overlap", "agree", "dynamic", "dynamic_pred", "hybrid", "hybrid_pred", "margin_sum", "cells", "static")
+FLAG_BELOW = 0.5  # a class is flagged (log, --fallback drop-flagged) when its dynamic/static agreement is below
 SHORT = {"static_agreement": "stat-agr", "prediction_agreement": "pred-agr", "hybrid_prediction_agreement": "hyb-agr",
          "margin": "margin", "inflation": "inflation", "separation": "separation"}
 
@@ -166,7 +167,7 @@ def _fmt(value: float, name: str) -> str:
     return f"{value:.2f}" if name in ("margin", "inflation", "separation") else f"{100 * value:.0f}%"
 
 
-def log_summary(summary: dict, class_names, *, low: float = 0.5) -> str:
+def log_summary(summary: dict, class_names, *, low: float = FLAG_BELOW) -> str:
     """The log point's short form: class means and the classes whose dynamic labels agree with the static ones
     on less than ``low`` of their overlap (the first signal to look at, docs/troubleshooting.md)."""
     means = " ".join(f"{SHORT[n]} {_fmt(summary[f'class_mean_{n}'], n)}" for n in SIGNALS if n != "separation")
