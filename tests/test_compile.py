@@ -45,6 +45,14 @@ def _data(b_n, grid, label):
     return feats, labels, protos
 
 
+def _step_inputs(dynamic):
+    r"""The orchestrator's inputs per call of :func:`_shapes`: ``(f_s, y_s, f_t, y_f)``, static labels half ignored."""
+    for b_n, grid, label in _shapes(dynamic):
+        fs, ys, _ = _data(b_n, grid, label)
+        ft, _, _ = _data(b_n, grid, label)
+        yield fs, ys, ft, ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+
+
 def _assert_same(got, expected):
     if isinstance(got, (tuple, list)):
         for g, e in zip(got, expected):
@@ -166,10 +174,7 @@ def test_orchestrator_with_weights_compiles_and_matches(dynamic):
                  target_weight=(yf != 255).to(ft.dtype) * 0.7, class_weight=torch.linspace(1.0, 2.0, K))
 
     compiled = _compiled(step, dynamic)
-    for b_n, grid, label in _shapes(dynamic):
-        fs, ys, _ = _data(b_n, grid, label)
-        ft, _, _ = _data(b_n, grid, label)
-        yf = ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+    for fs, ys, ft, yf in _step_inputs(dynamic):
         out_e, out_c = step(eager, fs, ys, ft, yf), compiled(model, fs, ys, ft, yf)
         _assert_same(tuple(out_c[:5]), tuple(out_e[:5]))
         _assert_same(_grads(out_c.loss, (fs, ft)), _grads(out_e.loss, (fs, ft)))
@@ -180,10 +185,7 @@ def test_orchestrator_with_weights_compiles_and_matches(dynamic):
 def test_orchestrator_step_compiles_and_matches(config, dynamic):
     eager, model = BidirectionalContrast(K, D, **config), BidirectionalContrast(K, D, **config)
     compiled = _compiled(model, dynamic)
-    for b_n, grid, label in _shapes(dynamic):
-        fs, ys, _ = _data(b_n, grid, label)
-        ft, _, _ = _data(b_n, grid, label)
-        yf = ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+    for fs, ys, ft, yf in _step_inputs(dynamic):
         out_e = eager(fs, ys, ft, yf)
         out_c = compiled(fs, ys, ft, yf)
         _assert_same(tuple(out_c[:5]), tuple(out_e[:5]))
@@ -203,12 +205,9 @@ def test_orchestrator_similarities_compile_and_match(config, dynamic):
         return m(fs, ys, ft, yf, return_similarities=True)
 
     compiled = _compiled(step, dynamic)
-    for b_n, grid, label in _shapes(dynamic):
-        fs, ys, _ = _data(b_n, grid, label)
-        ft, _, _ = _data(b_n, grid, label)
-        yf = ref.random_labels(b_n, *label, K, ignore_frac=0.5)
+    for fs, ys, ft, yf in _step_inputs(dynamic):
         out_e, out_c = step(eager, fs, ys, ft, yf), compiled(model, fs, ys, ft, yf)
         assert type(out_c) is type(out_e) and len(out_c) == 6
         _assert_same(tuple(out_c[:5]), tuple(out_e[:5]))
         _assert_same(tuple(out_c.similarities), tuple(out_e.similarities))
-        assert out_c.similarities.cosine.shape == (b_n, K, *grid)
+        assert out_c.similarities.cosine.shape == (ft.shape[0], K, *ft.shape[2:])
