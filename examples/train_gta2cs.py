@@ -29,11 +29,12 @@ No step synchronises with the host: losses and statistics stay on the device unt
 (docs/reproduce.md): safe loading, a pre-flight data check, ``--on-bad-sample``, SIGTERM/SIGUSR1 -> checkpoint
 and exit 75, ``--resume auto``, a non-finite guard.
 
-Round decisions (``--round-decisions score``, the default; :mod:`uda.decisions`): a round is kept unless a
+Round decisions (``--round-decisions score``, an option; :mod:`uda.decisions`): a round is kept unless a
 label-free score of the model on the target fell (by more than ``--score-tolerance``); an undone round's start
-is restored and its budget spent as ``--fallback`` says (:func:`fallback_round`); the best-scored model is
-delivered. ``off`` is the paper's behaviour. The last line printed is ``target mIoU: source-only X.XX ->
-adapted Y.YY (kept rounds ... of R; label-free score ...)`` (docs/examples.md, docs/troubleshooting.md).
+is restored and its budget spent again as ``--fallback`` says (:func:`fallback_round`); the best-scored model is
+delivered, and the control is selected by the same rule. Off (the default) is the paper's behaviour. The last line
+printed is ``target mIoU: source-only X.XX -> adapted Y.YY`` (with decisions: which model was delivered and what it
+contains; docs/examples.md, docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def adapt_step(run: Run, src: dict, tgt: dict, *, target_labels: Callable | None
     for name, y in labels.items():
         stats[f"cov_{name}"] = torch.count_nonzero(y != IGNORE_INDEX) * (100.0 / y.numel())
     if run.args.signals:
-        stats["signal_counts"] = signals.step_counts(y_f, y_d, y_t, up_t.detach().argmax(1), sims,
+        stats["signal_counts"] = signals.step_counts(y_f, y_d, y_t, signals.prediction(up_t), sims,
                                                      run.contrast.threshold, run.contrast.num_classes)
     return stats, labels
 
@@ -129,20 +130,6 @@ def rectified_labels(run: Run, images: Tensor, features: Tensor, y_f: Tensor) ->
     ema = run.contrast.target_ema
     weights = reliability.prototype_weights(features.detach(), ema.prototypes, ema.initialized, run.args.temperature)
     return reliability.rectify(logits.softmax(1), weights, y_f, run.contrast.threshold)
-
-
-@contextlib.contextmanager
-def step_scope(run: Run, kind: str, first: bool, step_context: StepContext | None):
-    """Around one step: protocl's value checks on a phase's or round's ``first`` step (``--value-checks always``:
-    every step), ``--sync-debug`` (CUDA: any host sync raises) on the others, and the caller's
-    ``step_context(kind, checked)`` (timing, tests)."""
-    checked = first or run.args.value_checks == "always"
-    protocl.set_value_checks(checked)
-    debug = contextlib.nullcontext()
-    if run.args.sync_debug and not checked and run.device.type == "cuda":
-        debug = runtime.sync_debug_error()
-    with debug, step_context(kind, checked) if step_context else contextlib.nullcontext():
-        yield
 
 
 def end_iteration(run: Run, state: dict, total: int, sums: dict[str, Tensor], kind: str | None = None) -> None:
@@ -178,7 +165,7 @@ def train_source(run: Run, state: dict, *, until: int | None = None, step_contex
     while state["iteration"] < min(until or a.source_iters, a.source_iters):
         set_lr(run.optimizer, (1 - state["iteration"] / a.source_iters) ** 0.9)
         src = next_batch(run, state, run.source_stream)
-        with step_scope(run, "source", first, step_context):
+        with runtime.step_scope(run.args, run.device, "source", first, step_context):
             stats = source_step(run, src)
             accumulate(sums, stats)
             watch(run, state, stats)
@@ -223,7 +210,7 @@ def adapt_round(run: Run, state: dict, *, step: Callable = adapt_step, until: in
     while state["iteration"] < min(until or a.round_iters, a.round_iters):
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
         src, tgt = next_batch(run, state, run.source_stream), next_batch(run, state, run.target_stream)
-        with step_scope(run, "adapt", first, step_context):
+        with runtime.step_scope(run.args, run.device, "adapt", first, step_context):
             w = reliability.class_weights(state["signal_counts"], run.world) if a.reliability_weight else None
             stats, labels = step(run, src, tgt, **({} if w is None else {"class_weight": w}))  # the round so far
             if "signal_counts" in stats:  # the round's sums (uda.signals), not a mean of the log point
@@ -268,7 +255,7 @@ def source_round(run: Run, state: dict, kind: str, step_context: StepContext | N
     while state["iteration"] < a.round_iters:
         set_lr(run.optimizer, 0.5 ** state["round"] * (1 - state["iteration"] / a.round_iters) ** 0.9)
         src = next_batch(run, state, run.source_stream)
-        with step_scope(run, kind, first, step_context):
+        with runtime.step_scope(run.args, run.device, kind, first, step_context):
             if step is None:  # no target batch
                 stats = source_step(run, src)
             else:  # the fallback's signals are not the round's: left out
@@ -285,14 +272,25 @@ def source_round(run: Run, state: dict, kind: str, step_context: StepContext | N
 
 def train_control(run: Run, state: dict, *, step_context: StepContext | None = None) -> None:
     """``--control``: source-only training from ``source_only.pt`` for stage 2's budget and schedule (rounds of
-    ``--round-iters``, lr halved each round): what the adapted model must beat (docs/examples.md)."""
+    ``--round-iters``, lr halved each round): what the adapted model must beat (docs/examples.md); with round
+    decisions, selected by the same rule."""
+    on = decisions.enabled(run)  # --round-decisions: the control is scored at the same points, its best delivered
+    if on and state["round"] == state["iteration"] == 0:
+        decisions.begin_control(run, state)
     while state["round"] < run.args.rounds:
-        close_round(run, state, source_round(run, state, "control", step_context), "source_only_continued")
+        result = source_round(run, state, "control", step_context)
+        if on:
+            decisions.control_point(run, state, result)
+        close_round(run, state, result, "source_only_continued")
+    if on and decisions.deliver(run, state, state["decisions"]["control"]):
+        m = state["metrics"]
+        m["control_last"], m["source_only_continued"] = m["source_only_continued"], evaluate(
+            run, state, "control (the best-scored model)", delivered=state["decisions"]["control"])
 
 
 def fallback_round(run: Run, state: dict, step_context: StepContext | None = None) -> None:
-    """``--round-decisions score``: the budget of a round that was undone, from its start: source-only steps
-    (``--fallback source``), or its static labels only / its target terms without its flagged classes
+    """``--round-decisions score``: the budget of a round that was undone, spent again from its start: source-only
+    steps (``--fallback source``), or its static labels only / its target terms without its flagged classes
     (:func:`uda.decisions.fallback_terms`)."""
     if run.args.fallback == "source":
         result = source_round(run, state, "fallback", step_context)
@@ -318,7 +316,9 @@ def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: S
         adapt_round(run, state, step=step, step_context=step_context)
     if state["phase"] == "adapt":
         if decisions.enabled(run) and decisions.deliver(run, state):  # the best-scored model, not the last
-            state["metrics"]["adapted"] = evaluate(run, state, "adapted (the best-scored model)")
+            m = state["metrics"]
+            m["adapted_last"], m["adapted"] = m["adapted"], evaluate(run, state, "adapted (the best-scored model)",
+                                                                     delivered=state["decisions"])
         check_finite(run, state)
         save_model(run, "adapted.pt")
         begin_phase(run, state, "control" if run.args.control else "done")

@@ -98,21 +98,26 @@ def assert_same_state(a, b, where: str = "") -> None:
 
 def expected_last_line(metrics: dict, key: str = "miou") -> str:
     """The run's last line from its metrics.json: ``target mIoU: source-only X -> adapted Y`` and, with round
-    decisions (the default), which rounds were kept (:func:`uda.decisions.summary`)."""
+    decisions, which model was delivered and what it contains (:func:`uda.decisions.summary`) and the last
+    model's mIoU."""
     line = f"target mIoU: source-only {metrics['source_only'][key]:.2f} -> adapted {metrics['adapted'][key]:.2f}"
     if "round_decisions" in metrics:
-        line += f" ({decisions.summary(metrics['round_decisions'], metrics['config']['rounds'])})"
+        c = metrics["config"]
+        last = metrics.get("adapted_last", metrics["adapted"])[key]
+        line += (f" ({decisions.summary(metrics['round_decisions'], c['rounds'], c['source_iters'], c['round_iters'])}"
+                 f"; the last model {last:.2f})")
     return line
 
 
-def scripted_scores(values: dict):
+def scripted_scores(values: dict, default: float | None = None):
     """A stand-in for ``uda.decisions.score_model``: the score by who asks and for which round
-    (``values[(caller, round)]``, caller ``begin_round`` / ``decide`` / ``end_fallback``), so the decisions a test
-    expects happen whatever the tiny model learns."""
+    (``values[(caller, round)]``, caller ``begin_round`` / ``decide`` / ``end_fallback`` / ``begin_control`` /
+    ``control_point``; ``default`` for the pairs not given), so the decisions a test expects happen whatever the
+    tiny model learns."""
 
-    def score_model(run) -> float:
-        caller = inspect.stack()[1]
-        state = caller.frame.f_locals["state"]  # end_fallback runs once the round counter has moved on
-        return values[(caller.function, state["round"] - (caller.function == "end_fallback"))]
+    def score_model(run, state) -> float:
+        caller = inspect.stack()[1].function  # end_fallback and control_point run once the counter has moved on
+        key = (caller, state["round"] - (caller in ("end_fallback", "control_point")))
+        return values[key] if default is None or key in values else default
 
     return score_model

@@ -49,7 +49,8 @@ def roots(tmp_path_factory):
     (["--round-decisions", "off", "--score-tolerance", "0.01"], "--round-decisions off"),
     (["--round-decisions", "off", "--fallback", "static"], "--round-decisions off"),
     (["--no-signals", "--reliability-weight"], "--reliability-weight reads the label-free signals"),
-    (["--no-signals", "--fallback", "drop-flagged"], "--fallback drop-flagged reads"),
+    (["--fallback", "static"], "--round-decisions off is in force \\(the default"),
+    (["--round-decisions", "score", "--no-signals", "--fallback", "drop-flagged"], "--fallback drop-flagged reads"),
     (["--rectify", "--no-dynamic"], "--rectify replaces the dynamic labels, but --no-dynamic"),
     (["--rectify", "--target-ce", "margin"], "but --target-ce margin"),
 ])
@@ -59,13 +60,16 @@ def test_bad_combinations_are_refused(argv, message, capsys):
 
 
 def test_defaults():
-    # issue 27: the tolerance became the default (it cleared the rule on seeds 0-2 and 3-5); the others are options
+    # issue 34: decisions are off by default (the paper's behaviour); with them on, the tolerance is the default
     a = options.parse_args([])
-    assert (a.score_tolerance, a.fallback, a.reliability_weight, a.proto_resize, a.rectify) == (
-        options.SCORE_TOLERANCE, "source", False, "nearest", False)
+    assert (a.round_decisions, a.score_tolerance, a.fallback, a.reliability_weight, a.proto_resize, a.rectify) == (
+        "off", 0.0, "source", False, "nearest", False)
     assert options.SCORE_TOLERANCE == 0.003
-    assert options.parse_args(["--round-decisions", "off"]).score_tolerance == 0.0  # the paper's: no decisions
-    assert options.parse_args(["--score-tolerance", "0"]).score_tolerance == 0.0  # any fall undoes a round
+    assert options.parse_args(["--round-decisions", "score"]).score_tolerance == options.SCORE_TOLERANCE
+    score = ["--round-decisions", "score", "--score-tolerance", "0"]
+    assert options.parse_args(score).score_tolerance == 0.0  # any fall undoes a round
+    assert options.parse_args(score).given == ["round_decisions", "score_tolerance"]  # what the command line gave
+    assert "given" not in options.config_dict(options.parse_args(score))
 
 
 # ------------------------------------------------------------------------------------------ tolerance
@@ -99,10 +103,11 @@ def test_tolerance_delivers_the_latest_model_within_it_not_a_drifting_one(roots,
     record = json.loads((out / "metrics.json").read_text())["round_decisions"]
     assert [e["kept"] for e in record["rounds"]] == [True, True]
     assert (record["best"], record["best_from"], record["delivered"]) == (0.50, "round 0", 0.48)
-    assert_same_state(load_checkpoint(out / "best_scored.pt")["model"], load_checkpoint(out / "adapted.pt")["model"])
+    assert_same_state(load_checkpoint(out / record["best_file"])["model"],
+                      load_checkpoint(out / "adapted.pt")["model"])
     last = (out / "log.txt").read_text().strip().splitlines()[-1]
-    assert last.endswith("(kept rounds 0-1 of 2; label-free score flip_agreement 0.5000 -> 0.4800 (delivered: "
-                         "round 0))"), last
+    assert "(delivered: round 0 (stage 1 + round 0: 6 + 1x4 iterations); kept rounds 0-1 of 2; label-free score " \
+           "flip_agreement 0.5000 -> 0.4800; the last model " in last, last
 
 
 # ------------------------------------------------------------------------------------------ fallbacks

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import train_gta2cs
 from uda import options
-from uda.decisions import batches
+from uda.scoring import batches
 from uda import score as uda_score
 from uda.loading import PseudoLabelSet
 

@@ -9,12 +9,16 @@
 - :mod:`signals` — label-free reliability signals of the target labels (from the orchestrator's own output)
 - :mod:`target_ce` — ``--target-ce``: which labels the target cross-entropy trains on
 - :mod:`decisions` — ``--round-decisions score``: keep a round only if a label-free score says it helped
+- :mod:`scoring` — what the decisions score on: a subset spread over the target's folders, memory-sized batches
 - :mod:`reliability` — per-class reliability weights in the step, the fallbacks' class weights, ``--rectify``
 - :mod:`score` — label-free scores of a whole model on the target (flip agreement, entropy, SND, prototypes)
 - :mod:`diagnostics` — per-class pseudo-label diagnostics against ground truth (``--diagnostics``)
 - :mod:`evaluate` — confusion matrix, per-class IoU, mIoU, the IoU table
 - :mod:`figures` — pseudo-label panels and training curves
 - :mod:`model` — DeepLab-V2 ResNet-101 and the tiny CNN
+- :mod:`mit` — SegFormer's Mix Transformer encoder MiT-B0…B5 (DAFormer's settings), for the DAFormer-class trainer
+- :mod:`daformer_head` — DAFormer's decoder (stages embedded to 256, separable ASPP fusion, classifier)
+- :mod:`mit_weights` — MiT weight files (SegFormer ``mit_b*.pth``, Hugging Face ``nvidia/mit-b*``), told by structure
 - :mod:`network` — the network description a checkpoint carries beside its weights
 - :mod:`weight_files` — what a weights file is, told from its structure (torchvision, DeepLab init, peers)
 - :mod:`weights` — loading weights into a network: ``--init``, ``--source-checkpoint``, ``--resume``, predict

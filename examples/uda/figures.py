@@ -81,7 +81,8 @@ def _legend(classes: Sequence[int], class_names: Sequence[str] | None, width: in
 def training_curves(history: dict[str, list], path: str | Path) -> Path:
     """Plot target mIoU (per evaluation) and pseudo-label coverage (per logged step) against iterations.
 
-    ``history`` holds ``eval_iter``/``eval_miou`` (optionally ``control_iter``/``control_miou``) and
+    ``history`` holds ``eval_iter``/``eval_miou`` (optionally ``control_iter``/``control_miou``; with round
+    decisions ``undone_*``, ``delivered_*`` and ``delivered_control_*``, markers of their own) and
     ``log_iter``/``coverage_static``/``coverage_dynamic``/``coverage_hybrid``.
     """
     import matplotlib
@@ -93,8 +94,13 @@ def training_curves(history: dict[str, list], path: str | Path) -> Path:
     ax1.plot(history.get("eval_iter", []), history.get("eval_miou", []), "o-", label="source-only, then adapted")
     if history.get("control_iter"):
         ax1.plot(history["control_iter"], history["control_miou"], "s--", label="source-only, same budget")
+    if history.get("undone_iter"):  # --round-decisions: undone rounds (their budget was spent again)
+        ax1.plot(history["undone_iter"], history["undone_miou"], "rx", markersize=9, label="undone round")
+    for key, name in (("delivered", "delivered (best-scored)"), ("delivered_control", "control delivered")):
+        if history.get(f"{key}_iter"):
+            ax1.plot(history[f"{key}_iter"], history[f"{key}_miou"], "*", markersize=12, label=name)
     ax1.legend()
-    ax1.set_xlabel("iteration (stage 1 + stage 2)")
+    ax1.set_xlabel("iterations in the model (stage 1 + stage 2)")
     ax1.set_ylabel("target val mIoU (%)")
     ax1.grid(alpha=0.3)
     for key, name in (("coverage_static", "static"), ("coverage_dynamic", "dynamic"), ("coverage_hybrid", "hybrid")):

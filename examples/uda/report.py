@@ -28,19 +28,23 @@ from .run import AMP_DTYPES, Run
 __all__ = ["evaluate", "log_point", "end_round", "finish", "bad_samples", "record_skips", "scalars"]
 
 
-def evaluate(run: Run, state: dict, label: str) -> dict:
-    """Target val mIoU of the current model (sharded over ranks), logged and added to the curves."""
+def evaluate(run: Run, state: dict, label: str, *, delivered: dict | None = None) -> dict:
+    """Target val mIoU of the current model (sharded over ranks), logged and added to the curves at the iterations
+    the model has trained (an undone round's point becomes a marker of its own, :func:`uda.decisions.decide`);
+    ``delivered``: the decision record (or its ``control``) of a delivered best-scored model, a marker too."""
     result = evaluate_model(run.model, run.val_loader, run.num_classes, run.device, subsets=run.subsets,
                             amp_dtype=AMP_DTYPES[run.args.amp])
     if hasattr(run.val_loader, "take"):  # files left out of the score (--on-bad-sample skip)
         record_skips(run, state, run.val_loader.take(), "left out of the evaluation")
     h, a = state["history"], run.args
-    if state["phase"] == "control":  # plotted at the iteration count it matches (same budget as the adapted model)
-        h.setdefault("control_iter", []).append(a.source_iters + state["round"] * a.round_iters + state["iteration"])
-        h.setdefault("control_miou", []).append(result["miou"])
-    else:
-        h["eval_iter"].append(state["step"])
-        h["eval_miou"].append(result["miou"])
+    x = state["step"] if state["phase"] == "source" else a.source_iters + state["round"] * a.round_iters + \
+        state["iteration"]  # the iterations in the model: the same axis for the adapted run and the control
+    curve = "control" if state["phase"] == "control" else "eval"
+    if delivered is not None:
+        x = decisions.model_iterations(delivered["best_contains"] or ["stage 1"], a.source_iters, a.round_iters)
+        curve = "delivered_control" if state["phase"] == "control" else "delivered"
+    h.setdefault(f"{curve}_iter", []).append(x)
+    h.setdefault(f"{curve}_miou", []).append(result["miou"])
     extra = "".join(f", mIoU{n} {result[f'miou{n}']:.2f}" for n in (run.subsets or {}))
     run.log(f"eval {label}: target val mIoU {result['miou']:.2f}{extra}")
     scalars(run, state, "eval_control" if state["phase"] == "control" else "eval",
@@ -98,7 +102,7 @@ def end_round(run: Run, state: dict, result: dict, last: tuple[dict, dict[str, T
     """At the end of a round of stage 2 (every rank): its mIoU in ``metrics["rounds"]``, its pseudo-label
     diagnostics (``--diagnostics``) and label-free signals (``--signals``) in metrics.json and the log, and the
     figure of its last training batch ``last = (target batch, labels)``; the round's counts are then reset."""
-    state["metrics"].setdefault("rounds", []).append({"round": state["round"], "miou": result["miou"]})
+    state["metrics"].setdefault("rounds", []).append({"round": state["round"], "miou": result["miou"], "kept": True})
     if run.args.diagnostics:
         round_diagnostics(run, state)
     if run.args.signals:
@@ -168,17 +172,17 @@ def bad_samples(run: Run, state: dict) -> dict:
 
 def finish(run: Run, state: dict) -> None:
     """After training (the last checkpoint is written): metrics.json, the curves, the per-class table and the last
-    line ``target mIoU: source-only X.XX -> adapted Y.YY`` (+ the round decisions' summary) (rank 0)."""
-    a, m = run.args, state["metrics"]
+    line (:func:`last_line`) (rank 0)."""
+    m = state["metrics"]
     skipped = bad_samples(run, state)  # (a collective)
     if run.rank != 0:
         return
-    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "rounds", "diagnostics",
-                                 "signals") if k in m}
+    metrics = {k: m[k] for k in ("source_only", "adapted", "source_only_continued", "adapted_last", "control_last",
+                                 "rounds", "diagnostics", "signals") if k in m}
     names = run.table.names
     metrics.update(config=run.config, class_names=list(names), bad_samples=skipped)
-    decided = a.round_decisions != "off"
-    if decided:  # --round-decisions: which rounds were kept and why (uda.decisions)
+    decided = decisions.enabled(run) and state["decisions"]["best_from"] is not None  # which rounds were kept, why
+    if decided:
         metrics["round_decisions"] = state["decisions"]
     if run.subsets:
         metrics["class_subsets"] = {n: [names[k] for k in ks] for n, ks in run.subsets.items()}
@@ -190,11 +194,38 @@ def finish(run: Run, state: dict) -> None:
     what = "16-class protocol, n/a = not among the 16" if run.subsets else f"{len(names)} classes"
     run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, names))
     if "source_only_continued" in m:
-        run.log(f"source-only trained for the same total iterations ({a.source_iters} + "
-                f"{a.rounds * a.round_iters}): {m['source_only_continued']['miou']:.2f}")
+        run.log(budget_line(run, state))
     if run.subsets:
         run.log("target mIoU over 16 classes (13 classes): source-only "
                 f"{m['source_only']['miou16']:.2f} ({m['source_only']['miou13']:.2f}) -> adapted "
                 f"{m['adapted']['miou16']:.2f} ({m['adapted']['miou13']:.2f})")
-    run.log(f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}"
-            + (f" ({decisions.summary(state['decisions'], a.rounds)})" if decided else ""))
+    run.log(last_line(run, state))
+
+
+def budget_line(run: Run, state: dict) -> str:
+    """The same-budget control's line: its iterations, and with round decisions what the adapted run spent (an
+    undone round's budget twice) and how the control was selected."""
+    a, m, record = run.args, state["metrics"], state["decisions"]
+    undone = sum(not e["kept"] for e in record["rounds"])
+    line = (f"source-only trained for the same total iterations ({a.source_iters} + {a.rounds * a.round_iters}): "
+            f"{m['source_only_continued']['miou']:.2f}")
+    if record.get("control") is None:
+        return line
+    spent = a.source_iters + (a.rounds + undone) * a.round_iters
+    return (f"same-budget control: source-only on the adapted run's schedule ({a.source_iters} + {a.rounds}x"
+            f"{a.round_iters} iterations; the adapted run spent {spent}, {undone} undone round(s) spent again), "
+            f"selected by the same label-free score at the same points: {m['source_only_continued']['miou']:.2f} ("
+            f"{decisions.control_summary(record, a.source_iters, a.round_iters)}; its last model "
+            f"{m.get('control_last', m['source_only_continued'])['miou']:.2f})")
+
+
+def last_line(run: Run, state: dict) -> str:
+    """``target mIoU: source-only X.XX -> adapted Y.YY``; with round decisions, which model was delivered, what it
+    contains, the kept rounds and the last model's mIoU."""
+    a, m, record = run.args, state["metrics"], state["decisions"]
+    line = f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}"
+    if not decisions.enabled(run) or record["best_from"] is None:
+        return line
+    last = m.get("adapted_last", m["adapted"])["miou"]
+    return (line + f" ({decisions.summary(record, a.rounds, a.source_iters, a.round_iters)}; the last model "
+            f"{last:.2f})")

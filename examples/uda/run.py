@@ -117,14 +117,18 @@ def setup(args) -> Run:
         momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
         dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
     config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
-    # room for what the run writes (checkpoints ~ weights + SGD momentum, pseudo labels), checked before training
-    state_bytes = 2 * runtime.tensor_bytes(model.state_dict()) + runtime.tensor_bytes(contrast.state_dict())
+    # room for every file the run writes (runtime.output_files), checked before training
+    model_bytes = runtime.tensor_bytes(model.state_dict())
+    state_bytes = 2 * model_bytes + runtime.tensor_bytes(contrast.state_dict())  # + SGD momentum, the EMAs
     try:
         w, h = pseudo_label_size(target_train[0], args.resize)
     except ValueError:  # an unreadable first image (--no-check-data): assume Cityscapes' 2:1
         w, h = 2 * args.resize, args.resize
-    runtime.check_output_dir(out, runtime.estimate_output_bytes(state_bytes, pseudo_labels=len(target_train),
-                                                                pseudo_label_pixels=w * h // 4))
+    files = runtime.output_files(model_bytes, state_bytes + (model_bytes if args.rectify else 0),
+                                 rounds=args.rounds, decisions=args.round_decisions == "score", control=args.control,
+                                 stage1_best=args.stage1_best_on_target_val, pseudo_labels=len(target_train),
+                                 pseudo_label_pixels=w * h)
+    runtime.check_output_dir(out, sum(files.values()))
     optimizer, scaler = make_optimizer(model, args.source_lr, device, args.amp)
     run = Run(args=args, config=config, rank=rank, world=world, device=device, out=out, log=log, table=table,
               subsets=domains.subsets,

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
+import protocl
+
 EXIT_STOPPED = 75
 """Exit status of a run stopped by SIGTERM or SIGUSR1 after it wrote its checkpoint: ``EX_TEMPFAIL`` of
 ``sysexits.h`` ("temporary failure, the user is invited to retry"). Not 143 (128 + SIGTERM): that is what a
@@ -274,12 +276,32 @@ def check_output_dir(path: str | Path, need_bytes: int = 0, *, option: str = "--
     return path
 
 
+def output_files(model_bytes: int, state_bytes: int, *, rounds: int = 1, decisions: bool = False,
+                 control: bool = False, stage1_best: bool = False, pseudo_labels: int = 0,
+                 pseudo_label_pixels: int = 0, margin: int = 16 * 2**20) -> dict[str, int]:
+    """Every file (or group of files) a run of the pipeline writes, with a generous size each: the checkpoint
+    (``state_bytes``: model, optimizer, orchestrator) and the temporary copy of the one file being written at a
+    time, ``source_only.pt`` and ``adapted.pt`` (``model_bytes``), ``source_best.pt`` (``stage1_best``), with
+    round decisions ``round_start.pt`` (a state) and two ``best_scored-*.pt`` (two more
+    ``control_best_scored-*.pt`` with the control), each round's static labels as uint8 PNGs counted
+    uncompressed (``rounds`` folders and the one being written), and ``margin`` for the log, metrics.json,
+    data_check.json, figures and TensorBoard. The patterns name the files, as a test checks."""
+    files = {"checkpoint.pt": state_bytes, "*.tmp": state_bytes, "source_only.pt": model_bytes,
+             "adapted.pt": model_bytes, "pseudo_labels/*": (rounds + 1) * pseudo_labels * pseudo_label_pixels,
+             "log.txt metrics.json data_check.json figures/* tensorboard/*": margin}
+    if stage1_best:
+        files["source_best.pt"] = model_bytes
+    if decisions:
+        files.update({"round_start.pt": state_bytes, "best_scored-*.pt": 2 * model_bytes})
+        if control:
+            files["control_best_scored-*.pt"] = 2 * model_bytes
+    return files
+
+
 def estimate_output_bytes(state_bytes: int, *, checkpoints: int = 4, pseudo_labels: int = 0,
                           pseudo_label_pixels: int = 0, margin: int = 16 * 2**20) -> int:
-    """A generous estimate of what a run writes: ``checkpoints`` copies of ``state_bytes`` (checkpoint.pt, its
-    temporary copy while it is written, source_only.pt, adapted.pt; a model's weights are a fraction of the
-    state, so this over-counts), two rounds of uint8 pseudo labels uncompressed (the round being written and
-    the previous one), and ``margin`` for logs, figures and metrics."""
+    """The estimate before issue 34 (``checkpoints`` copies of ``state_bytes``, two rounds of pseudo labels,
+    ``margin``); :func:`output_files` counts every file."""
     return int(checkpoints * state_bytes + 2 * pseudo_labels * pseudo_label_pixels + margin)
 
 
@@ -320,3 +342,17 @@ def sync_debug_error():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+@contextlib.contextmanager
+def step_scope(args, device: torch.device, kind: str, first: bool, step_context=None):
+    """Around one training step: protocl's value checks on a phase's or round's ``first`` step (``--value-checks
+    always``: every step), ``--sync-debug`` (CUDA: any host sync raises) on the others, and the caller's
+    ``step_context(kind, checked)`` (timing, tests)."""
+    checked = first or args.value_checks == "always"
+    protocl.set_value_checks(checked)
+    debug = contextlib.nullcontext()
+    if args.sync_debug and not checked and device.type == "cuda":
+        debug = sync_debug_error()
+    with debug, step_context(kind, checked) if step_context else contextlib.nullcontext():
+        yield

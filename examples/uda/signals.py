@@ -32,8 +32,9 @@ by the true precision of their dynamic labels, on the study's shifts: docs/examp
 table); how to read them: docs/troubleshooting.md ("Reading the reliability signals on real data").
 
 On the training path nothing here reads the device: :func:`step_counts` returns per-class sums (counted with
-one ``scatter_add_`` over three label maps, returned as float64 so a round's counts stay exact), the loop adds them up in ``state["signal_counts"]``,
-and :func:`summarize` turns them into values at the log point and at the round's end.
+one ``scatter_add_`` of three joint label histograms, returned as float64 so a round's counts stay exact), the loop adds them up in ``state["signal_counts"]``,
+and :func:`summarize` turns them into values at the log point and at the round's end. The step's prediction is
+:func:`prediction` (``argmax`` by ``max``: issue 34, ``benchmarks/signals_cost.py``).
 """
 
 from __future__ import annotations
@@ -92,40 +93,67 @@ def _scatter(index: Tensor, values: Tensor, rows: int, K: int) -> Tensor:
 
 
 @torch.no_grad()
+def prediction(logits: Tensor) -> Tensor:
+    """The classifier's prediction ``(B, H, W)`` int64 from its logits ``(B, K, H, W)``: exactly
+    ``logits.argmax(1)`` (the first maximal class on ties; a NaN counts as the largest value, so a pixel with one
+    gets its first NaN class, as with ``argmax``). Computed as ``max(1).indices``, which follows the same rules
+    (torch documents the first maximal index for both; NaN, ±inf, ±0, dtypes and layouts are tested equal on
+    the CPU, tests/test_signals_cost.py; on CUDA both reduce with ATen's one ``MaxOps`` comparator) and on the
+    CPU is about 5x faster than ``argmax`` over the strided class dimension (issue 34:
+    benchmarks/signals_cost.py)."""
+    return logits.max(1).indices
+
+
+@torch.no_grad()
 def step_counts(static: Tensor, dynamic: Tensor, hybrid: Tensor, prediction: Tensor, sims: Similarities,
                 threshold: float, num_classes: int) -> Tensor:
     """One step's per-class sums ``(len(ROWS), K)`` float64 (rows :data:`ROWS`), from label maps ``(B, H, W)``
-    (``prediction``: the classifier's argmax at the same size) and the step's :class:`Similarities`."""
+    (ids in ``[0, K)`` or ``IGNORE_INDEX``; ``prediction``: the classifier's argmax at the same size,
+    :func:`prediction`) and the step's :class:`Similarities`."""
     K, ig = num_classes, IGNORE_INDEX
     K1 = K + 1  # class K: not counted
-    has_s = static != ig
-    # one code per pixel for each label family: its class times the flags that choose its rows (one scatter of
-    # 3 label maps, not 7): dynamic c with bits (static exists, static == c, prediction == c), hybrid c with
-    # (prediction == c), static c
-    d = torch.where(dynamic != ig, dynamic, K) * 8 + has_s + 2 * (static == dynamic) + 4 * (prediction == dynamic)
-    h = torch.where(hybrid != ig, hybrid, K) * 2 + (prediction == hybrid) + 8 * K1
-    st = torch.where(has_s, static, K) + 10 * K1
-    index = torch.cat([d.flatten(), h.flatten(), st.flatten()])
-    hist = torch.zeros(11 * K1, dtype=torch.int64, device=index.device)
-    hist.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel()))
-    by_d = hist[:8 * K1].view(K1, 2, 2, 2)[:K]  # class, prediction == c, static == c, static exists
-    by_h = hist[8 * K1:10 * K1].view(K1, 2)[:K]  # class, prediction == c
-    counts = torch.stack([
-        by_d[:, :, :, 1].sum((1, 2)),  # overlap: dynamic c where a static label exists
-        by_d[:, :, 1].sum((1, 2)),  # agree (static == c implies it exists)
-        by_d.sum((1, 2, 3)),  # dynamic
-        by_d[:, 1].sum((1, 2)),  # dynamic_pred
-        by_h.sum(1),  # hybrid
-        by_h[:, 1],  # hybrid_pred
-        hist[10 * K1:10 * K1 + K],  # static
-    ]).double()
-    top = sims.cosine.float().flatten(2).topk(min(2, K), dim=1).values  # (B, 2, hw)
-    best = top[:, 0]
-    second = top[:, 1].clamp_min(-1.0) if K > 1 else torch.full_like(best, -1.0)
-    cell_class = torch.where(best > threshold, sims.cosine.flatten(2).argmax(1), K).flatten()
+    P = K1 * K1
+
+    def classes(x: Tensor, out: Tensor | None = None) -> Tensor:  # the ignored id -> K (not counted)
+        x = x.long()
+        return torch.clamp_max(x, K, out=out) if ig >= K else torch.where(x != ig, x, x.new_full((), K), out=out)
+
+    # the cells: the best class (argmax's rules; a cell with a NaN has best NaN: never above the threshold) and
+    # its margin to the second best (topk(2)'s second value: the row without the best's entry, ties kept)
+    cos = sims.cosine.float().flatten(2)  # (B, K, hw)
+    best, arg = cos.max(1)
+    second = (cos.scatter(1, arg[:, None], -math.inf).amax(1).clamp_min(-1.0) if K > 1
+              else torch.full_like(best, -1.0))
+    cell = torch.where(best > threshold, arg, K).flatten()
     margin = torch.nan_to_num(best - second, nan=0.0, posinf=0.0, neginf=0.0).flatten().double()
-    cells = _scatter(torch.stack([cell_class, cell_class]), torch.stack([margin, torch.ones_like(margin)]), 2, K)
-    return torch.cat([counts[:6], cells, counts[6:]])  # the order of ROWS
+    # one int64 scatter: three joint histograms (K+1)x(K+1), (dynamic, static), (dynamic, prediction) and
+    # (hybrid, prediction), then the cells per class. No comparison map; the codes are written in place into one
+    # index (fewer label-sized temporaries: at DeepLab's 730² these are memory-bound)
+    n = dynamic.numel()
+    index = torch.empty(3 * n + cell.numel(), dtype=torch.int64, device=cell.device)
+    ds, dp, hp = index[:3 * n].view(3, *dynamic.shape)
+    classes(dynamic, out=ds).mul_(K1)
+    classes(prediction, out=hp)
+    torch.add(ds, hp, out=dp).add_(P)
+    ds.add_(classes(static))
+    hp.add_(classes(hybrid), alpha=K1).add_(2 * P)
+    torch.add(cell, 3 * P, out=index[3 * n:])
+    hist = torch.zeros(3 * P + K1, dtype=torch.int64, device=index.device)
+    hist.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel()))
+    margin_sum = torch.zeros(K1, dtype=torch.float64, device=index.device).scatter_add_(0, cell, margin)
+    joint = hist[:3 * P].view(3, K1, K1)
+    total, diag = joint[:, :K].sum(2), joint.diagonal(0, 1, 2)[:, :K]  # (3, K): row sums, same class
+    counts = torch.stack([
+        total[0] - joint[0, :K, K],  # overlap: dynamic c where a static label exists
+        diag[0],  # agree
+        total[0],  # dynamic
+        diag[1],  # dynamic_pred
+        total[2],  # hybrid
+        diag[2],  # hybrid_pred
+        hist[3 * P:3 * P + K],  # cells
+        joint[0, :, :K].sum(0),  # static (whatever the dynamic label)
+    ]).double()
+    return torch.cat([counts[:6], margin_sum[None, :K], counts[6:]])  # the order of ROWS
 
 
 def _ratio(num: Tensor, den: Tensor) -> list[float]:

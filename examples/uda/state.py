@@ -26,7 +26,7 @@ from torch import Tensor
 import protocl
 from protocl.distributed import all_reduce_sum_
 
-from . import checkpoint, decisions, dist, runtime, signals, weights
+from . import checkpoint, decisions, dist, options, runtime, signals, weights
 from .labels import BadSampleError
 from .loading import skip_records
 from .report import bad_samples, evaluate, record_skips
@@ -112,7 +112,8 @@ def resume(run: Run, state: dict, path: Path) -> None:
     """Restore ``state`` and the modules exactly from the checkpoint ``path`` (``--resume``)."""
     ckpt = checkpoint.load(path, "--resume")
     state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics", "history")})
-    state.update({k: ckpt[k] for k in ("fallback", "decisions") if k in ckpt})  # older checkpoints have neither
+    state.update({k: ckpt[k] for k in ("fallback", "decisions", "stage2_source_stream") if k in ckpt})
+    resume_decisions(run, state, ckpt.get("config", {}))
     if run.rank == 0:  # the counts were summed over ranks when saved
         state["label_counts"].copy_(ckpt["label_counts"])
         state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])
@@ -144,6 +145,29 @@ def resume(run: Run, state: dict, path: Path) -> None:
     run.log(f"resumed {path}: {state['phase']}, round {state['round']}, iteration {state['iteration']}")
 
 
+def resume_decisions(run: Run, state: dict, config: dict) -> None:
+    """A resumed run keeps the decision mode it was started with (:data:`uda.options.DECISION_OPTIONS`; a run
+    made before round decisions existed: off) unless the command line gives it; a changed ``--round-score``
+    after the run has scored is refused (its scores would be compared with another score's)."""
+    a = run.args
+    adopted = {k: config.get(k, "off" if k == "round_decisions" else getattr(a, k))
+               for k in options.DECISION_OPTIONS if k not in a.given}
+    adopted = {k: v for k, v in adopted.items() if v != getattr(a, k)}
+    if adopted:
+        for key, value in adopted.items():
+            setattr(a, key, value)
+            run.config[key] = value
+        run.log("resumed with the checkpoint's round-decision settings (give them to change them): "
+                + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in adopted.items()))
+    record = state["decisions"] = {**decisions.new_record(state["decisions"]["score"]), **state["decisions"]}
+    if record["score"] != a.round_score:
+        if record["reference"] is not None:
+            raise ValueError(f"expected --round-score {record['score']} (the score this run has compared its "
+                             f"rounds with), got --round-score {a.round_score}: a changed score would compare two "
+                             f"different scores; resume with --round-score {record['score']}")
+        record["score"] = a.round_score
+
+
 def load_source_model(run: Run, path: str) -> None:
     """``--source-checkpoint``: model weights of a ``source_only.pt`` / ``adapted.pt`` / ``checkpoint.pt``, copied
     to ``<out>/source_only.pt`` (the same-budget control starts from them)."""
@@ -168,12 +192,29 @@ def begin_phase(run: Run, state: dict, phase: str) -> None:
     round and iteration back to 0, a fresh optimizer at ``--lr``, the checkpoint written."""
     if phase not in PHASES:
         raise ValueError(f"expected phase to be one of {PHASES}, got {phase!r}")
+    if phase == "adapt":  # the control's source batches start where stage 2's would end without fallbacks
+        state["stage2_source_stream"] = run.source_stream.state_dict()
     if phase == "control":
         run.model.load_state_dict(checkpoint.load(run.out / "source_only.pt", "source_only.pt")["model"])
+        control_stream(run, state)
     state.update(phase=phase, round=0, iteration=0)
     if phase != "done":
         new_optimizer(run, run.args.lr)
     save(run, state)
+
+
+def control_stream(run: Run, state: dict) -> None:
+    """The same-budget control's source stream: from stage 2's start, ``rounds x round_iters`` batches on (where
+    the adapted run's stage 2 ends when no round is undone), whatever the fallbacks drew; a checkpoint made
+    before issue 34 has no stage-2 start: the stream goes on from where it is."""
+    start = state.get("stage2_source_stream")
+    if start is None:
+        run.log("note: the checkpoint has no stage-2 start of the source stream (made before issue 34): the "
+                "control's source batches go on from where the adapted run left them")
+        return
+    stream, a = run.source_stream, run.args
+    absolute = start["epoch"] * stream.per_epoch + start["position"] + a.rounds * a.round_iters
+    stream.load_state_dict({"epoch": absolute // stream.per_epoch, "position": absolute % stream.per_epoch})
 
 
 # ---------------------------------------------------------------------------------------------- reliability points
