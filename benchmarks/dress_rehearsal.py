@@ -2,9 +2,9 @@ r"""Dress rehearsal of the real DeepLab-V2 preset on the CPU: every phase of ``e
 ``examples/predict.py`` on a few images at the REAL sizes in the REAL layouts, with wall time, host memory and
 disk per phase. A script to run by hand, not a test (a full-size run takes about 25 minutes on a 2-core CPU):
 
-    python benchmarks/dress_rehearsal.py                          # full size: GTA5 1914x1052, Cityscapes 2048x1024
-    python benchmarks/dress_rehearsal.py --size-scale 0.25 --report /tmp/smoke.md   # a smoke run, minutes
-    python benchmarks/dress_rehearsal.py --root /data/rehearsal --keep --threads 2
+    python -m benchmarks.dress_rehearsal                          # full size: GTA5 1914x1052, Cityscapes 2048x1024
+    python -m benchmarks.dress_rehearsal --size-scale 0.25 --report /tmp/smoke.md   # a smoke run, minutes
+    python -m benchmarks.dress_rehearsal --root /data/rehearsal --keep --threads 2
 
 What it does:
 
@@ -58,9 +58,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uda.classes import CITYSCAPES_LABEL_IDS  # examples/ is on the path: run as python -m benchmarks.dress_rehearsal
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-from uda.classes import CITYSCAPES_LABEL_IDS  # noqa: E402  (examples/ on the path first)
 
 # ------------------------------------------------------------------------------------------ the one table to adjust
 # key -> (regex searched in a log.txt line, the phase that the line ENDS ("{r}": the regex's group r), the unlogged

@@ -15,11 +15,11 @@ What protocl adds: the teacher's thresholded predictions are the **static** labe
 fuses them with dynamic labels from the calibrated source prototypes and returns FCL + BCL; the student's
 target cross-entropy is trained on the hybrid labels. mmseg's conventions go in as they are: the
 ``gt_semantic_seg`` ``(B, 1, H, W)`` label map, and DAFormer's per-pixel ``pseudo_weight`` (the share of
-confident teacher pixels per image, 0 on the ignored top/bottom rows, ``psweight_ignore_top`` /
-``psweight_ignore_bottom``) weights the target pixels of FCL (``target_weight=``) as it weights DAFormer's
-pseudo-label CE. protocl's "mean" divides by the summed weights of the contributing pixels (``F.cross_entropy``'s
-weighted mean), so the per-image share cancels out of a single image's FCL and only the per-pixel shape of the
-weight (which pixels count, and how much relative to the other image) matters; DAFormer's own CE divides by the
+confident teacher pixels over the whole batch, one number as DAFormer's ``ps_large_p.sum() / ps_size``, 0 on the
+ignored top/bottom rows, ``psweight_ignore_top`` / ``psweight_ignore_bottom``) weights the target pixels of FCL
+(``target_weight=``) as it weights DAFormer's pseudo-label CE. protocl's "mean" divides by the summed weights of
+the contributing pixels (``F.cross_entropy``'s weighted mean), so the batch's share cancels out of FCL and only
+the per-pixel shape of the weight (which rows count) matters; DAFormer's own CE divides by the
 pixel count instead, which this recipe keeps for its target CE. (DACS also mixes images with ClassMix; that part is
 unchanged by protocl and left out here: mix with ``out.target_labels`` where DACS mixes with the teacher's
 argmax.)
@@ -196,13 +196,14 @@ class ProtoCLDACS(nn.Module):
         source_features = source_out.pop("features")
 
         # Teacher: static pseudo labels y_F = confident predictions (DACS: max prob >= pseudo_threshold), and
-        # DAFormer's pseudo_weight: per image the share of confident pixels, 0 on the ignored top/bottom rows.
+        # DAFormer's pseudo_weight: the share of confident pixels over the whole batch (one number, kept on the
+        # device), 0 on the ignored top/bottom rows.
         with torch.no_grad():
             ema_logits = self.get_ema_model().encode_decode(target_img, target_img_metas)
             thresholds = torch.full((NUM_CLASSES,), self.pseudo_threshold)
             static_labels = static_pseudo_label(ema_logits, class_thresholds=thresholds, proportion=0.0)
             confident = (static_labels != IGNORE_INDEX).float()  # (B, H, W)
-            pseudo_weight = confident.mean(dim=(1, 2), keepdim=True) * torch.ones_like(confident)
+            pseudo_weight = confident.mean() * torch.ones_like(confident)
             if self.psweight_ignore_top > 0:
                 pseudo_weight[:, : self.psweight_ignore_top, :] = 0
             if self.psweight_ignore_bottom > 0:

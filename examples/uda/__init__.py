@@ -19,6 +19,10 @@
 - :mod:`mit` — SegFormer's Mix Transformer encoder MiT-B0…B5 (DAFormer's settings), for the DAFormer-class trainer
 - :mod:`daformer_head` — DAFormer's decoder (stages embedded to 256, separable ASPP fusion, classifier)
 - :mod:`mit_weights` — MiT weight files (SegFormer ``mit_b*.pth``, Hugging Face ``nvidia/mit-b*``), told by structure
+- :mod:`teacher` — the mean teacher's parts: EMA update, pseudo labels and their weight, ImageNet feature distance, MIC's mask
+- :mod:`schedule` — DAFormer's AdamW parameter groups and mmcv's poly learning rate with linear warm-up
+- :mod:`mix` — ClassMix masks, mixing, DAFormer's strong transform (colour jitter, blur), sync-free
+- :mod:`rare_class` — rare-class sampling: source class statistics, sampling probabilities, class crops
 - :mod:`network` — the network description a checkpoint carries beside its weights
 - :mod:`weight_files` — what a weights file is, told from its structure (torchvision, DeepLab init, peers)
 - :mod:`weights` — loading weights into a network: ``--init``, ``--source-checkpoint``, ``--resume``, predict
