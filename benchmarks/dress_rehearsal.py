@@ -92,6 +92,8 @@ PHASE_MARKERS: dict[str, tuple[str, str, str]] = {
                      "first step: adapted.pt, the control's start (checkpoint, scoring) / the previous control "
                      "round's scoring and checkpoint"),
     "control_eval": (r"^eval control round (?P<r>\d+)", "control round {r} evaluation", ""),
+    "control_score": (r"^control round (?P<r>\d+): label-free score", "control round {r} scoring",
+                      "control_best_scored-*.pt"),
     "control_final_eval": (r"^eval control \(", "control: evaluation of its best-scored model", ""),
     "finish_table": (r"^per-class IoU on target val", "finish: metrics.json, curves, tables",
                      "the last control round's scoring, the last checkpoint"),

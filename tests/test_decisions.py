@@ -133,8 +133,9 @@ def test_the_best_scored_model_is_delivered(roots, tmp_path, monkeypatch):
     best = load_checkpoint(tmp_path / record["best_file"])
     assert best["from"] == "round 0"
     assert_same_state(best["model"], load_checkpoint(tmp_path / "adapted.pt")["model"], "model")
-    kept = sorted(p.name for p in tmp_path.glob("best_scored-*.pt"))  # at most the record's and the one before
-    assert record["best_file"] in kept and len(kept) <= 2
+    # after the phase's checkpoint only the file the record names stays, and round_start.pt is gone
+    assert sorted(p.name for p in tmp_path.glob("best_scored-*.pt")) == [record["best_file"]]
+    assert not (tmp_path / "round_start.pt").exists()
     assert metrics["adapted_last"]["miou"] == metrics["rounds"][-1]["fallback_miou"]
     log = (tmp_path / "log.txt").read_text()
     last = log.strip().splitlines()[-1]
@@ -320,7 +321,8 @@ def test_the_delivered_file_is_the_one_the_record_names(roots, tmp_path, monkeyp
     with pytest.raises(Crash):
         train_gta2cs.train(run, state)
     stale = tmp_path / f"best_scored-{6 + 8:08d}.pt"
-    assert load_checkpoint(stale)["from"] == "round 1"  # written by the killed attempt; no checkpoint names it
+    killed_attempt = load_checkpoint(stale)
+    assert killed_attempt["from"] == "round 1"  # written by the killed attempt; no checkpoint names it
     monkeypatch.undo()
     second = {**first, ("decide", 1): 0.6, ("end_fallback", 1): 0.7}
     monkeypatch.setattr(decisions, "score_model", scripted_scores(second))
@@ -332,7 +334,8 @@ def test_the_delivered_file_is_the_one_the_record_names(roots, tmp_path, monkeyp
     adapted = load_checkpoint(tmp_path / "adapted.pt")["model"]
     assert_same_state(delivered["model"], adapted, "model")
     with pytest.raises(AssertionError):  # the killed attempt's round-1 model is another model
-        assert_same_state(load_checkpoint(stale)["model"], adapted)
+        assert_same_state(killed_attempt["model"], adapted)
+    assert not stale.exists()  # removed after the phase's checkpoint (decisions.tidy)
     # a file that is not the one the record names is refused, naming why
     run = build([*base, "--resume", "auto"])
     state = train_gta2cs.start(run)
@@ -354,8 +357,8 @@ def test_the_disk_estimate_counts_every_file_a_run_writes(roots, tmp_path, monke
     for path in written:
         rel = path.relative_to(tmp_path).as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in the disk estimate"
-    for name in ("round_start.pt", "best_scored-*.pt", "control_best_scored-*.pt"):
-        assert list(tmp_path.glob(name)), name
+    for name in ("best_scored-*.pt", "control_best_scored-*.pt"):  # the delivered ones; round_start.pt: removed
+        assert len(list(tmp_path.glob(name))) == 1, name
     assert sum(p.stat().st_size for p in written) <= sum(files.values())
 
 

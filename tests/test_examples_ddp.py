@@ -25,7 +25,7 @@ SCRIPT = str(ROOT / "examples" / "train_gta2cs.py")
 CRASH = str(ROOT / "tests" / "examples_crash.py")  # the pipeline, ended after N steps (a simulated crash)
 RUN = ["--source-iters", "4", "--rounds", "2", "--round-iters", "4", "--batch-size", "2", "--crop", "32",
        "--resize", "32", "--eval-size", "64x32", "--log-every", "2", "--ckpt-every", "2", "--workers", "0",
-       "--threads", "1", "--diagnostics"]
+       "--threads", "1", "--diagnostics", "--round-decisions", "score"]  # decisions: scored on rank 0, broadcast
 
 
 def _env() -> dict:
@@ -92,6 +92,7 @@ def test_two_ranks_then_resume_in_one_process(tmp_path):
     assert last == expected_last_line(metrics)
     assert "checkpoint from 2 ranks resumed on 1" in resumed.stdout
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert [e["round"] for e in metrics["round_decisions"]["rounds"]] == [0, 1]  # decided on 2 ranks, then 1
     # per-class label diagnostics summed over the ranks (round 0: 2 ranks; round 1: 2 ranks, then 1 process)
     assert [d["round"] for d in metrics["diagnostics"]] == [0, 1]
     for entry in metrics["diagnostics"]:

@@ -28,8 +28,9 @@ One round, with decisions on (the loop calls :func:`begin_round`, then trains th
    best) when it is not the current one: that is ``adapted.pt``.
 
 The best-scored model is kept in ``<out>/best_scored-<step>.pt``, a name the record holds: a file written by an
-attempt that was killed before its checkpoint is never the one a resumed run delivers (at most two such files
-per run, and two ``control_best_scored-<step>.pt`` for the control). ``state["decisions"]`` is in the checkpoint:
+attempt that was killed before its checkpoint is never the one a resumed run delivers (at most two such files at
+a time, and two ``control_best_scored-<step>.pt`` for the control; after each phase's checkpoint only the named
+one stays, and ``round_start.pt`` goes once stage 2 is over: :func:`tidy`). ``state["decisions"]`` is in the checkpoint:
 a resumed run decides exactly as an uninterrupted one. Under torch.distributed every rank scores its own copy of
 the model and takes rank 0's score (one broadcast), so all ranks decide alike.
 """
@@ -51,7 +52,7 @@ from .run import AMP_DTYPES, Run
 from .scoring import batches, score_batch_size, score_subset
 
 __all__ = ["MODES", "FALLBACKS", "enabled", "new_record", "score_subset", "score_batch_size", "batches",
-           "score_model", "begin_round", "decide", "fallback_terms", "end_fallback", "deliver", "begin_control",
+           "score_model", "tidy", "begin_round", "decide", "fallback_terms", "end_fallback", "deliver", "begin_control",
            "control_point", "summary", "control_summary", "model_iterations"]
 
 MODES = ("off", "score")
@@ -155,6 +156,20 @@ def _keep_best(run: Run, state: dict, holder: dict, value: float, where: str, pr
     holder["best"] = value if holder["best"] is None else max(holder["best"], value)
     holder.update(best_from=where, delivered=value, best_file=name, best_step=state["step"],
                   best_contains=list(holder.get("contains") or []))
+
+
+def tidy(run: Run, state: dict) -> None:
+    """After a phase's checkpoint (:func:`uda.state.begin_phase`): remove the best-scored files the record no longer
+    names, and ``round_start.pt`` once stage 2 is over (rank 0)."""
+    if run.rank != 0:
+        return
+    record = state["decisions"]
+    for prefix, holder in ((BEST, record), (CONTROL_BEST, record.get("control") or {})):
+        for old in run.out.glob(f"{prefix}-*.pt"):
+            if old.name != holder.get("best_file"):
+                old.unlink(missing_ok=True)
+    if state["phase"] in ("control", "done"):
+        (run.out / ROUND_START).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- the rounds

@@ -201,6 +201,7 @@ def begin_phase(run: Run, state: dict, phase: str) -> None:
     if phase != "done":
         new_optimizer(run, run.args.lr)
     save(run, state)
+    decisions.tidy(run, state)  # the files of round decisions the checkpoint no longer names
 
 
 def control_stream(run: Run, state: dict) -> None:
