@@ -18,6 +18,7 @@
 - :mod:`model` — DeepLab-V2 ResNet-101 and the tiny CNN
 - :mod:`mit` — SegFormer's Mix Transformer encoder MiT-B0…B5 (DAFormer's settings), for the DAFormer-class trainer
 - :mod:`daformer_head` — DAFormer's decoder (stages embedded to 256, separable ASPP fusion, classifier)
+- :mod:`daformer_net` — DAFormer's network in the pipeline: MiT encoder + DAFormer decoder, its description, its parameter groups
 - :mod:`mit_weights` — MiT weight files (SegFormer ``mit_b*.pth``, Hugging Face ``nvidia/mit-b*``), told by structure
 - :mod:`teacher` — the mean teacher's parts: EMA update, pseudo labels and their weight, ImageNet feature distance, MIC's mask
 - :mod:`schedule` — DAFormer's AdamW parameter groups and mmcv's poly learning rate with linear warm-up

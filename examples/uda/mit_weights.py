@@ -19,7 +19,8 @@ from the number of blocks per stage (B1-B5 share their dims and differ in depths
 Mix-FFN widths are checked too. :func:`convert_huggingface` maps the Hugging Face layout to SegFormer's names
 (Hugging Face splits the key/value projection into ``key`` and ``value``; SegFormer's ``kv`` is the two stacked,
 keys first). :func:`load_mit` loads either into :class:`uda.mit.MixVisionTransformer`, drops the classifier and
-says so, and refuses weights of another MiT size or another network, naming what the file holds.
+says so, and refuses weights of another MiT size or another network, naming what the file holds;
+:func:`describe_mit` says what a file holds, or None for a file that is no MiT.
 """
 
 from __future__ import annotations
@@ -198,6 +199,26 @@ def detect_mit_layout(state_dict) -> tuple[str, str]:
     if spec is None:
         raise ValueError(f"expected MiT-B0...B5 weights, got {_describe(structure)}")
     return layout, next(name for name, s in MIT_VARIANTS.items() if s == spec)
+
+
+def describe_mit(state_dict) -> str | None:
+    """What ``state_dict`` (plain or wrapped, any shared prefix) holds when it is Mix Transformer weights, in words
+    (``"MiT-B0 (depths (2,2,2,2), dims (32,64,160,256)) weights, SegFormer layout (mit_b*.pth), with an ImageNet
+    classifier (1000 classes)"``); None when it is no MiT (another network, no state dict)."""
+    try:
+        layout, state, notes = _read(state_dict)
+    except ValueError:
+        return None
+    where = "SegFormer layout (mit_b*.pth)" if layout == "segformer" else "Hugging Face layout (nvidia/mit-b*)"
+    try:
+        state = state if layout == "segformer" else convert_huggingface(state)
+        what = f"{_describe(_structure(state))} weights"
+    except ValueError as error:
+        return f"Mix Transformer weights of no readable structure ({error}), {where}"
+    weight = state.get("head.weight")
+    head = f", with an ImageNet classifier ({weight.shape[0]} classes)" if weight is not None and weight.ndim == 2 \
+        else ""
+    return f"{what}, {where}{head}" + (f" [{', '.join(notes)}]" if notes else "")
 
 
 def load_mit(model: MixVisionTransformer, state_dict) -> str:

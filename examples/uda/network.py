@@ -2,10 +2,11 @@ r"""The description of a network that a checkpoint carries beside its weights (s
 
 What changes the computation without changing a parameter's shape: the stride placement in the ResNet's first
 block of each stage (``"3x3"`` torchvision, ``"1x1"`` the DeepLab/caffe layout), the input channel order and
-mean/std, the contrast-feature choice, K and the class names. :class:`uda.model.DeepLabV2` and ``TinySegNet``
-describe themselves (``network_config()``), save the description as the state dict's ``_extra_state`` and refuse
-a state dict written for another network (:class:`NetworkMismatchError`, naming both); :mod:`uda.weights`
-checks it wherever weights are loaded. :func:`legacy_network` infers the description of a checkpoint written
+mean/std, the contrast-feature choice, K and the class names (for :class:`uda.daformer_net.DAFormerNet`: the MiT
+size, the decoder, D). :class:`uda.model.DeepLabV2`, ``TinySegNet`` and ``DAFormerNet`` describe themselves
+(``network_config()``), save the description as the state dict's ``_extra_state`` and refuse a state dict
+written for another network (:class:`NetworkMismatchError`, naming both); :mod:`uda.weights` checks it wherever
+weights are loaded. :func:`legacy_network` infers the description of a checkpoint written
 before descriptions were saved.
 """
 
@@ -28,8 +29,8 @@ LAYOUT_TEXT = {"torchvision": "torchvision layout (stride on the 3x3 conv2, RGB 
                "deeplab": "DeepLab layout (stride on the 1x1 conv1, BGR input, caffe mean, std 1)"}
 NETWORK_VERSION = 1
 # what a network description holds that changes the computation (compared on every load)
-_COMPARED = ("arch", "blocks", "width", "stride", "channels", "mean", "std", "features", "proj_dim", "num_classes",
-             "classes")
+_COMPARED = ("arch", "blocks", "width", "decoder", "stride", "channels", "mean", "std", "features", "proj_dim",
+             "feature_dim", "num_classes", "classes")
 
 
 class NetworkMismatchError(ValueError):
@@ -69,6 +70,8 @@ def describe_network(network: dict) -> str:
     elif network.get("arch") == "deeplabv2":
         blocks = network.get("blocks")
         head = "DeepLab-V2 ResNet" + (f"-{3 * sum(blocks) + 2}" if blocks else "")
+    elif str(network.get("arch", "")).startswith("mit-"):
+        head = f"MiT-{network['arch'][4:].upper()} + {network.get('decoder', '?')} decoder (DAFormer)"
     else:
         head = f"network {network.get('arch', '?')!r}"
     parts = []
@@ -78,8 +81,8 @@ def describe_network(network: dict) -> str:
         parts.append(f"{network['channels'].upper()} input, mean {nums(network.get('mean'))}, "
                      f"std {nums(network.get('std'))}")
     if network.get("features"):
-        parts.append(f"{network['features']} features" + (f" (D={network['proj_dim']})"
-                                                          if network["features"] == "layer4" else ""))
+        dim = network.get("proj_dim") if network["features"] == "layer4" else network.get("feature_dim")
+        parts.append(f"{network['features']} features" + (f" (D={dim})" if dim is not None else ""))
     if network.get("num_classes") is not None:
         parts.append(f"K={network['num_classes']}")
     if network.get("classes"):

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from .datasets import ACDC_CONDITIONS, SOURCES, TARGETS
+from .mit import MIT_VARIANTS
 
 # the option naming each dataset's root, as a source and as a target
 SOURCE_ROOTS = {"gta5": "gta5_root", "synthia": "synthia_root", "cityscapes": "cityscapes_root",
@@ -46,6 +47,9 @@ DEFAULTS = {
              "eval_size": (128, 64), "lr": 2e-3, "source_lr": 5e-3, "ema_momentum": 0.99, "workers": 0,
              "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
 }
+# SegFormer's MiT + DAFormer's decoder trained with this script's recipe: DeepLab-V2's budget, crops of 512 (a
+# multiple of the encoder's stride 32, DAFormer's crop); DAFormer's own recipe is the coming train_daformer.py
+DEFAULTS.update({arch: {**DEFAULTS["deeplabv2"], "crop": 512} for arch in MIT_VARIANTS})
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -97,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file that fails to read during training: 'error' stops with its path; 'skip' uses the "
                         "next sample instead, logs a warning and counts it in metrics.json ('bad_samples')")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=("deeplabv2", "tiny"), help="default: tiny for the demo, deeplabv2 otherwise")
+    m.add_argument("--arch", choices=("deeplabv2", "tiny", *MIT_VARIANTS),
+                   help="default: tiny for the demo, deeplabv2 otherwise. mit-b0...mit-b5: SegFormer's Mix "
+                        "Transformer + DAFormer's decoder (D=256, output stride 4) trained with this script's "
+                        "recipe (SGD, DeepLab-V2's budget, crop 512); DAFormer's own recipe (AdamW, mean teacher) "
+                        "is the coming train_daformer.py")
     m.add_argument("--init", help="ResNet-101 weights for the backbone, layout detected from the file's structure: "
                                   "torchvision (fc), DeepLab init (Scale.), AdaptSegNet/DASS Res_Deeplab or "
-                                  "DeeplabMulti (their classifier is skipped), a run's checkpoint; never downloaded "
-                                  "(docs/reproduce.md, initial weights)")
+                                  "DeeplabMulti (their classifier is skipped), a run's checkpoint; for --arch "
+                                  "mit-b*: SegFormer's mit_b*.pth or Hugging Face's nvidia/mit-b* of that size "
+                                  "(ImageNet head dropped); never downloaded (docs/reproduce.md, initial weights)")
     m.add_argument("--init-layout", choices=("torchvision", "deeplab"),
                    help="the --init file's layout where its structure cannot tell (a bare backbone: torchvision = "
                         "stride on the 3x3 conv, RGB ImageNet mean/std; deeplab = stride on the 1x1 conv, BGR caffe "

@@ -107,8 +107,9 @@ def setup(args) -> Run:
     model = build_model(args.arch, table.num_classes, features=args.features, proj_dim=args.proj_dim,
                         init=args.init, init_layout=args.init_layout, class_names=table.names).to(device)
     log(model.init_message)  # the initial weights' layout as detected, and what was loaded or skipped
-    if args.arch == "deeplabv2" and args.init is None and not (args.source_checkpoint or args.resume):
-        log("warning: --init not given, DeepLab-V2 starts from random weights (expect poor results)")
+    if args.arch != "tiny" and args.init is None and not (args.source_checkpoint or args.resume):
+        name = "DeepLab-V2" if args.arch == "deeplabv2" else f"{args.arch} (DAFormer)"
+        log(f"warning: --init not given, {name} starts from random weights (expect poor results)")
     net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
                                    find_unused_parameters=args.features == "layer4") if world > 1 else model)
     contrast = protocl.BidirectionalContrast(

@@ -15,6 +15,8 @@ kind               structure                                                   b
 ``backbone``       ResNet only: torchvision and caffe backbones have the       refused unless ``--init-layout``
                    same keys and shapes                                        says which
 ``pipeline``       ``backbone.*`` / ``classifier.*`` (this pipeline's files)   the network its description says
+``mit``            a Mix Transformer: SegFormer's ``mit_b*.pth`` or Hugging    the encoder of ``--arch mit-b*``
+                   Face's ``nvidia/mit-b*`` (:mod:`uda.mit_weights`)           (refused by a ResNet)
 =================  ==========================================================  ================================
 
 The DeepLab layout is the one of the field's ``Res_Deeplab`` code: stride on each stage's first 1x1 conv, BGR
@@ -42,6 +44,7 @@ from pathlib import Path
 from torch import Tensor
 
 from . import checkpoint
+from .mit_weights import describe_mit
 from .model import DeepLabV2
 from .network import (
     LAYOUT_TEXT,
@@ -93,7 +96,7 @@ class Found:
     """What :func:`read_weights` recognised in a file."""
 
     source: str  # "--init 'path'" or the like
-    kind: str  # torchvision | res_deeplab | deeplab_multi | backbone | pipeline
+    kind: str  # torchvision | res_deeplab | deeplab_multi | backbone | pipeline | mit
     state: dict[str, Tensor]  # unwrapped, prefixes stripped
     backbone: dict[str, Tensor]  # ResNet keys (conv1.weight, layer1.0.conv1.weight, ...), no num_batches_tracked
     head: Head | None = None  # the layer4 ASPP classifier of a peer file
@@ -102,6 +105,7 @@ class Found:
     prefixes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # what a backbone load leaves out
     fc_classes: int | None = None
+    mit: str | None = None  # a MiT file: what it holds (uda.mit_weights.describe_mit)
 
     @property
     def text(self) -> str:
@@ -115,6 +119,8 @@ class Found:
                     f"K={self.head.num_classes})")
         elif self.kind == "backbone":
             what = "a bare ResNet backbone (no fc, no layer5 classifier)"
+        elif self.kind == "mit":
+            what = self.mit
         else:
             what = "a checkpoint of this pipeline: " + (describe_network(self.network) if self.network
                                                          else "no network description")
@@ -199,6 +205,9 @@ def read_weights(source, option: str = "--init") -> Found:
     state, wrappers = unwrap(obj, where)
     state, prefixes = strip_prefixes(state)
     keys = set(state)
+    mit = describe_mit(state)  # before the pipeline's keys: Hugging Face's MiT files have a classifier.*
+    if mit is not None:
+        return Found(where, "mit", state, state, wrappers=wrappers, prefixes=prefixes, mit=mit)
     if any(k.startswith(("backbone.", "classifier.")) for k in keys):
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         extra = state.get("_extra_state")

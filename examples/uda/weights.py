@@ -3,10 +3,11 @@ different network (style rule 21).
 
 What a file is comes from :mod:`uda.weight_files` (detected from its structure, never from a prefix: torchvision,
 the DeepLab init, AdaptSegNet/DASS ``Res_Deeplab`` and ``DeeplabMulti``, a bare backbone, this pipeline's own
-files); what a network is, from :mod:`uda.network`. Entry points, each returning the line to log:
-:func:`init_weights` (``--init``), :func:`load_source_weights` (``--source-checkpoint``), :func:`build_model_for`
-(``predict.py``), :func:`resume_network` (``--resume``), :func:`check_network` (any other load), and
-:func:`build_model` (a run's network, its ``--init`` loaded).
+files, SegFormer / Hugging Face MiT files); what a network is, from :mod:`uda.network`. Entry points, each
+returning the line to log: :func:`init_weights` (``--init``; :func:`init_mit` for a DAFormer network),
+:func:`load_source_weights` (``--source-checkpoint``), :func:`build_model_for` (``predict.py``),
+:func:`resume_network` (``--resume``), :func:`check_network` (any other load), and :func:`build_model` (a run's
+network, its ``--init`` loaded).
 
 A trap no key shows: AdaptSegNet's ``Classifier_Module.forward`` returns inside its loop, so the classifiers it
 trained sum only ASPP branches 0 and 1, while DASS's and this pipeline's sum all four. A peer's classifier is
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .daformer_net import MIT_ARCHS, DAFormerNet
+from .mit_weights import load_mit
 from .model import DeepLabV2, TinySegNet
 from .network import (
     LAYOUT_TEXT,
@@ -109,7 +112,7 @@ def resume_network(model: nn.Module, ckpt: dict, *, source_checkpoint: str | Non
                f"{describe_network(model.network_config())}"
     if differing:
         raise mismatch_error("--resume", network, own, differing, hint=(
-            "Resume with the options the run started with (--init, --init-layout, --features, --proj-dim, "
+            "Resume with the options the run started with (--arch, --init, --init-layout, --features, --proj-dim, "
             "the class table)"))
     return f"--resume: network {describe_network(own)}"
 
@@ -120,6 +123,9 @@ def init_weights(model: DeepLabV2, path: str | Path, layout: str | None = None) 
     log: what was detected, the layout used, what was loaded and skipped. A classifier is never loaded."""
     found = read_weights(path, "--init")
     label = str(path) if isinstance(path, (str, Path)) else "--init"
+    if found.kind == "mit":
+        raise ValueError(f"expected {found.source} to hold ResNet-101 weights for a DeepLab-V2, got {found.text}: "
+                         f"Mix Transformer weights initialise --arch {'/'.join(MIT_ARCHS)}")
     if found.kind == "pipeline" and (found.network or {}).get("arch", "deeplabv2") != "deeplabv2":
         raise ValueError(f"expected {found.source} to hold a DeepLab-V2 (a ResNet-101 backbone), got {found.text}")
     if found.kind == "pipeline" and found.network is None:
@@ -236,18 +242,23 @@ def build_model_for(source, *, option: str = "--checkpoint", peer_classifier: st
         raise ValueError(f"expected {found.source} to hold a segmentation model (this pipeline's checkpoint, a "
                          f"Res_Deeplab or DeeplabMulti state dict), got {found.text}: it has no segmentation "
                          "classifier")
-    state = found.state
-    if "classifier.branches.0.weight" not in state:
+    state, network = found.state, found.network or {}
+    if "decode_head.conv_seg.weight" in state:  # DAFormer: the MiT size from the description, else from the shapes
+        try:
+            model = DAFormerNet.for_state(state, network)
+        except ValueError as error:
+            raise ValueError(f"{found.source}: {error}") from None
+    elif "classifier.branches.0.weight" not in state:
         raise ValueError(f"expected {found.source} to hold the pipeline's network (classifier.branches.0.weight, "
-                         f"...), got keys like {sorted(state)[:5]}")
-    network = found.network or {}
-    num_classes = int(state["classifier.branches.0.weight"].shape[0])
-    if "backbone.conv1.weight" not in state:
+                         f"decode_head.conv_seg.weight, ...), got keys like {sorted(state)[:5]}")
+    elif "backbone.conv1.weight" not in state:
         width = state.get("backbone.0.0.weight")
-        model = TinySegNet(num_classes, **({"width": int(width.shape[0])} if width is not None else {}))
+        model = TinySegNet(int(state["classifier.branches.0.weight"].shape[0]),
+                           **({"width": int(width.shape[0])} if width is not None else {}))
     else:
         proj = state.get("projection.weight")
-        model = DeepLabV2(num_classes, features="aspp" if proj is None else "layer4",
+        model = DeepLabV2(int(state["classifier.branches.0.weight"].shape[0]),
+                          features="aspp" if proj is None else "layer4",
                           proj_dim=256 if proj is None else int(proj.shape[0]), blocks=_blocks(found.backbone))
     if network.get("classes"):
         model.class_names = tuple(network["classes"])
@@ -260,12 +271,41 @@ def build_model_for(source, *, option: str = "--checkpoint", peer_classifier: st
     return model, f"{found.source}: {found.text}"
 
 
+def init_mit(model: DAFormerNet, path) -> str:
+    """``--init`` of a DAFormer network: SegFormer's ``mit_b*.pth`` or Hugging Face's ``nvidia/mit-b*`` weights
+    (or the ``backbone.*`` of a run of the same arch) into ``model.backbone`` (:func:`uda.mit_weights.load_mit`:
+    the ImageNet classifier is dropped and named); the line to log. Anything else, a MiT of another size included,
+    is a ``ValueError`` naming what the file holds, raised before anything is loaded."""
+    label = f"--init {str(path)!r}" if isinstance(path, (str, Path)) else "--init"
+    want = f"{model.backbone.spec.text} weights (SegFormer's mit_b*.pth or Hugging Face's nvidia/mit-b*)"
+    try:
+        found = read_weights(path, "--init")
+    except UnknownWeightsError as error:
+        raise UnknownWeightsError(f"expected {label} to hold {want}, got none of the networks known here: "
+                                  f"{error}") from None
+    if found.kind == "pipeline" and (found.network or {}).get("arch", model.arch) == model.arch and any(
+            k.startswith("backbone.patch_embed1.") for k in found.state):
+        state, what = found.backbone, f"the backbone of {found.text}"
+    elif found.kind != "mit":
+        raise ValueError(f"expected {label} to hold {want}, got {found.text}")
+    else:
+        state, what = found.state, found.text
+    try:
+        line = load_mit(model.backbone, state)
+    except ValueError as error:
+        raise ValueError(f"expected {label} to fit --arch {model.arch}: {error}") from None
+    return f"init: {label}: detected {what} -> {line} (the decoder starts from its random init)"
+
+
 # ---------------------------------------------------------------------------------------------- building
 def build_model(arch: str, num_classes: int, *, features: str = "aspp", proj_dim: int = 256,
                 init: str | None = None, init_layout: str | None = None,
                 class_names: tuple[str, ...] | None = None) -> nn.Module:
-    """Build ``arch`` ("deeplabv2" or "tiny") and load ``init`` weights when given (:func:`uda.weights.init_weights`:
-    the file's layout is detected from its structure; ``init_layout`` settles a bare backbone).
+    """Build ``arch`` ("deeplabv2", "tiny" or "mit-b0" ... "mit-b5") and load ``init`` weights when given
+    (:func:`uda.weights.init_weights`: the file's layout is detected from its structure; ``init_layout`` settles a
+    bare backbone). A MiT arch is a :class:`uda.daformer_net.DAFormerNet` (its features are the decoder's fused
+    256-d map: ``features`` must stay "aspp", the default, and ``proj_dim`` 256); its ``init`` is SegFormer's
+    ``mit_b*.pth`` or Hugging Face's ``nvidia/mit-b*`` of that size (:func:`init_mit`).
 
     ``model.init_message`` says what was loaded (or that nothing was): log it. ``class_names``, when given, go
     into the network description that every checkpoint carries.
@@ -275,8 +315,20 @@ def build_model(arch: str, num_classes: int, *, features: str = "aspp", proj_dim
             raise ValueError(f"expected no --init for arch 'tiny' (it trains from scratch), got {init!r}")
         model = TinySegNet(num_classes)
         model.init_message = "init: none (the tiny CNN trains from scratch; RGB input, ImageNet mean/std)"
+    elif arch in MIT_ARCHS:
+        if features != "aspp" or proj_dim != 256:
+            raise ValueError(f"expected the default --features aspp and --proj-dim 256 for --arch {arch} (its "
+                             f"features are the DAFormer decoder's fused 256-d map), got --features {features} "
+                             f"--proj-dim {proj_dim}")
+        if init_layout is not None:
+            raise ValueError(f"expected no --init-layout for --arch {arch} (MiT files say their layout; "
+                             f"--init-layout is for ResNet backbones), got {init_layout!r}")
+        model = DAFormerNet(arch, num_classes)
+        model.init_message = (init_mit(model, init) if init is not None else
+                              f"init: none (random {model.backbone.spec.text} and DAFormer decoder; RGB input, "
+                              "ImageNet mean/std)")
     elif arch != "deeplabv2":
-        raise ValueError(f"expected arch 'deeplabv2' or 'tiny', got {arch!r}")
+        raise ValueError(f"expected arch 'deeplabv2', 'tiny' or {', '.join(map(repr, MIT_ARCHS))}, got {arch!r}")
     else:
         model = DeepLabV2(num_classes, features=features, proj_dim=proj_dim)
         if init is None:
