@@ -25,7 +25,8 @@ from .evaluate import evaluate as evaluate_model
 from .evaluate import iou_table
 from .run import AMP_DTYPES, Run
 
-__all__ = ["evaluate", "log_point", "end_round", "finish", "bad_samples", "record_skips", "scalars"]
+__all__ = ["evaluate", "log_point", "end_round", "finish", "budget_line", "last_line", "bad_samples", "record_skips",
+           "scalars"]
 
 
 def evaluate(run: Run, state: dict, label: str, *, delivered: dict | None = None) -> dict:

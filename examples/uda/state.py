@@ -151,7 +151,7 @@ def resume_decisions(run: Run, state: dict, config: dict) -> None:
     after the run has scored is refused (its scores would be compared with another score's)."""
     a = run.args
     adopted = {k: config.get(k, "off" if k == "round_decisions" else getattr(a, k))
-               for k in options.DECISION_OPTIONS if k not in a.given}
+               for k in options.DECISION_OPTIONS if k not in getattr(a, "given", options.DECISION_OPTIONS)}
     adopted = {k: v for k, v in adopted.items() if v != getattr(a, k)}
     if adopted:
         for key, value in adopted.items():
