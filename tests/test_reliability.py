@@ -483,7 +483,13 @@ def test_output_estimate():
     net = torch.nn.Linear(100, 10)
     assert runtime.tensor_bytes(net.state_dict()) == 4 * 1010
     assert runtime.tensor_bytes({"a": [torch.zeros(2, dtype=torch.float64)], "b": (torch.zeros(3, dtype=torch.uint8),)}) == 19
-    assert runtime.estimate_output_bytes(1000, pseudo_labels=10, pseudo_label_pixels=50, margin=0) == 4000 + 1000
+    # checkpoint + its temporary copy + source_only + adapted + 3 folders of 10 x 50-pixel labels (2 rounds and
+    # the one being written); with decisions round_start + 2 best-scored, with the control 2 more
+    plain = runtime.output_files(100, 1000, rounds=2, pseudo_labels=10, pseudo_label_pixels=50, margin=0)
+    assert sum(plain.values()) == 1000 + 1000 + 100 + 100 + 3 * 10 * 50
+    every = runtime.output_files(100, 1000, rounds=2, decisions=True, control=True, stage1_best=True,
+                                 pseudo_labels=10, pseudo_label_pixels=50, margin=0)
+    assert sum(every.values()) == sum(plain.values()) + 100 + 1000 + 2 * 100 + 2 * 100
 
 
 def test_resume_auto(tmp_path):

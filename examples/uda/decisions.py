@@ -149,10 +149,7 @@ def _keep_best(run: Run, state: dict, holder: dict, value: float, where: str, pr
         return
     name = f"{prefix}-{state['step']:08d}.pt"
     _snapshot(run, name, {"model": run.model.state_dict(), "from": where, "step": state["step"]})
-    if run.rank == 0:
-        for old in run.out.glob(f"{prefix}-*.pt"):
-            if old.name not in (name, holder.get("best_file")):
-                old.unlink(missing_ok=True)
+    _remove_unnamed(run, prefix, {name, holder.get("best_file")})
     holder["best"] = value if holder["best"] is None else max(holder["best"], value)
     holder.update(best_from=where, delivered=value, best_file=name, best_step=state["step"],
                   best_contains=list(holder.get("contains") or []))
@@ -161,15 +158,19 @@ def _keep_best(run: Run, state: dict, holder: dict, value: float, where: str, pr
 def tidy(run: Run, state: dict) -> None:
     """After a phase's checkpoint (:func:`uda.state.begin_phase`): remove the best-scored files the record no longer
     names, and ``round_start.pt`` once stage 2 is over (rank 0)."""
-    if run.rank != 0:
-        return
     record = state["decisions"]
     for prefix, holder in ((BEST, record), (CONTROL_BEST, record.get("control") or {})):
-        for old in run.out.glob(f"{prefix}-*.pt"):
-            if old.name != holder.get("best_file"):
-                old.unlink(missing_ok=True)
-    if state["phase"] in ("control", "done"):
+        _remove_unnamed(run, prefix, {holder.get("best_file")})
+    if run.rank == 0 and state["phase"] in ("control", "done"):
         (run.out / ROUND_START).unlink(missing_ok=True)
+
+
+def _remove_unnamed(run: Run, prefix: str, keep: set) -> None:
+    """Remove ``<out>/<prefix>-*.pt`` but the files named in ``keep`` (rank 0)."""
+    if run.rank == 0:
+        for old in run.out.glob(f"{prefix}-*.pt"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- the rounds
@@ -345,13 +346,17 @@ def control_point(run: Run, state: dict, result: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reports
+def _rounds_in(contains: list[str]) -> int:
+    return sum(1 for part in contains if part != "stage 1")
+
+
 def model_iterations(contains: list[str], source_iters: int, round_iters: int) -> int:
     """The training iterations in a model that contains ``contains`` (stage 1, then rounds)."""
-    return source_iters + round_iters * sum(1 for part in contains if part != "stage 1")
+    return source_iters + round_iters * _rounds_in(contains)
 
 
 def _describe(contains: list[str], source_iters: int, round_iters: int) -> str:
-    n = sum(1 for part in contains if part != "stage 1")
+    n = _rounds_in(contains)
     its = f"{source_iters} + {n}x{round_iters}" if n else f"{source_iters}"
     return f"{' + '.join(contains)}: {its} iterations"
 

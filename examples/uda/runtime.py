@@ -298,13 +298,6 @@ def output_files(model_bytes: int, state_bytes: int, *, rounds: int = 1, decisio
     return files
 
 
-def estimate_output_bytes(state_bytes: int, *, checkpoints: int = 4, pseudo_labels: int = 0,
-                          pseudo_label_pixels: int = 0, margin: int = 16 * 2**20) -> int:
-    """The estimate before issue 34 (``checkpoints`` copies of ``state_bytes``, two rounds of pseudo labels,
-    ``margin``); :func:`output_files` counts every file."""
-    return int(checkpoints * state_bytes + 2 * pseudo_labels * pseudo_label_pixels + margin)
-
-
 def tensor_bytes(*states) -> int:
     """Bytes of the tensors in (nested) state dicts, lists, tuples or parameter iterables."""
     total = 0
