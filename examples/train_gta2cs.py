@@ -47,12 +47,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from uda import checkpoint, decisions, diagnostics, dist, reliability, runtime, signals
+from uda import checkpoint, decisions, diagnostics, reliability, runtime, signals
 from uda.options import parse_args
 from uda.reliability import safe_cross_entropy
-from uda.report import end_round, evaluate, finish, log_point
+from uda.report import end_round, evaluate, finish
 from uda.run import Run, forward, setup
-from uda.state import begin_phase, check_finite, next_batch, run_guarded, save, save_model, start, stop_point, watch
+from uda.state import accumulate, begin_phase, check_finite, next_batch, run_script, save, save_model, start, watch
+from uda.state import end_iteration as state_end_iteration
 from uda.static_labels import make_static_labels
 
 import protocl
@@ -133,22 +134,10 @@ def rectified_labels(run: Run, images: Tensor, features: Tensor, y_f: Tensor) ->
 
 
 def end_iteration(run: Run, state: dict, total: int, sums: dict[str, Tensor], kind: str | None = None) -> None:
-    """After a step: the counters, the log point, the periodic checkpoint, the stop point."""
-    a = run.args
-    state["iteration"] += 1
-    state["step"] += 1
-    if state["iteration"] % a.log_every == 0 or state["iteration"] == total:
-        log_point(run, state, kind or state["phase"], sums)
-    if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < total:
-        if state["phase"] == "source" and a.stage1_best_on_target_val:
-            keep_if_best(run, state)
-        save(run, state)
-    stop_point(run, state)
-
-
-def accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
-    for k, v in stats.items():
-        sums[k] = sums.get(k, 0) + v
+    """After a step: :func:`uda.state.end_iteration` (with ``--stage1-best-on-target-val``, stage 1's periodic
+    checkpoints keep the best model on target val first)."""
+    best = state["phase"] == "source" and run.args.stage1_best_on_target_val
+    state_end_iteration(run, state, total, sums, kind, before_save=(lambda: keep_if_best(run, state)) if best else None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -328,17 +317,7 @@ def train(run: Run, state: dict, *, step: Callable = adapt_step, step_context: S
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        try:  # set-up errors (missing dataset roots, bad --init or --resume files) end with a clear message
-            run = setup(args)
-            state = start(run)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return run_guarded(run, state, lambda: (train(run, state), finish(run, state)))
-    finally:
-        dist.cleanup()
+    return run_script(argv, parse_args, start, train)
 
 
 if __name__ == "__main__":

@@ -58,15 +58,16 @@ def build(argv: list[str]) -> train_gta2cs.Run:
     return train_gta2cs.setup(options.parse_args(argv))
 
 
-def train_with(argv: list[str], step_context=None) -> int:
-    """``train_gta2cs.main`` with a ``step_context`` (e.g. :func:`crash_after`): 0 when the run finished, 1 when
-    it crashed (nothing saved after the last periodic checkpoint)."""
-    run = build(argv)
-    state = train_gta2cs.start(run)
+def train_with(argv: list[str], step_context=None, *, script=train_gta2cs, parse_args=options.parse_args) -> int:
+    """``script.main`` (default ``train_gta2cs``; ``train_daformer`` with its ``parse_args``) with a
+    ``step_context`` (e.g. :func:`crash_after`): 0 when the run finished, 1 when it crashed (nothing saved after the
+    last periodic checkpoint)."""
+    run = script.setup(parse_args(argv))
+    state = script.start(run)
     checks_before = protocl.value_checks_enabled()
     try:
-        train_gta2cs.train(run, state, step_context=step_context)
-        train_gta2cs.finish(run, state)
+        script.train(run, state, step_context=step_context)
+        script.finish(run, state)
     except Crash:
         return 1
     finally:

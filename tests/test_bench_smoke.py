@@ -92,3 +92,24 @@ def test_gpu_check_smoke_trains_the_real_pipeline(tmp_path):
     assert json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())["smoke"] is True
     table = (tmp_path / "gpu_check_cpu_smoke.md").read_text()
     assert "| bf16 no_protocl |" in table and "not a GPU figure" in table
+
+
+def test_daformer_cost_smoke_times_every_part_of_the_step(tmp_path):
+    """``python -m benchmarks.daformer_cost --smoke --mic``: every part of the DAFormer-class step (MIC on) timed on
+    a tiny run built as ``train_daformer.py`` builds it, the instrumented step equal to ``teacher_step``."""
+    from benchmarks import daformer_cost
+
+    # weight 1 everywhere: from scratch the pseudo-label weight is 0, which would hide a difference of the target terms
+    report = daformer_cost.main(["--smoke", "--mic", "--steps", "2", "--warmup", "1", "--out", str(tmp_path), "--",
+                                 "--no-pseudo-weight"])
+    saved = json.loads((tmp_path / "daformer_cost_cpu_mic_smoke.json").read_text())
+    assert saved["settings"]["arch"] == "mit-b0" and saved["settings"]["crop"] == 32 and saved["settings"]["mic"]
+    parts = saved["result"]["parts"]
+    assert set(parts) == set(daformer_cost.PARTS)
+    for name, entry in parts.items():
+        assert entry["median_ms"] > 0 and len(entry["times_ms"]) == 2, name
+    for name in ("instrumented_step", "teacher_step", "watch", "source_step"):
+        assert saved["result"]["reference"][name]["median_ms"] > 0, name
+    assert saved["peak_memory"] == {"teacher_step": "n/a (CPU)"}
+    assert report["equivalence"]["identical"]  # the instrumented copy computes what teacher_step computes
+    assert saved["machine"]["device"] == "cpu" and "torch" in saved["machine"]

@@ -1,7 +1,9 @@
-"""The reference pipeline's package (unsupervised domain adaptation, every benchmark); its loop is
-``examples/train_gta2cs.py``. One module per job, no module imports back one that imports it:
+"""The reference pipeline's package (unsupervised domain adaptation, every benchmark); its loops are
+``examples/train_gta2cs.py`` (the paper's method) and ``examples/train_daformer.py`` (DAFormer's mean-teacher
+recipe). One module per job, no module imports back one that imports it:
 
 - :mod:`options` — the command line: parsing only, per-architecture defaults, the one size parser
+- :mod:`daformer_options` — ``train_daformer.py``'s command line: the shared groups, DAFormer's schedule and recipe
 - :mod:`run` — ``setup``: the one way to build a :class:`~uda.run.Run` (data, model, orchestrator, optimizer, log)
 - :mod:`state` — the checkpoint dict, start/resume/``--source-checkpoint``, phases, the loop's reliability points
 - :mod:`report` — evaluation, the log point, the end of a round, ``finish`` (metrics.json, the last line)
@@ -24,6 +26,7 @@
 - :mod:`schedule` — DAFormer's AdamW parameter groups and mmcv's poly learning rate with linear warm-up
 - :mod:`mix` — ClassMix masks, mixing, DAFormer's strong transform (colour jitter, blur), sync-free
 - :mod:`rare_class` — rare-class sampling: source class statistics, sampling probabilities, class crops
+- :mod:`mean_teacher` — the recipe's run parts: source crops with RCS (statistics cached), per-step draws, mmseg's CE
 - :mod:`network` — the network description a checkpoint carries beside its weights
 - :mod:`weight_files` — what a weights file is, told from its structure (torchvision, DeepLab init, peers)
 - :mod:`weights` — loading weights into a network: ``--init``, ``--source-checkpoint``, ``--resume``, predict

@@ -79,8 +79,12 @@ class DAFormerNet(_Normalized):
         config.update(arch=self.arch, decoder=DECODER, features=self.feature_source, feature_dim=int(self.feature_dim))
         return config
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.decode_head(self.backbone(self.normalize(images)))
+    def forward(self, images: Tensor, *, encoder: bool = False) -> tuple[Tensor, ...]:
+        """``(logits, features)``; ``encoder=True`` adds the encoder's last stage map (stride 32: the feature
+        distance's, through the module's own ``forward`` so that DistributedDataParallel sees the call)."""
+        stages = self.backbone(self.normalize(images))
+        logits, features = self.decode_head(stages)
+        return (logits, features, stages[-1]) if encoder else (logits, features)
 
     def param_groups(self, lr: float, *, weight_decay: float | None = None) -> list[dict]:
         """DAFormer's parameter groups (:func:`uda.schedule.adamw_param_groups`): the decoder (``decode_head.*``) at

@@ -103,7 +103,8 @@ def training_curves(history: dict[str, list], path: str | Path) -> Path:
     ax1.set_xlabel("iterations in the model (stage 1 + stage 2)")
     ax1.set_ylabel("target val mIoU (%)")
     ax1.grid(alpha=0.3)
-    for key, name in (("coverage_static", "static"), ("coverage_dynamic", "dynamic"), ("coverage_hybrid", "hybrid")):
+    for key, name in (("coverage_static", "static"), ("coverage_dynamic", "dynamic"), ("coverage_hybrid", "hybrid"),
+                      ("pseudo_weight", "confident share (train_daformer's pseudo-label weight)")):
         if history.get(key):
             ax2.plot(history["log_iter"], history[key], label=name)
     ax2.set_xlabel("adaptation iteration")

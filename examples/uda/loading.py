@@ -174,7 +174,7 @@ class TrainSet(Dataset):
         scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         image, labels = resize_pair(image, labels, scaled)
         arrays = [np.asarray(image)] + [np.asarray(lab, dtype=np.uint8) for lab in labels]
-        arrays = random_crop(arrays, self.crop, rng)
+        arrays = self.crop_window(arrays, rng)
         if self.flip and rng.random() < 0.5:
             arrays = [a[:, ::-1] for a in arrays]
         out = {"image": torch.from_numpy(np.ascontiguousarray(arrays[0].transpose(2, 0, 1))),
@@ -183,15 +183,26 @@ class TrainSet(Dataset):
             out[name] = torch.from_numpy(np.ascontiguousarray(array))
         return out
 
+    def crop_window(self, arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        """The training crop of the image and its label maps (:func:`random_crop`; subclasses choose the window
+        otherwise, e.g. :class:`uda.mean_teacher.SourceCrops`)."""
+        return random_crop(arrays, self.crop, rng)
 
-def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Crop the same random crop×crop window from every array; pad (image 0, labels ignore) when smaller."""
+
+def pad_to_crop(arrays: list[np.ndarray], crop: int) -> list[np.ndarray]:
+    """Pad the image (0) and the label maps (ignore) at the bottom and right to at least crop×crop."""
     h, w = arrays[0].shape[:2]
     ph, pw = max(0, crop - h), max(0, crop - w)
     if ph or pw:
         arrays = [np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2),
                          constant_values=0 if i == 0 else IGNORE_INDEX) for i, a in enumerate(arrays)]
-        h, w = arrays[0].shape[:2]
+    return arrays
+
+
+def random_crop(arrays: list[np.ndarray], crop: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Crop the same random crop×crop window from every array; pad (image 0, labels ignore) when smaller."""
+    arrays = pad_to_crop(arrays, crop)
+    h, w = arrays[0].shape[:2]
     top = int(rng.integers(0, h - crop + 1))
     left = int(rng.integers(0, w - crop + 1))
     return [a[top:top + crop, left:left + crop] for a in arrays]

@@ -48,7 +48,7 @@ DEFAULTS = {
              "log_every": 50, "ckpt_every": 200, "threshold": 0.9, "threads": 1},
 }
 # SegFormer's MiT + DAFormer's decoder trained with this script's recipe: DeepLab-V2's budget, crops of 512 (a
-# multiple of the encoder's stride 32, DAFormer's crop); DAFormer's own recipe is the coming train_daformer.py
+# multiple of the encoder's stride 32, DAFormer's crop); DAFormer's own recipe is train_daformer.py
 DEFAULTS.update({arch: {**DEFAULTS["deeplabv2"], "crop": 512} for arch in MIT_VARIANTS})
 
 
@@ -62,59 +62,16 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``train_gta2cs.py``'s options: the shared data, model and run groups (:func:`add_data_options`,
+    :func:`add_model_options`, :func:`add_run_options`) and the paper's schedule and method."""
     p = argparse.ArgumentParser(description="GTA5 / SYNTHIA / Cityscapes / your data -> Cityscapes / ACDC / Dark "
                                             "Zurich / your data with bi-directional prototype contrast (protocl's "
                                             "reference pipeline).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data (layouts and class tables: docs/datasets.md)")
-    d.add_argument("--source", choices=SOURCES,
-                   help="source dataset (default: synthia when --synthia-root is given, folder when --source-root "
-                        "is, else gta5)")
-    d.add_argument("--target", choices=TARGETS, default="cityscapes", help="target dataset")
-    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
-    d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
-                                          "over the 16 shared classes (miou16) and 13 (miou13)")
-    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/): the target, or the source "
-                                             "with --source cityscapes")
-    d.add_argument("--acdc-root", help="ACDC root (rgb_anon/, gt/) for --target acdc")
-    d.add_argument("--acdc-conditions", nargs="+", choices=ACDC_CONDITIONS + ("all",), default=["all"],
-                   help="ACDC conditions trained on and evaluated")
-    d.add_argument("--darkzurich-root", help="Dark Zurich root (rgb_anon/, gt/) for --target darkzurich")
-    d.add_argument("--source-root", help="--source folder: images/ and labels/ (raw ids of the class table)")
-    d.add_argument("--target-root", help="--target folder: train/images/ (labels optional) and val/{images,labels}/")
-    d.add_argument("--class-table", help="class table (JSON: names, raw ids, ignore ids, colours) of --target "
-                                         "folder, and of --source folder unless --source-class-table is given")
-    d.add_argument("--source-class-table", help="class table of --source folder when its raw ids differ")
-    d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
-    d.add_argument("--out", default="runs/gta2cs", help="output directory (checkpoints, figures, log, metrics.json)")
-    d.add_argument("--batch-size", type=int, help="source and target images per step and rank (2 + 2 in the paper)")
-    d.add_argument("--crop", type=int, help="random square crop (730)")
-    d.add_argument("--resize", type=int, help="short side before random scaling (850)")
-    d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
-    d.add_argument("--eval-size", type=parse_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
-    d.add_argument("--workers", type=int, help="DataLoader worker processes")
-    d.add_argument("--check-data", action=argparse.BooleanOptionalAction,
-                   help="pre-flight check of every image and label of the chosen splits before training (decodes "
-                        "each file, checks label mode, ids and size; reports all bad files at once). Default: on "
-                        "for the real datasets, off for the generated demo; never repeated on --resume")
-    d.add_argument("--on-bad-sample", choices=("error", "skip"), default="error",
-                   help="a file that fails to read during training: 'error' stops with its path; 'skip' uses the "
-                        "next sample instead, logs a warning and counts it in metrics.json ('bad_samples')")
-    m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=("deeplabv2", "tiny", *MIT_VARIANTS),
-                   help="default: tiny for the demo, deeplabv2 otherwise. mit-b0...mit-b5: SegFormer's Mix "
-                        "Transformer + DAFormer's decoder (D=256, output stride 4) trained with this script's "
-                        "recipe (SGD, DeepLab-V2's budget, crop 512); DAFormer's own recipe (AdamW, mean teacher) "
-                        "is the coming train_daformer.py")
-    m.add_argument("--init", help="ResNet-101 weights for the backbone, layout detected from the file's structure: "
-                                  "torchvision (fc), DeepLab init (Scale.), AdaptSegNet/DASS Res_Deeplab or "
-                                  "DeeplabMulti (their classifier is skipped), a run's checkpoint; for --arch "
-                                  "mit-b*: SegFormer's mit_b*.pth or Hugging Face's nvidia/mit-b* of that size "
-                                  "(ImageNet head dropped); never downloaded (docs/reproduce.md, initial weights)")
-    m.add_argument("--init-layout", choices=("torchvision", "deeplab"),
-                   help="the --init file's layout where its structure cannot tell (a bare backbone: torchvision = "
-                        "stride on the 3x3 conv, RGB ImageNet mean/std; deeplab = stride on the 1x1 conv, BGR caffe "
-                        "mean), or deeplab for a caffe-converted ImageNet ResNet with an fc")
+    add_data_options(p, out="runs/gta2cs")
+    m = add_model_options(p, "tiny for the demo, deeplabv2 otherwise. mit-b0...mit-b5: SegFormer's Mix Transformer + "
+                             "DAFormer's decoder (D=256, output stride 4) trained with this script's recipe (SGD, "
+                             "DeepLab-V2's budget, crop 512); DAFormer's own recipe is train_daformer.py")
     m.add_argument("--peer-classifier", choices=("all-branches", "first-two"),
                    help="load the ASPP classifier of a peer's Res_Deeplab / DeeplabMulti --source-checkpoint: "
                         "all-branches (DASS sums the four branches) or first-two (AdaptSegNet's Classifier_Module "
@@ -122,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--features", choices=("aspp", "layer4"), default="aspp",
                    help="contrast features: ASPP branch outputs (D=4K) or layer4 + 1x1 projection")
     m.add_argument("--proj-dim", type=int, default=256, help="D of the layer4 projection")
+
     t = p.add_argument_group("schedule")
     t.add_argument("--source-iters", type=int, help="stage 1 iterations")
     t.add_argument("--rounds", type=int, help="stage 2 rounds (static labels regenerated at each start)")
@@ -193,16 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-contrastive", action="store_true", help="ablation: no FCL/BCL")
     c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
     c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
-    r = p.add_argument_group("run")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun picks LOCAL_RANK)")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
+    r = add_run_options(p)
     r.add_argument("--value-checks", choices=("first", "always"), default="first",
                    help="protocl's label-value checks (a pass over each label map; on CUDA device-side, no host sync): "
                         "on the first step of each stage and round only, or on every step")
-    r.add_argument("--sync-debug", action="store_true",
-                   help="run the training steps (not the first of a stage/round, not logging) under "
-                        "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
     r.add_argument("--diagnostics", action=argparse.BooleanOptionalAction,
                    help="per-class coverage and precision of static/dynamic/hybrid labels against target train "
                         "ground truth, logged and in metrics.json (reads target labels; never trained on; "
@@ -211,6 +163,74 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label-free reliability signals of the dynamic labels per class and round (agreement with "
                         "the static labels and the prediction, prototype margin and separation; uda.signals), "
                         "logged and in metrics.json; they read no target label")
+    r.add_argument("--pseudo-cache-mb", type=int, default=512, help="RAM for caching logits between threshold passes")
+    return p
+
+
+def add_data_options(p: argparse.ArgumentParser, *, out: str) -> argparse._ArgumentGroup:
+    """The data group both scripts share (datasets, class tables, crops, loading); ``out``: ``--out``'s default."""
+    d = p.add_argument_group("data (layouts and class tables: docs/datasets.md)")
+    d.add_argument("--source", choices=SOURCES,
+                   help="source dataset (default: synthia when --synthia-root is given, folder when --source-root "
+                        "is, else gta5)")
+    d.add_argument("--target", choices=TARGETS, default="cityscapes", help="target dataset")
+    d.add_argument("--gta5-root", help="GTA5 root (images/, labels/); omit the roots for the embedded demo")
+    d.add_argument("--synthia-root", help="SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/LABELS/ 16-bit PNGs); evaluated "
+                                          "over the 16 shared classes (miou16) and 13 (miou13)")
+    d.add_argument("--cityscapes-root", help="Cityscapes root (leftImg8bit/, gtFine/): the target, or the source "
+                                             "with --source cityscapes")
+    d.add_argument("--acdc-root", help="ACDC root (rgb_anon/, gt/) for --target acdc")
+    d.add_argument("--acdc-conditions", nargs="+", choices=ACDC_CONDITIONS + ("all",), default=["all"],
+                   help="ACDC conditions trained on and evaluated")
+    d.add_argument("--darkzurich-root", help="Dark Zurich root (rgb_anon/, gt/) for --target darkzurich")
+    d.add_argument("--source-root", help="--source folder: images/ and labels/ (raw ids of the class table)")
+    d.add_argument("--target-root", help="--target folder: train/images/ (labels optional) and val/{images,labels}/")
+    d.add_argument("--class-table", help="class table (JSON: names, raw ids, ignore ids, colours) of --target "
+                                         "folder, and of --source folder unless --source-class-table is given")
+    d.add_argument("--source-class-table", help="class table of --source folder when its raw ids differ")
+    d.add_argument("--demo-root", help="where the demo dataset is written (default: <out>/demo_data)")
+    d.add_argument("--out", default=out, help="output directory (checkpoints, figures, log, metrics.json)")
+    d.add_argument("--batch-size", type=int, help="source and target images per step and rank (2 + 2 in the paper)")
+    d.add_argument("--crop", type=int, help="random square crop (730)")
+    d.add_argument("--resize", type=int, help="short side before random scaling (850)")
+    d.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="random scale choices")
+    d.add_argument("--eval-size", type=parse_size, help="evaluation input WIDTHxHEIGHT (1460x730)")
+    d.add_argument("--workers", type=int, help="DataLoader worker processes")
+    d.add_argument("--check-data", action=argparse.BooleanOptionalAction,
+                   help="pre-flight check of every image and label of the chosen splits before training (decodes "
+                        "each file, checks label mode, ids and size; reports all bad files at once). Default: on "
+                        "for the real datasets, off for the generated demo; never repeated on --resume")
+    d.add_argument("--on-bad-sample", choices=("error", "skip"), default="error",
+                   help="a file that fails to read during training: 'error' stops with its path; 'skip' uses the "
+                        "next sample instead, logs a warning and counts it in metrics.json ('bad_samples')")
+    return d
+
+
+def add_model_options(p: argparse.ArgumentParser, arch_help: str) -> argparse._ArgumentGroup:
+    """The model group both scripts share: ``--arch``, ``--init``, ``--init-layout``."""
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=("deeplabv2", "tiny", *MIT_VARIANTS), help="default: " + arch_help)
+    m.add_argument("--init", help="ResNet-101 weights for the backbone, layout detected from the file's structure: "
+                                  "torchvision (fc), DeepLab init (Scale.), AdaptSegNet/DASS Res_Deeplab or "
+                                  "DeeplabMulti (their classifier is skipped), a run's checkpoint; for --arch "
+                                  "mit-b*: SegFormer's mit_b*.pth or Hugging Face's nvidia/mit-b* of that size "
+                                  "(ImageNet head dropped); never downloaded (docs/reproduce.md, initial weights)")
+    m.add_argument("--init-layout", choices=("torchvision", "deeplab"),
+                   help="the --init file's layout where its structure cannot tell (a bare backbone: torchvision = "
+                        "stride on the 3x3 conv, RGB ImageNet mean/std; deeplab = stride on the 1x1 conv, BGR caffe "
+                        "mean), or deeplab for a caffe-converted ImageNet ResNet with an fc")
+    return m
+
+
+def add_run_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The run group both scripts share (device, precision, seed, resume, logging, checkpoints)."""
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun picks LOCAL_RANK)")
+    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast the network forward (losses stay fp32); fp16 adds a GradScaler, checkpointed")
+    r.add_argument("--sync-debug", action="store_true",
+                   help="run the training steps (not the first of a stage/round, not logging) under "
+                        "torch.cuda.set_sync_debug_mode('error'): any host sync raises (CUDA only)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", help="checkpoint to continue from, or 'auto': <out>/checkpoint.pt when it exists, else "
@@ -220,19 +240,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int,
                    help="torch CPU threads (tiny: 1, its tensors are too small to gain from more and one thread "
                         "stays fast on a busy machine; deeplabv2: torch's choice)")
-    r.add_argument("--pseudo-cache-mb", type=int, default=512, help="RAM for caching logits between threshold passes")
-    return p
+    return r
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; fill the architecture's defaults and the demo's dataset roots; validate the combination.
 
     ``args.demo`` is True for the embedded demo (no dataset root given); then the source's and the target's root
-    options (and ``--class-table`` for folder -> folder) name what :func:`train_gta2cs.setup` writes.
+    options (and ``--class-table`` for folder -> folder) name what :func:`uda.run.setup` writes.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     args.given = given_options(parser, argv)
+    args.recipe = "gta2cs"
+    demo = resolve_data(args)
+    if args.peer_classifier is not None and args.source_checkpoint is None:
+        raise SystemExit("error: --peer-classifier given without --source-checkpoint")
+    if not 0.0 <= args.target_ce_margin <= 2.0:
+        raise SystemExit(f"error: expected --target-ce-margin in [0, 2] (a cosine difference), got "
+                         f"{args.target_ce_margin}")
+    if args.no_dynamic and args.target_ce in ("hires", "hires_margin"):
+        raise SystemExit(f"error: --target-ce {args.target_ce} decides dynamic labels, but --no-dynamic is given")
+    check_round_options(args)
+    fill_defaults(args, DEFAULTS, "tiny" if demo else "deeplabv2")
+    if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
+        raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
+    if args.score_images < 1 or args.score_memory_mb < 1:
+        raise SystemExit(f"error: expected --score-images >= 1 and --score-memory-mb >= 1, got {args.score_images} "
+                         f"and {args.score_memory_mb}")
+    if args.control is None:
+        args.control = demo
+    if args.diagnostics is None:
+        args.diagnostics = demo and args.target != "darkzurich"  # Dark Zurich has no train labels
+    return args
+
+
+def resolve_data(args: argparse.Namespace) -> bool:
+    """The data options both scripts share, in place: the default ``--source``, the roots' combination, the
+    demo's roots (under ``--demo-root``, default ``<out>/demo_data``), ACDC's conditions, ``--check-data``'s
+    default; sets and returns ``args.demo``. ``SystemExit`` naming the options that do not go together."""
     if args.source is None:
         args.source = "synthia" if args.synthia_root else "folder" if args.source_root else "gta5"
     source_root, target_root = SOURCE_ROOTS[args.source], TARGET_ROOTS[args.target]
@@ -255,26 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("error: --source folder / --target folder need --class-table (the labels' classes)")
     if args.init_layout is not None and args.init is None:
         raise SystemExit("error: --init-layout given without --init")
-    if args.peer_classifier is not None and args.source_checkpoint is None:
-        raise SystemExit("error: --peer-classifier given without --source-checkpoint")
     if args.source_class_table is not None and args.source != "folder":
         raise SystemExit(f"error: --source-class-table given with --source {args.source} (built-in classes)")
-    if not 0.0 <= args.target_ce_margin <= 2.0:
-        raise SystemExit(f"error: expected --target-ce-margin in [0, 2] (a cosine difference), got "
-                         f"{args.target_ce_margin}")
-    if args.no_dynamic and args.target_ce in ("hires", "hires_margin"):
-        raise SystemExit(f"error: --target-ce {args.target_ce} decides dynamic labels, but --no-dynamic is given")
-    check_round_options(args)
-    if args.arch is None:
-        args.arch = "tiny" if demo else "deeplabv2"
-    for key, value in DEFAULTS[args.arch].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.rounds < 1 or args.round_iters < 1 or args.source_iters < 1:
-        raise SystemExit("error: --source-iters, --rounds and --round-iters must be >= 1")
-    if args.score_images < 1 or args.score_memory_mb < 1:
-        raise SystemExit(f"error: expected --score-images >= 1 and --score-memory-mb >= 1, got {args.score_images} "
-                         f"and {args.score_memory_mb}")
     if demo:
         args.demo_root = str(args.demo_root or Path(args.out) / "demo_data")
         if layout_demo:  # the roots that demo.write_demo writes
@@ -286,14 +314,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, source_root, str(Path(args.demo_root) / args.source))
             args.cityscapes_root = str(Path(args.demo_root) / "cityscapes")
     args.acdc_conditions = list(ACDC_CONDITIONS) if "all" in args.acdc_conditions else args.acdc_conditions
-    if args.control is None:
-        args.control = demo
-    if args.diagnostics is None:
-        args.diagnostics = demo and args.target != "darkzurich"  # Dark Zurich has no train labels
     if args.check_data is None:
         args.check_data = not demo  # the demo is generated, hence well formed
     args.demo = demo
-    return args
+    return demo
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, dict], default_arch: str) -> None:
+    """``--arch`` (``default_arch`` when not given) and every option left unset from ``defaults[arch]``."""
+    if args.arch is None:
+        args.arch = default_arch
+    for key, value in defaults[args.arch].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:

@@ -25,6 +25,8 @@ from .evaluate import evaluate as evaluate_model
 from .evaluate import iou_table
 from .run import AMP_DTYPES, Run
 
+LOSS_TERMS = ("ce_src", "ce_tgt", "ent", "fcl", "bcl", "ce_mix", "mic", "fd")  # the log line's, in this order
+
 __all__ = ["evaluate", "log_point", "end_round", "finish", "budget_line", "last_line", "bad_samples", "record_skips",
            "scalars"]
 
@@ -33,6 +35,9 @@ def evaluate(run: Run, state: dict, label: str, *, delivered: dict | None = None
     """Target val mIoU of the current model (sharded over ranks), logged and added to the curves at the iterations
     the model has trained (an undone round's point becomes a marker of its own, :func:`uda.decisions.decide`);
     ``delivered``: the decision record (or its ``control``) of a delivered best-scored model, a marker too."""
+    if run.world > 1:  # each rank's last forward updated its own BatchNorm statistics; rank 0's are the ones saved
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     result = evaluate_model(run.model, run.val_loader, run.num_classes, run.device, subsets=run.subsets,
                             amp_dtype=AMP_DTYPES[run.args.amp])
     if hasattr(run.val_loader, "take"):  # files left out of the score (--on-bad-sample skip)
@@ -63,11 +68,16 @@ def log_point(run: Run, state: dict, kind: str, sums: dict[str, Tensor]) -> None
     undone = sum(not e["kept"] for e in state["decisions"]["rounds"])  # --round-decisions: each adds a fallback
     total = a.source_iters + a.rounds * a.round_iters * (2 if a.control else 1) + undone * a.round_iters
     rate = (state["step"] - run.started[1]) / max(1e-9, time.time() - run.started[0])
-    where = {"source": "stage 1", "control": f"control round {state['round']}",
+    control = "source-only control" if a.recipe == "daformer" else f"control round {state['round']}"
+    where = {"source": "stage 1", "control": control, "teacher": "mean teacher",
              "fallback": f"stage 2 round {state['round']} ({decisions.FALLBACKS[a.fallback]} fallback)"}.get(kind, f"stage 2 round {state['round']}")
     line = (f"[{state['step']}/{total}] {rate:.2f} it/s eta {(total - state['step']) / max(rate, 1e-9) / 60:.1f} min"
             f" | {where} it {state['iteration']} | "
-            + " ".join(f"{k} {means[k]:.3f}" for k in ("ce_src", "ce_tgt", "ent", "fcl", "bcl") if k in means))
+            + " ".join(f"{k} {means[k]:.3f}" for k in LOSS_TERMS if k in means))
+    if "pl_weight" in means:  # train_daformer.py: the pseudo-label weight (the confident share of the batch)
+        line += f" | pseudo-label weight {means['pl_weight']:.3f}"
+        state["history"]["log_iter"].append(state["step"])
+        state["history"].setdefault("pseudo_weight", []).append(100 * means["pl_weight"])
     if kind == "adapt":
         line += (" | coverage static/dynamic/hybrid "
                  f"{means['cov_static']:.0f}/{means['cov_dynamic']:.0f}/{means['cov_hybrid']:.0f}%")
@@ -189,14 +199,15 @@ def finish(run: Run, state: dict) -> None:
         metrics["class_subsets"] = {n: [names[k] for k in ks] for n, ks in run.subsets.items()}
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     figures.training_curves(state["history"], run.out / "figures" / "training_curves.png")
-    columns = {"source-only": m["source_only"]["iou"], "adapted": m["adapted"]["iou"]}
+    columns = {"source-only": m["source_only"]["iou"]} if "source_only" in m else {}  # train_daformer --no-control
+    columns["adapted"] = m["adapted"]["iou"]
     if "source_only_continued" in m:
         columns["source-only, same budget"] = m["source_only_continued"]["iou"]
     what = "16-class protocol, n/a = not among the 16" if run.subsets else f"{len(names)} classes"
     run.log(f"per-class IoU on target val (%, {what}):\n" + iou_table(columns, names))
     if "source_only_continued" in m:
         run.log(budget_line(run, state))
-    if run.subsets:
+    if run.subsets and "source_only" in m:
         run.log("target mIoU over 16 classes (13 classes): source-only "
                 f"{m['source_only']['miou16']:.2f} ({m['source_only']['miou13']:.2f}) -> adapted "
                 f"{m['adapted']['miou16']:.2f} ({m['adapted']['miou13']:.2f})")
@@ -224,6 +235,12 @@ def last_line(run: Run, state: dict) -> str:
     """``target mIoU: source-only X.XX -> adapted Y.YY``; with round decisions, which model was delivered, what it
     contains, the kept rounds and the last model's mIoU."""
     a, m, record = run.args, state["metrics"], state["decisions"]
+    if a.recipe == "daformer":  # no stage 1: the source-only number is the same-budget control
+        if "source_only" not in m:
+            return f"target mIoU: adapted {m['adapted']['miou']:.2f} (no source-only control: --no-control)"
+        return (f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f} "
+                f"(source-only = the same network on source alone for the same {a.iters} iterations from the same "
+                "initial weights: the same-budget control)")
     line = f"target mIoU: source-only {m['source_only']['miou']:.2f} -> adapted {m['adapted']['miou']:.2f}"
     if not decisions.enabled(run) or record["best_from"] is None:
         return line

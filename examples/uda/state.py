@@ -29,13 +29,14 @@ from protocl.distributed import all_reduce_sum_
 from . import checkpoint, decisions, dist, options, runtime, signals, weights
 from .labels import BadSampleError
 from .loading import skip_records
-from .report import bad_samples, evaluate, record_skips
-from .run import Run, new_optimizer
+from .report import bad_samples, evaluate, finish, log_point, record_skips
+from .run import Run, new_optimizer, setup
 
 __all__ = ["new_state", "start", "save", "save_model", "check_finite", "begin_phase", "load_source_model",
-           "next_batch", "watch", "stop_point", "run_guarded"]
+           "next_batch", "watch", "end_iteration", "accumulate", "stop_point", "run_script", "run_guarded"]
 
 PHASES = ("source", "adapt", "control", "done")
+CONTROL_START = {"gta2cs": "source_only.pt", "daformer": "initial.pt"}  # the same-budget control starts from
 
 
 def new_state(run: Run) -> dict:
@@ -49,7 +50,7 @@ def new_state(run: Run) -> dict:
             "history": {"eval_iter": [], "eval_miou": [], "log_iter": [], "coverage_static": [],
                         "coverage_dynamic": [], "coverage_hybrid": []},
             "label_counts": torch.zeros(3, 4, run.num_classes, dtype=torch.int64, device=run.device),
-            "signal_counts": signals.zeros(run.contrast.num_classes, run.device)}
+            "signal_counts": signals.zeros(run.num_classes, run.device)}
 
 
 def save(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
@@ -66,7 +67,8 @@ def save(run: Run, state: dict, name: str = "checkpoint.pt") -> None:
             **state, "label_counts": counts.cpu(), "bad_samples": skipped, "model": run.model.state_dict(),
             "signal_counts": signal_counts.cpu(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "contrast": run.contrast.state_dict(), "rng": checkpoint.rng_state(), "config": run.config,
+            **({"contrast": run.contrast.state_dict()} if run.contrast is not None else {}),
+            "rng": checkpoint.rng_state(), "config": run.config,
             "streams": {"source": run.source_stream.state_dict(), "target": run.target_stream.state_dict()},
             "world_size": run.world,
             **({"teacher": run.teacher.state_dict()} if run.teacher is not None else {})}, run.out / name)
@@ -110,7 +112,11 @@ def start(run: Run) -> dict:
 
 def resume(run: Run, state: dict, path: Path) -> None:
     """Restore ``state`` and the modules exactly from the checkpoint ``path`` (``--resume``)."""
-    ckpt = checkpoint.load(path, "--resume")
+    ckpt, run.resumed = run.resumed, None  # read and checked by uda.run.setup (the recipe, the network)
+    if ckpt is None:  # a run built otherwise
+        ckpt = checkpoint.load(path, "--resume")
+        ckpt["network_check"] = weights.resume_network(run.model, ckpt, source_checkpoint=getattr(
+            run.args, "source_checkpoint", None))
     state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics", "history")})
     state.update({k: ckpt[k] for k in ("fallback", "decisions", "stage2_source_stream") if k in ckpt})
     resume_decisions(run, state, ckpt.get("config", {}))
@@ -119,9 +125,7 @@ def resume(run: Run, state: dict, path: Path) -> None:
         state["bad_samples"] = ckpt.get("bad_samples", state["bad_samples"])
         if "signal_counts" in ckpt:
             state["signal_counts"].copy_(ckpt["signal_counts"])
-    # the checkpoint's network must be the one this command builds (weights.resume_network raises naming both)
-    run.log(weights.resume_network(run.model, ckpt,
-                                   source_checkpoint=getattr(run.args, "source_checkpoint", None)))
+    run.log(ckpt["network_check"])  # the checkpoint's network is the one this command builds
     run.model.load_state_dict(ckpt["model"])
     if state["phase"] != "source":
         new_optimizer(run, run.args.lr)
@@ -131,7 +135,8 @@ def resume(run: Run, state: dict, path: Path) -> None:
     elif run.scaler.is_enabled():
         run.log("note: the checkpoint has no fp16 GradScaler state (it was trained without --amp fp16): "
                 "starting a fresh scaler")
-    run.contrast.load_state_dict(ckpt["contrast"])
+    if run.contrast is not None:
+        run.contrast.load_state_dict(ckpt["contrast"])
     if run.teacher is not None and "teacher" in ckpt:  # --rectify: the round's static-label model
         run.teacher.load_state_dict(ckpt["teacher"])
     streams = ckpt["streams"]
@@ -194,8 +199,9 @@ def begin_phase(run: Run, state: dict, phase: str) -> None:
         raise ValueError(f"expected phase to be one of {PHASES}, got {phase!r}")
     if phase == "adapt":  # the control's source batches start where stage 2's would end without fallbacks
         state["stage2_source_stream"] = run.source_stream.state_dict()
-    if phase == "control":
-        run.model.load_state_dict(checkpoint.load(run.out / "source_only.pt", "source_only.pt")["model"])
+    if phase == "control":  # from stage 1's model; train_daformer.py: from the initial weights
+        start = CONTROL_START[run.args.recipe]
+        run.model.load_state_dict(checkpoint.load(run.out / start, start)["model"])
         control_stream(run, state)
     state.update(phase=phase, round=0, iteration=0)
     if phase != "done":
@@ -207,14 +213,16 @@ def begin_phase(run: Run, state: dict, phase: str) -> None:
 def control_stream(run: Run, state: dict) -> None:
     """The same-budget control's source stream: from stage 2's start, ``rounds x round_iters`` batches on (where
     the adapted run's stage 2 ends when no round is undone), whatever the fallbacks drew; a checkpoint made
-    before issue 34 has no stage-2 start: the stream goes on from where it is."""
+    before issue 34 has no stage-2 start: the stream goes on from where it is. ``train_daformer.py``: the adapted
+    run's own source batches, from its start (the two runs differ by the target side only)."""
     start = state.get("stage2_source_stream")
     if start is None:
         run.log("note: the checkpoint has no stage-2 start of the source stream (made before issue 34): the "
                 "control's source batches go on from where the adapted run left them")
         return
     stream, a = run.source_stream, run.args
-    absolute = start["epoch"] * stream.per_epoch + start["position"] + a.rounds * a.round_iters
+    offset = 0 if a.recipe == "daformer" else a.rounds * a.round_iters
+    absolute = start["epoch"] * stream.per_epoch + start["position"] + offset
     stream.load_state_dict({"epoch": absolute // stream.per_epoch, "position": absolute % stream.per_epoch})
 
 
@@ -235,6 +243,29 @@ def watch(run: Run, state: dict, stats: dict[str, Tensor]) -> None:
                          run.model.parameters())
 
 
+def end_iteration(run: Run, state: dict, total: int, sums: dict[str, Tensor], kind: str | None = None, *,
+                  before_save: Callable[[], None] | None = None) -> None:
+    """After a step, both scripts: the counters, the log point (every ``--log-every`` iterations and at
+    ``total``), the periodic checkpoint (every ``--ckpt-every``, not at ``total``: the phase's end writes it;
+    ``before_save`` runs first) and the stop point."""
+    a = run.args
+    state["iteration"] += 1
+    state["step"] += 1
+    if state["iteration"] % a.log_every == 0 or state["iteration"] == total:
+        log_point(run, state, kind or state["phase"], sums)
+    if state["iteration"] % a.ckpt_every == 0 and state["iteration"] < total:
+        if before_save is not None:
+            before_save()
+        save(run, state)
+    stop_point(run, state)
+
+
+def accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
+    """Add a step's statistics (device tensors) to the sums the log point reads."""
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0) + v
+
+
 def stop_point(run: Run, state: dict) -> None:
     """At the end of an iteration: if SIGTERM/SIGUSR1 was received (on any rank), write the checkpoint (all
     ranks, atomically) and raise :class:`uda.runtime.Stopped` (``main`` exits with status 75)."""
@@ -242,6 +273,24 @@ def stop_point(run: Run, state: dict) -> None:
         return
     save(run, state)
     raise runtime.Stopped(run.stop.signal_name if run.stop.signum is not None else "a signal on another rank")
+
+
+def run_script(argv: list[str] | None, parse_args: Callable, start: Callable[[Run], dict],
+               train: Callable[[Run, dict], None]) -> int:
+    """A script's ``main``: parse, :func:`uda.run.setup`, ``start``, then ``train`` and :func:`uda.report.finish`
+    under :func:`run_guarded`. A set-up error (dataset roots, ``--init`` / ``--resume`` files, class tables) is one
+    line on stderr and exit status 2; the process group is torn down whatever happens."""
+    args = parse_args(argv)
+    try:
+        try:
+            run = setup(args)
+            state = start(run)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return run_guarded(run, state, lambda: (train(run, state), finish(run, state)))
+    finally:
+        dist.cleanup()
 
 
 def run_guarded(run: Run, state: dict, body: Callable[[], object]) -> int:

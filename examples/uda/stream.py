@@ -123,7 +123,10 @@ class BatchStream:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._loader is None:
+            # its own generator: creating an iterator draws the workers' base seed from it, not from the global
+            # RNG that dropout and stochastic depth use (a resume creates the iterator at another step)
             self._loader = DataLoader(self.dataset, batch_sampler=_EndlessBatches(self), num_workers=self.workers,
+                                      generator=torch.Generator().manual_seed(self.seed * 1000 + self.stream),
                                       persistent_workers=self.workers > 0, pin_memory=self.pin_memory,
                                       worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
         if self._iter is None:
