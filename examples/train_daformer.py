@@ -21,8 +21,8 @@ One step (DAFormer's ``DACS.forward_train``): the teacher follows the student (E
 classes with ``--init``); the teacher labels the target crops (arg max; weight = the batch's share of pixels at
 least 0.968 confident, 0 on the top and bottom rows); ClassMix pastes half of each source crop's classes onto a
 target crop, colour jitter and blur follow; the student trains on the mixed crops against the mixed labels
-(optionally MIC's masked target crops against the teacher's labels). Three backward passes, one AdamW step; no
-host synchronisation. The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY (...)``.
+(optionally MIC's masked target crops against the teacher's labels). Two backward passes (three with MIC), one
+AdamW step; no host synchronisation. The last line printed is ``target mIoU: source-only X.XX -> adapted Y.YY (...)``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from uda.run import Run, autocast, forward, setup
 from uda.state import accumulate, begin_phase, check_finite, end_iteration, next_batch, run_script, save_model, watch
 from uda.state import start as start_state
 
-__all__ = ["main", "setup", "start", "train", "train_teacher", "teacher_step", "teacher_labels", "source_step", "source_terms",
-           "train_control",
-           "finish"]
+__all__ = ["main", "setup", "start", "train", "train_teacher", "teacher_step", "teacher_labels", "source_step",
+           "source_terms", "train_control", "finish"]
 
 RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # the jitter works on the crops' 0..255 RGB values
 

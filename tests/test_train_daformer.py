@@ -266,3 +266,15 @@ def test_mic_masks_with_the_networks_mean_colour(data, tmp_path):
     blank = train_daformer.blank(run, images)
     assert blank.shape == images.shape
     torch.testing.assert_close(run.model.normalize(blank), torch.zeros_like(images), atol=1e-5, rtol=0)
+
+
+def test_the_recipe_also_trains_the_tiny_cnn(data, tmp_path):
+    """``--arch tiny`` (and deeplabv2) under DAFormer's recipe: AdamW over the network's own groups."""
+    args = argv(data, tmp_path / "run", "--no-control", "--iters", "2")
+    args[args.index("--arch") + 1] = "tiny"
+    run = train_daformer.setup(daformer_options.parse_args(args))
+    assert isinstance(run.optimizer, torch.optim.AdamW) and run.imnet is None
+    assert [g["base_lr"] for g in run.optimizer.param_groups] == [args_lr := run.args.lr, 10 * args_lr]
+    state = train_daformer.start(run)
+    train_daformer.train(run, state)
+    assert state["metrics"]["adapted"]["miou"] >= 0.0
