@@ -232,6 +232,7 @@ def test_unknown_thing_classes_are_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_daformer.main(argv(data, out, "--thing-classes", "car", "unicorn")) == 2
     assert "expected --thing-classes among the class table's names" in capsys.readouterr().err
+    assert files(out) == []
 
 
 def test_target_train_labels_are_never_opened(data, tmp_path):

@@ -104,14 +104,16 @@ def setup(args) -> Run:
     model = build_model(args.arch, table.num_classes, features=args.features, proj_dim=args.proj_dim,
                         init=args.init, init_layout=args.init_layout, class_names=table.names).to(device)
     resumed = read_resume(args, out, model)
-    log(model.init_message)  # the initial weights' layout as detected, and what was loaded or skipped
-    if args.check_data and runtime.resolve_resume(args.resume, out) is None:  # not repeated on a resume
-        check_splits(args, rank, world, log, out, source, target_train, target_val)
-    pin, scales, bad = device.type == "cuda", tuple(args.scales), args.on_bad_sample
     daformer = args.recipe == "daformer"  # train_daformer.py: its own crops, no contrast, an EMA teacher
     if daformer:
         from . import mean_teacher
 
+        things = mean_teacher.thing_classes(args.thing_classes, table)  # --thing-classes: refused here too
+    log(model.init_message)  # the initial weights' layout as detected, and what was loaded or skipped
+    if args.check_data and resumed is None:  # not repeated on a resume
+        check_splits(args, rank, world, log, out, source, target_train, target_val)
+    pin, scales, bad = device.type == "cuda", tuple(args.scales), args.on_bad_sample
+    if daformer:
         source_set, target_set = mean_teacher.train_sets(args, source, target_train, table, out, rank, log)
     else:
         source_set = TrainSet(source, resize=args.resize, crop=args.crop, scales=scales, on_bad_sample=bad)
@@ -145,7 +147,7 @@ def setup(args) -> Run:
             w, h = 2 * args.resize, args.resize
     files = runtime.output_files(model_bytes, state_bytes + (model_bytes if args.rectify else 0),
                                  rounds=args.rounds, decisions=args.round_decisions == "score", control=args.control,
-                                 stage1_best=args.stage1_best_on_target_val or daformer,  # daformer: initial.pt
+                                 stage1_best=args.stage1_best_on_target_val, initial=daformer,
                                  pseudo_labels=0 if daformer else len(target_train), pseudo_label_pixels=w * h)
     runtime.check_output_dir(out, sum(files.values()))
     optimizer, scaler = make_optimizer(model, args.lr if daformer else args.source_lr, device, args.amp,
@@ -162,7 +164,7 @@ def setup(args) -> Run:
                                                              margin=args.target_ce_margin, fuse=args.fuse),
               teacher=reliability.new_teacher(model) if args.rectify or daformer else None, resumed=resumed)
     if daformer:
-        run.things = mean_teacher.thing_classes(args.thing_classes, table)
+        run.things = things
         run.imnet = mean_teacher.frozen_encoder(model) if args.fd_lambda > 0 else None
     log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target ({args.target}) "
         f"train {len(target_train)}, val {len(target_val)}; K={table.num_classes} classes ({table.name}); arch "

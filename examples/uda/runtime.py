@@ -277,13 +277,14 @@ def check_output_dir(path: str | Path, need_bytes: int = 0, *, option: str = "--
 
 
 def output_files(model_bytes: int, state_bytes: int, *, rounds: int = 1, decisions: bool = False,
-                 control: bool = False, stage1_best: bool = False, pseudo_labels: int = 0,
+                 control: bool = False, stage1_best: bool = False, initial: bool = False, pseudo_labels: int = 0,
                  pseudo_label_pixels: int = 0, margin: int = 16 * 2**20) -> dict[str, int]:
     """Every file (or group of files) a run of the pipeline writes, with a generous size each: the checkpoint
     (``state_bytes``: model, optimizer, orchestrator) and the temporary copy of the one file being written at a
     time, ``source_only.pt`` and ``adapted.pt`` (``model_bytes``), ``source_best.pt`` (``stage1_best``), with
     round decisions ``round_start.pt`` (a state) and two ``best_scored-*.pt`` (two more
-    ``control_best_scored-*.pt`` with the control), each round's static labels as uint8 PNGs counted
+    ``control_best_scored-*.pt`` with the control), ``initial.pt`` (``initial``: ``train_daformer.py``'s
+    initial weights, the control's start), each round's static labels as uint8 PNGs counted
     uncompressed (``rounds`` folders and the one being written), and ``margin`` for the log, metrics.json,
     data_check.json, figures and TensorBoard. The patterns name the files, as a test checks."""
     files = {"checkpoint.pt": state_bytes, "*.tmp": state_bytes, "source_only.pt": model_bytes,
@@ -291,6 +292,8 @@ def output_files(model_bytes: int, state_bytes: int, *, rounds: int = 1, decisio
              "log.txt metrics.json data_check.json figures/* tensorboard/*": margin}
     if stage1_best:
         files["source_best.pt"] = model_bytes
+    if initial:
+        files["initial.pt"] = model_bytes
     if decisions:
         files.update({"round_start.pt": state_bytes, "best_scored-*.pt": 2 * model_bytes})
         if control:

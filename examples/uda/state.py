@@ -30,7 +30,7 @@ from . import checkpoint, decisions, dist, options, runtime, signals, weights
 from .labels import BadSampleError
 from .loading import skip_records
 from .report import bad_samples, evaluate, finish, log_point, record_skips
-from .run import Run, new_optimizer, setup
+from .run import Run, new_optimizer, read_resume, setup
 
 __all__ = ["new_state", "start", "save", "save_model", "check_finite", "begin_phase", "load_source_model",
            "next_batch", "watch", "end_iteration", "accumulate", "stop_point", "run_script", "run_guarded"]
@@ -113,10 +113,8 @@ def start(run: Run) -> dict:
 def resume(run: Run, state: dict, path: Path) -> None:
     """Restore ``state`` and the modules exactly from the checkpoint ``path`` (``--resume``)."""
     ckpt, run.resumed = run.resumed, None  # read and checked by uda.run.setup (the recipe, the network)
-    if ckpt is None:  # a run built otherwise
-        ckpt = checkpoint.load(path, "--resume")
-        ckpt["network_check"] = weights.resume_network(run.model, ckpt, source_checkpoint=getattr(
-            run.args, "source_checkpoint", None))
+    if ckpt is None:  # a run built otherwise: the same read and checks
+        ckpt = read_resume(run.args, run.out, run.model)
     state.update({k: ckpt[k] for k in ("phase", "round", "iteration", "step", "thresholds", "metrics", "history")})
     state.update({k: ckpt[k] for k in ("fallback", "decisions", "stage2_source_stream") if k in ckpt})
     resume_decisions(run, state, ckpt.get("config", {}))
