@@ -6,7 +6,7 @@ STEPS > 0: the run "crashes" after its STEPS-th training step (:func:`examples_h
 is saved after the last periodic checkpoint) and the process exits 1. Otherwise the run goes to its end as
 ``main`` runs it, then EVERY rank writes its own teacher's and student's state (``<out>/rank{rank}.pt``:
 ``teacher`` and ``model`` with their parameters, ``teacher_buffers`` and ``model_buffers`` with their
-buffers), which the script itself never writes (it saves rank 0's only). Needs ``src``, ``examples`` and
+buffers; ``contrast``: the prototype EMAs of ``--contrast``), which the script itself never writes (it saves rank 0's only). Needs ``src``, ``examples`` and
 ``tests`` on PYTHONPATH (tests/test_daformer_ddp.py sets it).
 """
 
@@ -31,7 +31,9 @@ def save_rank(run) -> None:
     torch.save({"rank": run.rank, "world": run.world,
                 "teacher": cpu(run.teacher.named_parameters()), "model": cpu(run.model.named_parameters()),
                 "teacher_buffers": cpu(run.teacher.named_buffers()),
-                "model_buffers": cpu(run.model.named_buffers())}, run.out / f"rank{run.rank}.pt")
+                "model_buffers": cpu(run.model.named_buffers()),
+                "contrast": cpu(run.contrast.named_buffers()) if run.contrast is not None else {}},
+               run.out / f"rank{run.rank}.pt")
 
 
 def main(steps: int, argv: list[str]) -> int:

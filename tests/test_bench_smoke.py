@@ -113,3 +113,16 @@ def test_daformer_cost_smoke_times_every_part_of_the_step(tmp_path):
     assert saved["peak_memory"] == {"teacher_step": "n/a (CPU)"}
     assert report["equivalence"]["identical"]  # the instrumented copy computes what teacher_step computes
     assert saved["machine"]["device"] == "cpu" and "torch" in saved["machine"]
+
+
+def test_daformer_contrast_cost_smoke_times_every_configuration(tmp_path):
+    """``python -m benchmarks.daformer_contrast_cost --smoke``: the recipe and each configuration of the issue-33
+    study timed round-robin, each ratio against the recipe's step."""
+    from benchmarks import daformer_contrast_cost
+    from benchmarks.study.daformer_contrast import CONFIGS
+
+    report = daformer_contrast_cost.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "daformer_contrast_cost_cpu_smoke.json").read_text())
+    assert set(saved["result"]) == {"recipe", *CONFIGS} == set(report["result"])
+    assert saved["result"]["recipe"]["ratio"] == 1.0
+    assert all(r["median_ms"] > 0 for r in saved["result"].values())

@@ -92,3 +92,23 @@ def test_two_ranks_keep_one_teacher_then_resume_in_one_process(tmp_path):
     assert printed[-1] == (f"target mIoU: adapted {metrics['adapted']['miou']:.2f} "
                            "(no source-only control: --no-control)")
     assert (out / "adapted.pt").is_file() and load_checkpoint(out / "checkpoint.pt")["phase"] == "done"
+
+
+def test_two_ranks_keep_one_contrast(tmp_path):
+    """``--contrast`` under torchrun (issue 33): SePiCo's projection (idle before --contrast-start: DDP's unused
+    parameters), class-balanced thresholds and prototype EMAs all-reduced, so every rank keeps the same student,
+    teacher and prototypes."""
+    gta, cs = write_fixture(tmp_path / "data")
+    out = tmp_path / "run"
+    extra = ["--contrast", "--contrast-features", "projection", "--contrast-dim", "16", "--contrast-labels",
+             "class-balanced", "--hybrid-ce", "--contrast-start", "2"]
+    done = _torchrun(0, ["--gta5-root", str(gta), "--cityscapes-root", str(cs), "--out", str(out), *RUN, *extra])
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in range(2)]
+    for key in ("model", "teacher", "contrast"):
+        assert _different(ranks[0][key], ranks[1][key]) == [], f"{key} differs between ranks"
+    contrast = ranks[0]["contrast"]
+    assert contrast["source_ema.initialized"].any() and contrast["target_ema.initialized"].any()
+    assert "projection_head.out.weight" in ranks[0]["model"]
+    log = (out / "log.txt").read_text()
+    assert "fcl" in log and "bcl" in log

@@ -73,6 +73,24 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def sync_watch(steps: list):
+    """A ``step_context`` that records each training step's device reads with :class:`OpRecorder`: appends
+    ``(kind, checked, syncs, value checks enabled)`` to ``steps``."""
+
+    class Watch:
+        def __init__(self, kind, checked):
+            self.kind, self.checked, self.recorder = kind, checked, OpRecorder()
+
+        def __enter__(self):
+            self.recorder.__enter__()
+
+        def __exit__(self, *exc):
+            self.recorder.__exit__(*exc)
+            steps.append((self.kind, self.checked, self.recorder.syncs, protocl.value_checks_enabled()))
+
+    return Watch
+
+
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     return write_fixture(tmp_path_factory.mktemp("runtime"))
@@ -148,19 +166,7 @@ def test_training_steps_read_no_device_value_except_value_checks(roots, tmp_path
     argv = [*data_args(gta, cs, tmp_path), *TINY_RUN, "--diagnostics", "--control", "--log-every", "3",
             "--round-decisions", "off"]  # the paper's schedule: no round is undone
     steps = []
-
-    class Watch:
-        def __init__(self, kind, checked):
-            self.kind, self.checked, self.recorder = kind, checked, OpRecorder()
-
-        def __enter__(self):
-            self.recorder.__enter__()
-
-        def __exit__(self, *exc):
-            self.recorder.__exit__(*exc)
-            steps.append((self.kind, self.checked, self.recorder.syncs, protocl.value_checks_enabled()))
-
-    assert train_with(argv, Watch) == 0
+    assert train_with(argv, sync_watch(steps)) == 0
     kinds = [kind for kind, *_ in steps]
     assert kinds == ["source"] * 6 + ["adapt"] * 8 + ["control"] * 8
     checked = [i for i, (_, flag, _, enabled) in enumerate(steps) if flag]

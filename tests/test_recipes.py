@@ -18,7 +18,11 @@ EXPECTED = {"plain_pytorch_loop.py", "daformer_style_uda.py", "functional_ops.py
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
     # protocl importable even when the package is not installed (a plain checkout with PYTHONPATH unset).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+    # examples/: daformer_style_uda.py builds DAFormer's network from the repository's example package (its docstring
+    # says to run it with PYTHONPATH=examples).
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "src"), str(ROOT / "examples"), env.get("PYTHONPATH", "")) if p
+    )
     # The recipes use tiny tensors: one thread is faster than many on a loaded CI machine.
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

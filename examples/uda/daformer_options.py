@@ -11,27 +11,30 @@ from __future__ import annotations
 import argparse
 
 from . import options
+from .daformer_net import FEATURES
 from .mit import MIT_VARIANTS
 from .teacher import ALPHA, FDIST_LAMBDA, FDIST_SCALE_MIN_RATIO, MASK_BLOCK, MASK_RATIO, PSEUDO_THRESHOLD
 
 RECIPE = {"iters": 40000, "warmup_iters": 1500, "lr": 6e-5, "batch_size": 2, "crop": 512, "source_resize": 720,
           "resize": 512, "eval_size": (1024, 512), "workers": 4, "log_every": 50, "ckpt_every": 2000,
-          "rcs_min_pixels": 3000, "threads": None}
+          "rcs_min_pixels": 3000, "threads": None, "contrast_start": 3000, "ema_momentum": 0.999, "threshold": 0.7}
 """DAFormer's ``gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5`` settings (GTA5 1280x720 and Cityscapes
 1024x512 by their short side, 512 crops, whole-image evaluation at 1024x512)."""
 DEMO = {"iters": 600, "warmup_iters": 25, "lr": 6e-4, "batch_size": 2, "crop": 64, "source_resize": 72, "resize": 64,
         "eval_size": (128, 64), "workers": 0, "log_every": 50, "ckpt_every": 200, "rcs_min_pixels": 12,
-        "threads": 1}
+        "threads": 1, "contrast_start": 45, "ema_momentum": 0.99, "threshold": 0.7}
 """The embedded demo (128x72 source, 128x64 target images): MiT-B0 from scratch on 64x64 crops; the warm-up and
 ``rcs_min_pixels`` scaled with the budget and the image area (3000 of GTA5's 1914x1052 pixels ~ 12 of 128x72);
 one torch thread (as the tiny demo's: on a busy 2-core machine two threads were 17x slower per step); the lr
-is 10x DAFormer's for a network from scratch, set once and not tuned (docs/daformer.md)."""
+is 10x DAFormer's for a network from scratch, set once and not tuned (docs/daformer.md); ``--contrast``'s start
+at the same share of the run as SePiCo's 3000 of 40000 (7.5 %) and its prototype EMA momentum as the tiny demo's
+(0.99: fewer, noisier steps)."""
 DEFAULT_ARCH = "mit-b5"
 DEMO_ARCH = "mit-b0"
 
 FIXED = {"source_iters": 0, "rounds": 1, "round_decisions": "off", "round_score": "flip_agreement",
          "score_tolerance": 0.0, "score_images": 64, "score_memory_mb": 512, "fallback": "source", "stage1_best_on_target_val": False, "source_checkpoint": None,
-         "features": "aspp", "proj_dim": 256, "peer_classifier": None, "diagnostics": False, "signals": False,
+         "peer_classifier": None, "diagnostics": False, "signals": False,
          "rectify": False, "target_ce": "hybrid", "scales": [1.0], "value_checks": "first"}
 """What the shared layer reads and this recipe does not vary (no stage 1, one phase, no round decisions, no
 pseudo-label diagnostics of the contrast); ``scales``: DAFormer resizes to one scale."""
@@ -86,8 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mic-block", type=int, default=MASK_BLOCK, help="MIC patch size (pixels)")
     r.add_argument("--mic-ratio", type=float, default=MASK_RATIO, help="MIC masked share of patches")
     r.add_argument("--mic-weight", type=float, default=1.0, help="MIC loss weight")
+    add_contrast_options(p)
     options.add_run_options(p)
     return p
+
+
+def add_contrast_options(p: argparse.ArgumentParser) -> None:
+    """``--contrast`` and its settings (issue 33; docs/daformer.md, "protocl's contrast on this trainer")."""
+    c = p.add_argument_group("protocl's contrast (FCL + BCL with EMA prototypes, calibration and hybrid labels) as "
+                             "an add-on to the recipe")
+    c.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
+                   help="add protocl's BidirectionalContrast to each step from --contrast-start on (off by "
+                        "default: on three toy shifts it stayed within seed noise of the recipe; docs/daformer.md)")
+    c.add_argument("--contrast-features", choices=FEATURES, default="fused",
+                   help="what the contrast reads: the decoder's fused 256-d map (before the classifier; CLUDA's) or "
+                        "SePiCo's projection of the four encoder stages (1x1 -> 256 -> BN/ReLU -> 1x1 -> "
+                        "--contrast-dim; its own parameters, 10x lr like the decoder)")
+    c.add_argument("--contrast-dim", type=int, default=512, help="D of --contrast-features projection (SePiCo: 512)")
+    c.add_argument("--contrast-target", choices=("mixed", "clean"), default="mixed",
+                   help="the target features: those of the mixed image the student already sees (labels: the "
+                        "teacher's, mixed as the image is), or an extra student pass on the clean target crop (one "
+                        "more forward and backward)")
+    c.add_argument("--contrast-labels", choices=("recipe", "class-balanced"), default="recipe",
+                   help="which teacher pixels are confident enough to be static labels: the recipe's "
+                        "--pseudo-threshold (0.968), or protocl's class-balanced thresholds of the batch plus each "
+                        "image's top --proportion")
+    c.add_argument("--proportion", type=float, default=0.1,
+                   help="--contrast-labels class-balanced: each class's share (and each image's top share) kept")
+    c.add_argument("--fcl-weight", type=float, default=0.1, help="lambda_FCL")
+    c.add_argument("--bcl-weight", type=float, default=0.1, help="lambda_BCL")
+    c.add_argument("--temperature", type=float, default=0.1,
+                   help="tau of FCL/BCL, a divisor of cosines (SePiCo's 100 on unit features gives logits of "
+                        "+-0.01: a near-uniform softmax)")
+    c.add_argument("--contrast-start", type=int, help="first iteration with the contrast (SePiCo: 3000 of 40000; "
+                                                      "demo 45 of 600)")
+    c.add_argument("--ema-momentum", type=float, help="the prototype EMAs' momentum (0.999; demo 0.99)")
+    c.add_argument("--threshold", type=float, help="cosine threshold of the dynamic labels (0.7)")
+    c.add_argument("--fuse", choices=("fill", "agree", "dynamic_first"), default="fill")
+    c.add_argument("--proto-resize", choices=("nearest", "purity"), default="nearest",
+                   help="labels to the feature grid: nearest, or purity (cells one class mostly fills)")
+    c.add_argument("--hybrid-ce", action="store_true",
+                   help="the hybrid labels replace the teacher's where they label a pixel in the target "
+                        "cross-entropy (elsewhere the teacher's arg max stays); the recipe's weight is kept")
+    c.add_argument("--no-dynamic", action="store_true", help="ablation: static labels only (no dynamic/hybrid)")
+    c.add_argument("--no-calibration", action="store_true", help="ablation: no domain-bias calibration")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,6 +169,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ignore_rows is None:
         top, bottom = CITYSCAPES_ROWS if args.target == "cityscapes" else (0, 0)
         args.ignore_rows = [round(top * args.resize / 512), round(bottom * args.resize / 512)]
+    # the network's features (uda.weights.build_model): the fused map ("aspp" there) or SePiCo's projection
+    args.features, args.proj_dim = (("projection", args.contrast_dim) if args.contrast_features == "projection"
+                                     else ("aspp", 256))
+    if args.contrast_features == "projection" and args.arch not in MIT_VARIANTS:
+        raise SystemExit(f"error: --contrast-features projection needs a MiT encoder, got --arch {args.arch}")
+    if not (args.contrast_start >= 0 and args.fcl_weight >= 0 and args.bcl_weight >= 0 and args.temperature > 0
+            and 0 < args.proportion <= 1 and args.contrast_dim >= 1):
+        raise SystemExit("error: expected --contrast-start >= 0, --fcl-weight and --bcl-weight >= 0, --temperature "
+                         "> 0, --proportion in (0, 1] and --contrast-dim >= 1, got "
+                         f"{args.contrast_start}, {args.fcl_weight}, {args.bcl_weight}, {args.temperature}, "
+                         f"{args.proportion}, {args.contrast_dim}")
     if args.fd_lambda > 0 and args.init is None:
         args.fd_lambda = 0.0  # no ImageNet encoder to stay near (the demo: from scratch)
     if args.fd_lambda > 0 and args.arch not in MIT_VARIANTS:

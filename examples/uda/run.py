@@ -54,7 +54,7 @@ class Run:
     val_loader: DataLoader
     model: nn.Module
     net: nn.Module  # the model, wrapped in DistributedDataParallel on several ranks
-    contrast: protocl.BidirectionalContrast | None  # None: train_daformer.py (no contrast, issue 33)
+    contrast: protocl.BidirectionalContrast | None  # None: train_daformer.py without --contrast
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     tb: object = None
@@ -66,6 +66,7 @@ class Run:
     # train_daformer.py: the EMA teacher (uda.teacher)
     imnet: nn.Module | None = None  # train_daformer.py: the frozen initial encoder of the feature distance
     things: tuple[int, ...] = ()  # train_daformer.py: the feature distance's classes
+    thresholds: protocl.ClassBalancedThresholds | None = None  # train_daformer.py --contrast-labels class-balanced
     resumed: dict | None = None  # the --resume checkpoint, read and checked by setup (uda.state.start takes it)
 
     @property
@@ -127,18 +128,28 @@ def setup(args) -> Run:
     if args.arch != "tiny" and args.init is None and not (args.source_checkpoint or args.resume or args.demo):
         name = "DeepLab-V2" if args.arch == "deeplabv2" else f"{args.arch} (DAFormer)"
         log(f"warning: --init not given, {name} starts from random weights (expect poor results)")
+    unused = args.features in ("layer4", "projection")  # projections idle in source-only or pre-contrast steps
     net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
-                                   find_unused_parameters=args.features == "layer4") if world > 1 else model)
-    contrast = None if daformer else protocl.BidirectionalContrast(
-        table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
-        bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
-        momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
-        dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
+                                   find_unused_parameters=unused) if world > 1 else model)
+    if daformer:  # --contrast: protocl's contrast as an add-on to the recipe (issue 33)
+        contrast = protocl.BidirectionalContrast(
+            table.num_classes, model.feature_dim, fcl_weight=args.fcl_weight, bcl_weight=args.bcl_weight,
+            temperature=args.temperature, momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse,
+            calibrate=not args.no_calibration, dynamic=not args.no_dynamic, resize=args.proto_resize,
+        ).to(device) if args.contrast else None
+    else:
+        contrast = protocl.BidirectionalContrast(
+            table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
+            bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
+            momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
+            dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
     config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
     # room for every file the run writes (runtime.output_files), checked before training
     model_bytes = runtime.tensor_bytes(model.state_dict())
     if daformer:  # model, teacher, AdamW's two moments; initial.pt (the control's start), no pseudo-label files
         state_bytes, w, h = 4 * model_bytes, 0, 0
+        if contrast is not None:
+            state_bytes += runtime.tensor_bytes(contrast.state_dict())  # the prototype EMAs
     else:
         state_bytes = 2 * model_bytes + runtime.tensor_bytes(contrast.state_dict())  # + SGD momentum, the EMAs
         try:
@@ -166,6 +177,8 @@ def setup(args) -> Run:
     if daformer:
         run.things = things
         run.imnet = mean_teacher.frozen_encoder(model) if args.fd_lambda > 0 else None
+        if args.contrast and args.contrast_labels == "class-balanced":  # the batch's histogram (reset each step)
+            run.thresholds = protocl.ClassBalancedThresholds(table.num_classes, args.proportion).to(device)
     log(f"{world} process(es) on {device}; source ({args.source}) {len(source_set)} images, target ({args.target}) "
         f"train {len(target_train)}, val {len(target_val)}; K={table.num_classes} classes ({table.name}); arch "
         f"{args.arch}, D={model.feature_dim}, amp {args.amp}")

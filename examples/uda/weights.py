@@ -304,7 +304,8 @@ def build_model(arch: str, num_classes: int, *, features: str = "aspp", proj_dim
     """Build ``arch`` ("deeplabv2", "tiny" or "mit-b0" ... "mit-b5") and load ``init`` weights when given
     (:func:`uda.weights.init_weights`: the file's layout is detected from its structure; ``init_layout`` settles a
     bare backbone). A MiT arch is a :class:`uda.daformer_net.DAFormerNet` (its features are the decoder's fused
-    256-d map: ``features`` must stay "aspp", the default, and ``proj_dim`` 256); its ``init`` is SegFormer's
+    256-d map: ``features`` "aspp", the default, with ``proj_dim`` 256; or ``features="projection"``, SePiCo's
+    projection of the encoder's stages to ``proj_dim``); its ``init`` is SegFormer's
     ``mit_b*.pth`` or Hugging Face's ``nvidia/mit-b*`` of that size (:func:`init_mit`).
 
     ``model.init_message`` says what was loaded (or that nothing was): log it. ``class_names``, when given, go
@@ -316,14 +317,16 @@ def build_model(arch: str, num_classes: int, *, features: str = "aspp", proj_dim
         model = TinySegNet(num_classes)
         model.init_message = "init: none (the tiny CNN trains from scratch; RGB input, ImageNet mean/std)"
     elif arch in MIT_ARCHS:
-        if features != "aspp" or proj_dim != 256:
+        if features not in ("aspp", "projection") or (features == "aspp" and proj_dim != 256):
             raise ValueError(f"expected the default --features aspp and --proj-dim 256 for --arch {arch} (its "
-                             f"features are the DAFormer decoder's fused 256-d map), got --features {features} "
+                             f"features are the DAFormer decoder's fused 256-d map; train_daformer.py's "
+                             f"--contrast-features projection adds SePiCo's projection), got --features {features} "
                              f"--proj-dim {proj_dim}")
         if init_layout is not None:
             raise ValueError(f"expected no --init-layout for --arch {arch} (MiT files say their layout; "
                              f"--init-layout is for ResNet backbones), got {init_layout!r}")
-        model = DAFormerNet(arch, num_classes)
+        model = (DAFormerNet(arch, num_classes, features="projection", proj_dim=proj_dim) if features == "projection"
+                 else DAFormerNet(arch, num_classes))
         model.init_message = (init_mit(model, init) if init is not None else
                               f"init: none (random {model.backbone.spec.text} and DAFormer decoder; RGB input, "
                               "ImageNet mean/std)")
