@@ -120,7 +120,7 @@ def instrumented_step(run, state: dict, src: dict, tgt: dict, part: PartTimer) -
     with part("source"):
         stats = train_daformer.source_terms(run, x_s, y_s)
     with part("teacher_labels"):
-        y_t, w_t = train_daformer.teacher_labels(run, x_t)
+        y_t, w_t, _ = train_daformer.teacher_labels(run, x_t)
     x_m, y_m, w_m = x_t, y_t, w_t
     if not a.no_mix:
         with part("class_mix"):

@@ -5,7 +5,6 @@ bf16, SePiCo's projection head, the refusals."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 
@@ -229,10 +228,9 @@ def test_bad_contrast_options_are_refused(data, tmp_path, bad, message):
 
 def test_a_run_without_the_projection_does_not_resume_a_projection_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "run"
-    with contextlib.suppress(SystemExit):
-        assert train_with(argv(data, out, "--no-control", "--iters", "2", "--contrast", "--contrast-features",
-                               "projection", "--contrast-dim", "16")) == 0
-    assert train_daformer.main(argv(data, out, "--no-control", "--iters", "4", "--resume", "auto")) == 2
+    assert train_with(argv(data, out, "--no-control", "--iters", "2", "--contrast", "--contrast-features",
+                           "projection", "--contrast-dim", "16")) == 0
+    assert train_daformer.main(argv(data, out, "--no-control", "--iters", "4", "--contrast", "--resume", "auto")) == 2
     assert "projection" in capsys.readouterr().err
 
 
@@ -262,3 +260,13 @@ def test_the_study_rule_and_the_default_follow_the_cached_evidence():
     assert all(len(cached[shift]) == 6 for shift in study.SHIFTS)
     chosen, _ = study.choose(cached)
     assert daformer_options.parse_args([]).contrast == study.default_on(cached, chosen)[0]
+
+
+def test_a_contrast_run_is_not_resumed_without_the_contrast(data, tmp_path, capsys):
+    """Resuming without --contrast would drop the prototype EMAs the checkpoint holds: refused, nothing written."""
+    out = tmp_path / "run"
+    assert train_with(argv(data, out, "--no-control", "--iters", "2", "--contrast", "--contrast-start", "0")) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert train_daformer.main(argv(data, out, "--no-control", "--iters", "4", "--resume", "auto")) == 2
+    assert "expected --contrast to resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -201,6 +201,9 @@ def read_resume(args, out: Path, model: nn.Module) -> dict | None:
         script = {"gta2cs": "train_gta2cs.py", "daformer": "train_daformer.py"}
         raise ValueError(f"expected --resume {str(path)!r} to be a checkpoint of {script[args.recipe]}, got one of "
                          f"{script.get(recipe, recipe)}: resume it with that script")
+    if "contrast" in ckpt and not getattr(args, "contrast", True):  # train_daformer.py: its prototypes would be lost
+        raise ValueError(f"expected --contrast to resume {str(path)!r} (its run trained with protocl's contrast and "
+                         "the checkpoint holds its prototypes), got no --contrast: give the options it ran with")
     ckpt["network_check"] = resume_network(model, ckpt, source_checkpoint=getattr(args, "source_checkpoint", None))
     return ckpt
 
