@@ -412,6 +412,15 @@ def memory_in_subprocess(case: Case, name: str, device: str, threads: int) -> di
 # --------------------------------------------------------------------------------------------------- report
 
 
+def write_report(report: dict, out: Path, stem: str, name: str) -> Path:
+    """``report`` as ``<out>/<stem>.json`` (non-JSON values as ``str``), announced as ``[name] wrote <path>``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"[{name}] wrote {path}", flush=True)
+    return path
+
+
 def machine_description(device: str) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}

@@ -15,7 +15,6 @@ graph alive until the single backward (memory, not time), and for ``clean`` a th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -101,10 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(no --contrast)'}` | {r['median_ms']:.1f} | "
                      f"{r['ratio']:.2f} |" + (f" {r['peak_gib']:.2f} |" if peak else ""))
     print("\n".join(lines), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"daformer_contrast_cost_{device.type}{'_smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"[daformer_contrast_cost] wrote {path}", flush=True)
+    bench.write_report(report, args.out, f"daformer_contrast_cost_{device.type}{'_smoke' if args.smoke else ''}",
+                       "daformer_contrast_cost")
     return report
 
 

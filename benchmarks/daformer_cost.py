@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -369,10 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = markdown(report)
     print(text, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"daformer_cost_{device.type}{'_mic' if a.mic else ''}{'_smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"[daformer_cost] wrote {path}", flush=True)
+    bench.write_report(report, args.out, f"daformer_cost_{device.type}{'_mic' if a.mic else ''}"
+                       f"{'_smoke' if args.smoke else ''}", "daformer_cost")
     return report
 
 

@@ -129,8 +129,7 @@ def static_labels(run: Run, logits: Tensor) -> Tensor:
         thresholds.reset()
         thresholds.update(logits)
         labels = protocl.static_pseudo_label(logits, class_thresholds=thresholds.compute(), proportion=a.proportion)
-    rows = torch.arange(labels.shape[-2], device=labels.device)
-    kept = (rows >= a.ignore_rows[0]) & (rows < labels.shape[-2] - a.ignore_rows[1])
+    kept = teacher.kept_rows(labels.shape[-2], *a.ignore_rows, labels.device)
     return torch.where(kept[:, None], labels, protocl.IGNORE_INDEX)
 
 

@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .adaptation_study import dataset  # the study's data: a pure function of (shift, seed)
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "issue33" / "results.json"
 SHIFTS = ("demo", "photo", "clutter")
@@ -54,19 +56,6 @@ the fused map. ``clean``: an extra student pass on the clean target crop for the
 the paper's label pipeline, class-balanced static labels and the hybrid labels in the target CE."""
 RULE = ("the configuration with the largest worst-shift gain: min over shifts of (mean over seeds 0-2 of its "
         "mIoU - the recipe's mean on the same seeds); ties: the cheaper (fewer options)")
-
-
-def dataset(shift: str, seed: int, work: Path) -> tuple[str, str]:
-    root = work / "data" / f"{shift}_seed{seed}"
-    if shift == "demo":
-        from uda.demo import write_demo_dataset
-
-        gta, cs = write_demo_dataset(root, seed=seed, source="gta5")
-    else:
-        from .shifts import write_shift
-
-        gta, cs = write_shift(shift, root, seed=seed)
-    return str(gta), str(cs)
 
 
 def argv_for(shift: str, seed: int, arm: str, out: Path, gta: str, cs: str) -> list[str]:

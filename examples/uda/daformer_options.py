@@ -34,7 +34,7 @@ DEMO_ARCH = "mit-b0"
 
 FIXED = {"source_iters": 0, "rounds": 1, "round_decisions": "off", "round_score": "flip_agreement",
          "score_tolerance": 0.0, "score_images": 64, "score_memory_mb": 512, "fallback": "source", "stage1_best_on_target_val": False, "source_checkpoint": None,
-         "peer_classifier": None, "diagnostics": False, "signals": False,
+         "peer_classifier": None, "diagnostics": False, "signals": False, "no_contrastive": False,
          "rectify": False, "target_ce": "hybrid", "scales": [1.0], "value_checks": "first"}
 """What the shared layer reads and this recipe does not vary (no stage 1, one phase, no round decisions, no
 pseudo-label diagnostics of the contrast); ``scales``: DAFormer resizes to one scale."""

@@ -131,18 +131,12 @@ def setup(args) -> Run:
     unused = args.features in ("layer4", "projection")  # projections idle in source-only or pre-contrast steps
     net = (DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
                                    find_unused_parameters=unused) if world > 1 else model)
-    if daformer:  # --contrast: protocl's contrast as an add-on to the recipe (issue 33)
-        contrast = protocl.BidirectionalContrast(
-            table.num_classes, model.feature_dim, fcl_weight=args.fcl_weight, bcl_weight=args.bcl_weight,
-            temperature=args.temperature, momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse,
-            calibrate=not args.no_calibration, dynamic=not args.no_dynamic, resize=args.proto_resize,
-        ).to(device) if args.contrast else None
-    else:
-        contrast = protocl.BidirectionalContrast(
-            table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
-            bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
-            momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
-            dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
+    # train_daformer.py: only with --contrast (an add-on to its recipe, issue 33)
+    contrast = None if daformer and not args.contrast else protocl.BidirectionalContrast(
+        table.num_classes, model.feature_dim, fcl_weight=0.0 if args.no_contrastive else args.fcl_weight,
+        bcl_weight=0.0 if args.no_contrastive else args.bcl_weight, temperature=args.temperature,
+        momentum=args.ema_momentum, threshold=args.threshold, fuse=args.fuse, calibrate=not args.no_calibration,
+        dynamic=not (args.no_dynamic or args.rectify), resize=args.proto_resize).to(device)  # --rectify: its own
     config = {**options.config_dict(args), "classes": table.to_dict()}  # in every checkpoint: predict.py reads it
     # room for every file the run writes (runtime.output_files), checked before training
     model_bytes = runtime.tensor_bytes(model.state_dict())

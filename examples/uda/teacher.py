@@ -172,10 +172,16 @@ def pseudo_labels(teacher_logits: Tensor, *, threshold: float = PSEUDO_THRESHOLD
     probs = torch.softmax(teacher_logits.detach(), dim=1, dtype=dtype)
     confidence, labels = probs.max(dim=1)
     share = (confidence >= threshold).sum().to(dtype) / confidence.numel()  # 0-dim, on the device
-    rows = torch.arange(height, device=teacher_logits.device)
-    kept = ((rows >= ignore_top) & (rows < height - ignore_bottom)).to(dtype)
+    kept = kept_rows(height, ignore_top, ignore_bottom, teacher_logits.device).to(dtype)
     weight = share * kept[None, :, None].expand(batch, height, width)
     return labels, weight
+
+
+def kept_rows(height: int, ignore_top: int, ignore_bottom: int, device: torch.device) -> Tensor:
+    """``(height,)`` bool: the rows outside DAFormer's ignored top ``ignore_top`` and bottom ``ignore_bottom``
+    (:func:`pseudo_labels`' weight rows; ``train_daformer.static_labels``' labelled rows)."""
+    rows = torch.arange(height, device=device)
+    return (rows >= ignore_top) & (rows < height - ignore_bottom)
 
 
 # ---------------------------------------------------------------------------------------------- feature distance
