@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -417,22 +418,35 @@ def write_shift(shift: str, root: str | Path, *, seed: int = 0, source_images: i
     ``size`` is (W, H) of every image. Returns ``(gta5_root, cityscapes_root)``. Deterministic in
     (shift, seed, counts, size); skips writing when a complete copy for the same arguments is there.
     """
-    if shift not in SHIFTS:
-        raise ValueError(f"expected shift in {SHIFTS}, got {shift!r}")
-    if min(source_images, target_train, target_val) < 1:
-        raise ValueError(f"expected at least one image per split, got {source_images}, {target_train}, {target_val}")
-    if len(size) != 2 or min(size) < 16:
-        raise ValueError(f"expected size (W, H) with both sides >= 16, got {size}")
+    return write_layouts(root, shift, SHIFTS, seed, 4321, (source_images, target_train, target_val), size, 16,
+                         lambda rng: _source_sample(shift, rng, size), lambda rng, split: _target_sample(shift, rng, size))
+
+
+Sampler = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+def write_layouts(root: str | Path, shift: str, names: tuple[str, ...], seed: int, salt: int,
+                  counts: tuple[int, int, int], size: tuple[int, int], min_side: int, source: Sampler,
+                  target: Sampler) -> tuple[Path, Path]:
+    """Check the arguments, then write ``counts`` = (source, target train, target val) samples, drawn in that order
+    from ``source(rng)`` and ``target(rng, split)`` with one generator seeded by ``(seed, shift's index in names,
+    salt)``, as ``root/gta5`` and ``root/cityscapes`` (cities ``<shift>train`` / ``<shift>val``), then
+    ``root/.complete``; a folder already complete for the same arguments is not written again."""
+    if shift not in names:
+        raise ValueError(f"expected shift in {names}, got {shift!r}")
+    if min(counts) < 1:
+        raise ValueError(f"expected at least one image per split, got {', '.join(map(str, counts))}")
+    if len(size) != 2 or min(size) < min_side:
+        raise ValueError(f"expected size (W, H) with both sides >= {min_side}, got {size}")
     root = Path(root)
-    marker = root / ".complete"
-    stamp = f"{shift} {seed} {source_images} {target_train} {target_val} {tuple(size)} v1"
+    marker, stamp = root / ".complete", f"{shift} {seed} {' '.join(map(str, counts))} {tuple(size)} v1"
     gta, cs = root / "gta5", root / "cityscapes"
     if marker.is_file() and marker.read_text() == stamp:
         return gta, cs
-    rng = np.random.default_rng([seed, SHIFTS.index(shift), 4321])
-    write_gta5_layout(gta, (_source_sample(shift, rng, size) for _ in range(source_images)))
-    for split, count in (("train", target_train), ("val", target_val)):
-        write_cityscapes_layout(cs, split, f"{shift}{split}", (_target_sample(shift, rng, size) for _ in range(count)))
+    rng = np.random.default_rng([seed, names.index(shift), salt])
+    write_gta5_layout(gta, (source(rng) for _ in range(counts[0])))
+    for split, count in (("train", counts[1]), ("val", counts[2])):
+        write_cityscapes_layout(cs, split, f"{shift}{split}", (target(rng, split) for _ in range(count)))
     marker.write_text(stamp)
     return gta, cs
 

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "target did not fall by more than --score-tolerance; otherwise restore the round's start "
                         "and spend its budget as --fallback says; deliver the best-scored model (the same-budget "
                         "control gets the same selection). The score does not follow mIoU on every shift "
-                        "(docs/troubleshooting.md). A resumed run keeps the mode it was started with unless given")
+                        "(docs/troubleshooting.md); a score chosen on some shifts did not hold on every other one (issue "
+                        "35, docs/examples.md). A resumed run keeps the mode it was started with unless given")
     t.add_argument("--round-score", default="flip_agreement",
                    choices=("flip_agreement", "neg_entropy", "proto_agreement", "proto_margin", "snd"),
                    help="the label-free score of --round-decisions (uda.score; validated in docs/examples.md); a "
