@@ -236,17 +236,23 @@ def test_tree_trains_every_path_through_the_pipeline(tmp_path):
     assert again["nodes"] == json.loads(json.dumps(result))["nodes"]
 
 
-def _cached() -> list[dict]:
-    return json.loads((RESULTS / "results.json").read_text())["trees"]
+FRESH = "benchmarks/results/issue35/seeds_3-5"  # the fresh-seed check: chose nothing
+
+
+def _cached(folder: Path = RESULTS) -> list[dict]:
+    return json.loads((folder / "results.json").read_text())["trees"]
 
 
 def test_tables_regenerate_from_the_cache():
     assert ts.tables(_cached()) == (RESULTS / "results.md").read_text()
+    fresh = ROOT / FRESH
+    assert ts.tables(_cached(fresh), f" --seeds 3 4 5 --out {FRESH}", FRESH) == (fresh / "results.md").read_text()
 
 
-def test_the_study_covers_every_shift_with_three_seeds():
-    trees = _cached()
-    assert {(t["shift"], t["seed"]) for t in trees} == {(s, seed) for s in ts.ALL_SHIFTS for seed in (0, 1, 2)}
+@pytest.mark.parametrize("folder, seeds", [(RESULTS, (0, 1, 2)), (ROOT / FRESH, (3, 4, 5))])
+def test_the_study_covers_every_shift_with_three_seeds(folder, seeds):
+    trees = _cached(folder)
+    assert {(t["shift"], t["seed"]) for t in trees} == {(s, seed) for s in ts.ALL_SHIFTS for seed in seeds}
     assert all(t["rounds"] == 3 and len(t["nodes"]) == 15 for t in trees)
     assert all(len(t["nodes"][p]["tolerance"]) == len(ts.SCORES) for t in trees for p in t["nodes"] if len(p) < 3)
 
@@ -275,4 +281,7 @@ def test_docs_show_the_cached_tables():
     docs = (ROOT / "docs" / "examples.md").read_text()
     for heading in ("## Decisions on every shift", "## Margin over the rule's floor", "## Leave one shift out"):
         assert _table_after(md, heading) in docs
+    fresh = (ROOT / FRESH / "results.md").read_text()
+    for heading in ("## Mean over the shifts", "## Margin over the rule's floor"):
+        assert _table_after(fresh, heading) in docs
     assert "python -m benchmarks.study.transfer_scores run --workers 2" in docs

@@ -495,12 +495,14 @@ def _f(v: float, fmt: str = ".2f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
-def tables(results: list[dict]) -> str:
+def tables(results: list[dict], extra: str = "", out: str = "benchmarks/results/issue35") -> str:
+    """``results.md`` of these (:func:`compact`) trees; ``extra``: the run command's options beyond the default
+    ones, ``out`` the folder named as the cache."""
     table = summary(results)
     shifts = list(table)
     seeds = sorted({r["seed"] for r in results})
     lines = [f"# Issue 35: a round score that transfers\n\nCommand: `python -m benchmarks.study.transfer_scores run "
-             f"--workers 2` (`tables` rebuilds this file from the cache `benchmarks/results/issue35/results.json`). "
+             f"--workers 2{extra}` (`tables` rebuilds this file from the cache `{out}/results.json`). "
              f"Machine: {MACHINE}. {len(results)} trees (shifts {', '.join(shifts)}; seeds {seeds}); tiny CNN, "
              f"stage 1 of 1500 iterations (shape 3000), {results[0]['rounds']} rounds × 200 iterations, every path "
              "of the round/fallback tree trained; target val mIoU %.\n",
@@ -611,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"trees": results}, separators=(",", ":")))
     results = json.loads((out / "results.json").read_text())["trees"]
-    md = tables(results)
+    extra = f" --seeds {' '.join(map(str, a.seeds))}" if a.seeds != [0, 1, 2] else ""
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    extra += f" --out {shown}" if out != DEFAULT_OUT else ""
+    md = tables(results, extra, str(shown))
     (out / "results.md").write_text(md)
     print(md)
     return 0

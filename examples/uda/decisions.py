@@ -10,7 +10,8 @@ in every round while mIoU rose in 5 of 6 (docs/troubleshooting.md, "What the rou
 misses"). An undone round costs its budget twice; nothing here guarantees the result of the same-budget control.
 Issue 35 judged six more scores against the fallback, leave-one-shift-out over seven shifts (two of them new, from
 real data): the choice made on six shifts held on the seventh in 6 of 7 folds, and the one score that cleared the
-rule everywhere (held-out source mIoU) mostly delivered the control (docs/examples.md, "Issue 35"): off stays.
+rule everywhere (held-out source mIoU) mostly delivered the control and failed one shift on fresh seeds
+(docs/examples.md, "Issue 35"): off stays.
 
 The score (``--round-score``, default ``flip_agreement``: the share of pixels whose prediction survives a
 horizontal flip) is :func:`uda.score.target_scores` on ``--score-images`` target-train images at the static labels'
