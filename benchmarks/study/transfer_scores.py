@@ -32,7 +32,10 @@ regenerate from the cache: each tree with its bootstrap replicates under ``--wor
 - ``class_ami``: the benchmark's ClassAMI: k-means (K clusters) of the model's target features, then the
   adjusted mutual information between the clusters and the predicted classes (scikit-learn's ``KMeans`` and
   ``adjusted_mutual_info_score``);
-- and, for reference, the pipeline's ``flip_agreement`` (the current ``--round-score``) and ``neg_entropy``.
+- and, for reference, the pipeline's ``flip_agreement`` (the current ``--round-score``) and ``neg_entropy``,
+  taken here on the network's output grid (stride 4: 16×32 for the 128×64 scoring images), where
+  :func:`uda.score.target_scores` upsamples the logits to the image first; so ``pipeline_rule`` (the option's
+  rule with T = 0.003) approximates the option, it is not the option bit for bit.
 
 **The tolerance** comes from the run's own noise: a paired bootstrap over the scoring images (the held-out source
 images for the source scores), ``--bootstrap`` resamples drawn once per tree, so the round's and the fallback's
@@ -74,9 +77,11 @@ from uda import datasets, options
 from uda.evaluate import confusion_matrix, iou_from_confusion, mean_iou
 from uda.loading import EvalSet, PseudoLabelSet
 from uda.model import TinySegNet
+from uda.score import prediction_entropy
 from uda.scoring import score_subset
 
 from .adaptation_study import SHIFT_NAMES, dataset, source_flag
+from .daformer_contrast import mean_std
 from .real_shifts import REAL_SHIFTS, write_real_shift
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,8 +223,7 @@ def node_stats(model, data: dict, root: dict | None, k: int, seed: int, rv_iters
     base_s = time.time() - t
     stats: dict = {}
     t = time.time()
-    ent = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(k)
-    stats["neg_entropy"] = (-ent.mean((1, 2))).numpy()
+    stats["neg_entropy"] = (-prediction_entropy(probs).mean((1, 2))).numpy()
     timing["neg_entropy"] = base_s + time.time() - t
     t = time.time()
     flipped = _forward(model, data["target"].flip(-1))[0].argmax(1).flip(-1)
@@ -453,10 +457,6 @@ def arms(result: dict) -> dict:
     return out
 
 
-def _ms(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summary(results: list[dict]) -> dict:
     """Per shift: each arm's mean and seed spread; each score's rule margin and pass."""
     out: dict = {}
@@ -466,7 +466,7 @@ def summary(results: list[dict]) -> dict:
             continue
         entry = {"seeds": sorted(r["seed"] for r in results if r["shift"] == shift)}
         for arm in runs[0]:
-            entry[arm] = _ms([a[arm] for a in runs])
+            entry[arm] = mean_std([a[arm] for a in runs])
         floor = max(entry["control"][0] - entry["control"][1], entry["paper"][0] - entry["paper"][1])
         entry["floor"] = floor
         entry["margin"] = {name: entry[name][0] - floor for name in (*SCORES, PIPELINE)}
